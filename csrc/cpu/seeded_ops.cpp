@@ -1,0 +1,252 @@
+// CPU kernels of the seeded-perturbation ops. Work is split into "units" of 128
+// consecutive elements of one row (one Philox call for Rademacher signs), the same
+// decomposition the CUDA and Triton kernels use.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fwdkern/cpu_ops.h"
+
+namespace fwdkern {
+namespace cpu {
+namespace {
+
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// IEEE half <-> float, round-to-nearest-even (no hardware half on generic x86-64).
+inline float half2float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  if (exp == 0x1F) return u2f(sign | 0x7F800000u | (man << 13));  // inf / nan
+  if (exp == 0) {
+    if (man == 0) return u2f(sign);
+    // subnormal: value = man * 2^-24
+    return (h & 0x8000u ? -1.0f : 1.0f) * static_cast<float>(man) * 5.9604644775390625e-08f;
+  }
+  return u2f(sign | ((exp + 112u) << 23) | (man << 13));
+}
+inline uint16_t float2half(float f) {
+  const uint32_t u = f2u(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t au = u & 0x7FFFFFFFu;
+  if (au >= 0x7F800000u) return sign | (au > 0x7F800000u ? 0x7E00u : 0x7C00u);
+  if (au >= 0x477FF000u) return sign | 0x7C00u;  // rounds to >= 65520 -> inf
+  if (au < 0x38800000u) {                        // below 2^-14: subnormal half
+    // value / 2^-24, rounded to nearest even by the FPU
+    const float scaled = u2f(au) * 16777216.0f;
+    float r = std::nearbyint(scaled);
+    return sign | static_cast<uint16_t>(r);
+  }
+  uint32_t mant = au + 0xC8000FFFu + ((au >> 13) & 1u);  // rebias exponent + RNE
+  return sign | static_cast<uint16_t>(mant >> 13);
+}
+inline float bf162float(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
+inline uint16_t float2bf16(float f) {
+  uint32_t u = f2u(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet nan
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <int DT>
+struct Elem;
+template <>
+struct Elem<kF32> {
+  using T = float;
+  static float load(const T* p) { return *p; }
+  static void store(T* p, float v) { *p = v; }
+};
+template <>
+struct Elem<kF16> {
+  using T = uint16_t;
+  static float load(const T* p) { return half2float(*p); }
+  static void store(T* p, float v) { *p = float2half(v); }
+};
+template <>
+struct Elem<kBF16> {
+  using T = uint16_t;
+  static float load(const T* p) { return bf162float(*p); }
+  static void store(T* p, float v) { *p = float2bf16(v); }
+};
+
+// Fill v[0..128) with the values of one unit (row, unit) of perturbation k.
+inline void gen_unit(int dist, uint64_t seed, uint32_t pid, uint32_t k, uint32_t row,
+                     uint32_t unit, float* __restrict v) {
+  if (dist == kRademacher) {
+    const U32x4 r = stream_words(seed, pid, k, row, unit);
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+    const uint32_t one = f2u(1.0f);
+    for (int q = 0; q < 4; ++q)
+      for (int b = 0; b < 32; ++b) v[q * 32 + b] = u2f(one ^ (((w[q] >> b) & 1u) << 31));
+  } else {
+    for (int s = 0; s < kUnit / 4; ++s) {
+      const U32x4 r = stream_words(seed, pid, k, row, unit * (kUnit / 4) + s);
+      gaussian4(r, v + 4 * s);
+    }
+  }
+}
+
+struct Units {
+  int64_t per_row, total;
+  explicit Units(const View2D& v)
+      : per_row((v.cols + kUnit - 1) / kUnit), total(v.rows * ((v.cols + kUnit - 1) / kUnit)) {}
+};
+
+template <int DT>
+void perturbation_impl(const View2D& o, uint64_t seed, uint32_t pid, uint32_t k, int dist) {
+  using E = Elem<DT>;
+  auto* base = static_cast<typename E::T*>(o.data);
+  const Units U(o);
+#pragma omp parallel for schedule(static)
+  for (int64_t u = 0; u < U.total; ++u) {
+    const int64_t row = u / U.per_row, unit = u % U.per_row;
+    alignas(64) float v[kUnit];
+    gen_unit(dist, seed, pid, k, static_cast<uint32_t>(row), static_cast<uint32_t>(unit), v);
+    const int64_t c0 = unit * kUnit, n = std::min<int64_t>(kUnit, o.cols - c0);
+    for (int64_t e = 0; e < n; ++e) E::store(base + row * o.stride_r + (c0 + e) * o.stride_c, v[e]);
+  }
+}
+
+template <int DT>
+void axpy_impl(const View2D& p, uint64_t seed, uint32_t pid, const int64_t* ks, const float* coeffs,
+               int64_t K, float alpha, int dist) {
+  using E = Elem<DT>;
+  auto* base = static_cast<typename E::T*>(p.data);
+  const Units U(p);
+#pragma omp parallel for schedule(static)
+  for (int64_t u = 0; u < U.total; ++u) {
+    const int64_t row = u / U.per_row, unit = u % U.per_row;
+    alignas(64) float acc[kUnit] = {0.0f};
+    alignas(64) float v[kUnit];
+    for (int64_t j = 0; j < K; ++j) {
+      const float c = coeffs[j];
+      gen_unit(dist, seed, pid, static_cast<uint32_t>(ks[j]), static_cast<uint32_t>(row),
+               static_cast<uint32_t>(unit), v);
+      for (int e = 0; e < kUnit; ++e) acc[e] += c * v[e];
+    }
+    const int64_t c0 = unit * kUnit, n = std::min<int64_t>(kUnit, p.cols - c0);
+    auto* rowp = base + row * p.stride_r;
+    if (p.stride_c == 1) {
+      for (int64_t e = 0; e < n; ++e) E::store(rowp + c0 + e, E::load(rowp + c0 + e) + alpha * acc[e]);
+    } else {
+      for (int64_t e = 0; e < n; ++e) {
+        auto* q = rowp + (c0 + e) * p.stride_c;
+        E::store(q, E::load(q) + alpha * acc[e]);
+      }
+    }
+  }
+}
+
+// Units per reduction block. Partial sums are formed per fixed block and then added
+// in block order, so the result does not depend on the number of threads.
+constexpr int64_t kDotBlockUnits = 64;
+
+template <int DT>
+void dot_impl(const View2D& t, uint64_t seed, uint32_t pid, const int64_t* ks, int64_t K, int dist,
+              float* out) {
+  using E = Elem<DT>;
+  const auto* base = static_cast<const typename E::T*>(t.data);
+  const Units U(t);
+  const int64_t nblocks = (U.total + kDotBlockUnits - 1) / kDotBlockUnits;
+  std::vector<float> partial(static_cast<size_t>(nblocks * K), 0.0f);
+#pragma omp parallel
+  {
+    // acc[j][32]: 32 lanes per perturbation keep the inner loop vectorizable.
+    std::vector<float> acc(static_cast<size_t>(K) * 32);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t u_end = std::min(U.total, (b + 1) * kDotBlockUnits);
+      for (int64_t u = b * kDotBlockUnits; u < u_end; ++u) {
+        const int64_t row = u / U.per_row, unit = u % U.per_row;
+        const int64_t c0 = unit * kUnit, n = std::min<int64_t>(kUnit, t.cols - c0);
+        alignas(64) float x[kUnit];
+        alignas(64) float v[kUnit];
+        const auto* rowp = base + row * t.stride_r;
+        for (int64_t e = 0; e < n; ++e) x[e] = E::load(rowp + (c0 + e) * t.stride_c);
+        for (int64_t e = n; e < kUnit; ++e) x[e] = 0.0f;
+        for (int64_t j = 0; j < K; ++j) {
+          gen_unit(dist, seed, pid, static_cast<uint32_t>(ks[j]), static_cast<uint32_t>(row),
+                   static_cast<uint32_t>(unit), v);
+          float* a = acc.data() + j * 32;
+          for (int q = 0; q < 4; ++q)
+            for (int l = 0; l < 32; ++l) a[l] += x[q * 32 + l] * v[q * 32 + l];
+        }
+      }
+      for (int64_t j = 0; j < K; ++j) {
+        float s = 0.0f;
+        for (int l = 0; l < 32; ++l) s += acc[j * 32 + l];
+        partial[b * K + j] = s;
+      }
+    }
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    double s = 0.0;
+    for (int64_t b = 0; b < nblocks; ++b) s += partial[b * K + j];
+    out[j] = static_cast<float>(s);
+  }
+}
+
+void check_ks(const int64_t* ks, int64_t K) {
+  for (int64_t j = 0; j < K; ++j)
+    FK_CHECK(ks[j] >= 0 && ks[j] <= 0xFFFFFFFFll,
+             "ks[" << j << "] = " << ks[j] << " is outside [0, 2^32)");
+}
+
+}  // namespace
+
+#define FK_DISPATCH_DTYPE(dt, FN, ...)                      \
+  switch (dt) {                                             \
+    case kF32: FN<kF32>(__VA_ARGS__); break;                \
+    case kF16: FN<kF16>(__VA_ARGS__); break;                \
+    case kBF16: FN<kBF16>(__VA_ARGS__); break;              \
+    default: FK_CHECK(false, "unsupported dtype code " << dt); \
+  }
+
+void perturbation(const View2D& out, uint64_t seed, uint32_t param_id, uint32_t k, int dist) {
+  check_view(out, "out");
+  check_common(param_id, dist, 0, nullptr);
+  FK_DISPATCH_DTYPE(out.dtype, perturbation_impl, out, seed, param_id, k, dist);
+}
+
+void seeded_axpy(const View2D& param, uint64_t seed, uint32_t param_id, const int64_t* ks,
+                 const float* coeffs, int64_t K, float alpha, int dist) {
+  check_view(param, "param");
+  check_common(param_id, dist, K, ks);
+  FK_CHECK(K == 0 || coeffs != nullptr, "coeffs: null pointer");
+  check_ks(ks, K);
+  FK_DISPATCH_DTYPE(param.dtype, axpy_impl, param, seed, param_id, ks, coeffs, K, alpha, dist);
+}
+
+void seeded_dot(const View2D& t, uint64_t seed, uint32_t param_id, const int64_t* ks, int64_t K,
+                int dist, float* out) {
+  check_view(t, "tensor");
+  check_common(param_id, dist, K, ks);
+  FK_CHECK(K == 0 || out != nullptr, "out: null pointer");
+  check_ks(ks, K);
+  FK_DISPATCH_DTYPE(t.dtype, dot_impl, t, seed, param_id, ks, K, dist, out);
+}
+
+int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fwdkern
