@@ -27,6 +27,11 @@ _AUTO_CUDA = {
     "perturbation": ("cuda", "triton", "reference"),
     "seeded_axpy_": ("cuda", "triton", "reference"),
     "seeded_dot": ("cuda", "triton", "reference"),
+    # LoRA ops: the fused Triton kernels (fwdkern/triton/lora.py); there are no CUDA
+    # LoRA kernels yet, and seeded_matmul exists only for cpu/reference.
+    "lora_linear_dual": ("triton", "reference"),
+    "lora_linear_perturbed": ("triton", "reference"),
+    "seeded_matmul": ("reference",),
 }
 
 

@@ -11,6 +11,12 @@
 namespace py = pybind11;
 using fwdkern::View2D;
 
+// Further op families register themselves from their own binding files.
+void fwdkern_bind_lora(py::module_& m);  // python/bind_lora.cpp
+#ifdef FWDKERN_WITH_CUDA
+void fwdkern_bind_lora_cuda(py::module_& m);  // python/bind_lora_cuda.cpp
+#endif
+
 namespace {
 
 View2D view(uintptr_t ptr, int dtype, int64_t rows, int64_t cols, int64_t sr, int64_t sc) {
@@ -94,7 +100,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("tensor"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("stride_r"),
       py::arg("stride_c"), py::arg("seed"), py::arg("param_id"), py::arg("ks"), py::arg("K"),
       py::arg("dist"), py::arg("out"), py::arg("workspace"), py::arg("stream"), nogil);
+  fwdkern_bind_lora_cuda(m);
 #else
   m.attr("with_cuda") = false;
 #endif
+  fwdkern_bind_lora(m);
 }

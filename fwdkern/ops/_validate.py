@@ -48,6 +48,9 @@ def check_ks(ks, device) -> torch.Tensor:
         if ks.dim() != 1:
             raise ValueError(f"ks: expected a 1-D tensor, got shape {tuple(ks.shape)}")
         host = ks.detach().to("cpu", torch.int64)
+        if host.numel() and (int(host.min()) < 0 or int(host.max()) >= U32):
+            bad = host[(host < 0) | (host >= U32)][0].item()
+            raise ValueError(f"ks: value {bad} is outside [0, 2^32)")
     else:
         try:
             vals = list(ks)
@@ -59,9 +62,6 @@ def check_ks(ks, device) -> torch.Tensor:
             if not 0 <= v < U32:
                 raise ValueError(f"ks: value {v} is outside [0, 2^32)")
         host = torch.tensor(vals, dtype=torch.int64)
-    if host.numel() and (int(host.min()) < 0 or int(host.max()) >= U32):
-        bad = host[(host < 0) | (host >= U32)][0].item()
-        raise ValueError(f"ks: value {bad} is outside [0, 2^32)")
     return host.to(device).contiguous()
 
 

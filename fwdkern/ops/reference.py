@@ -91,7 +91,7 @@ def reference_perturbations(shape, seed: int, param_id: int, ks, dist: str = "ra
 
 def reference_perturbation(shape, seed, param_id, k, dist="rademacher", dtype=torch.float32, device="cpu"):
     """One perturbation v(seed, param_id, k) of `shape`, cast to `dtype` on `device`."""
-    return reference_perturbations(shape, seed, param_id, [k], dist)[0].to(device=device, dtype=dtype)
+    return reference_perturbations(shape, seed, param_id, [k], dist)[0].to(device=device, dtype=dtype).contiguous()
 
 
 def reference_seeded_axpy_(param: torch.Tensor, seed, param_id, ks, coeffs, dist="rademacher", alpha=1.0):

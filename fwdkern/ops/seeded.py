@@ -8,6 +8,8 @@ never materialized by the cpu/cuda/triton backends.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends
@@ -196,7 +198,7 @@ def seeded_axpy_(param: torch.Tensor, seed: int, param_id: int, ks, coeffs, dist
     view2d(param, "param", writable=True)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha: expected a float, got {type(alpha).__name__}")
-    if check_finite and not torch.isfinite(torch.tensor(float(alpha))):
+    if check_finite and not math.isfinite(float(alpha)):
         raise ValueError(f"alpha: {alpha} is not finite")
     ks_t = check_ks(ks, param.device)
     c = check_coeffs(coeffs, ks_t.numel(), param.device, check_finite)

@@ -67,3 +67,17 @@ def unit_values(seed_lo, seed_hi, param_id, k, row, unit, DIST: tl.constexpr):
         ang = 6.283185307179586 * a
         v = tl.where((e & 1) == 0, rad * tl.cos(ang), rad * tl.sin(ang))
     return v
+
+
+@triton.jit
+def philox_words_kernel(IN, OUT, N):
+    """OUT[4i..4i+3] = Philox(IN[6i..6i+3], key IN[6i+4..6i+5]) as int64: raw words for known-answer tests."""
+    i = tl.arange(0, 16)
+    m = i < N
+    r0, r1, r2, r3 = philox4x32_10(tl.load(IN + 6 * i + 0, mask=m).to(tl.uint32), tl.load(IN + 6 * i + 1, mask=m).to(tl.uint32),
+                                   tl.load(IN + 6 * i + 2, mask=m).to(tl.uint32), tl.load(IN + 6 * i + 3, mask=m).to(tl.uint32),
+                                   tl.load(IN + 6 * i + 4, mask=m).to(tl.uint32), tl.load(IN + 6 * i + 5, mask=m).to(tl.uint32))
+    tl.store(OUT + 4 * i + 0, r0.to(tl.int64), mask=m)
+    tl.store(OUT + 4 * i + 1, r1.to(tl.int64), mask=m)
+    tl.store(OUT + 4 * i + 2, r2.to(tl.int64), mask=m)
+    tl.store(OUT + 4 * i + 3, r3.to(tl.int64), mask=m)

@@ -1,0 +1,71 @@
+"""Shared benchmark helpers: environment record, timing sync, peak memory."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+
+def environment() -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_subprocess(code: str) -> int | None:
+    """Peak RSS growth (bytes) of running `code` once in a fresh interpreter (CPU)."""
+    prog = (
+        "import resource, torch, fwdkern\n"
+        "def rss():\n"
+        "    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * 4096\n"
+        f"{code}\n"  # defines setup() -> state and run(state)
+        "state = setup(); run(state)\n"  # warm (lazy allocations, first-touch)
+        "state = setup(); base = rss(); run(state)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=600, check=True)
+        return max(0, int(out.stdout.strip().splitlines()[-1]))
+    except Exception as e:  # pragma: no cover - reported, not fatal
+        print("peak memory measurement failed:", e, file=sys.stderr)
+        return None
+
+
+def dump(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -1,0 +1,371 @@
+// CPU kernels of the seeded low-rank parts of the LoRA dual / perturbed forward
+// (see fwdkern/lora_ops.h): seeded_matmul, lora_shrink, lora_expand.
+// A task owns its output tile, so there are no races and the summation order does
+// not depend on the thread count. Perturbation tiles are generated from Philox into
+// thread-local fp32 buffers (a multiple of the 128-element unit wide) next to a
+// converted input tile, and multiplied with vectorized loops: "dot" tiles when the
+// reduction axis is long (x·Aᵀ, x·dAᵀ), "axpy" rows over 128 output columns when it
+// is a rank r (h·Bᵀ, h·dBᵀ).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fwdkern/lora_ops.h"
+
+namespace fwdkern {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMB = 64;      // rows of X per task (dot path)
+constexpr int64_t kDB = 512;     // columns of the D axis per tile (4 Philox units)
+constexpr int64_t kNBDot = 32;   // v rows per task, dot-product path (D >= kSmallD)
+constexpr int64_t kNBA = 128;    // output columns per task, axpy paths (small D, expand)
+constexpr int64_t kSmallD = 32;  // below this, a dot product is too short to vectorize
+constexpr int kLanes = 16;       // accumulator lanes (one AVX-512 / two AVX2 registers)
+static_assert(kNBA == kUnit, "lora_expand reads db_k as one Philox unit per column block");
+
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+// fp16 -> fp32 (exact; loads only, so no rounding mode is involved).
+inline float half2float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  if (exp == 0x1F) return u2f(sign | 0x7F800000u | (man << 13));
+  if (exp == 0) {
+    if (man == 0) return u2f(sign);
+    return (h & 0x8000u ? -1.0f : 1.0f) * static_cast<float>(man) * 5.9604644775390625e-08f;
+  }
+  return u2f(sign | ((exp + 112u) << 23) | (man << 13));
+}
+inline float bf162float(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
+
+inline float load_elem(const void* base, int dtype, int64_t off) {
+  switch (dtype) {
+    case kF32: return static_cast<const float*>(base)[off];
+    case kF16: return half2float(static_cast<const uint16_t*>(base)[off]);
+    default: return bf162float(static_cast<const uint16_t*>(base)[off]);
+  }
+}
+
+inline float load_mat(const Mat& a, int64_t i, int64_t j) {
+  return load_elem(a.data, a.dtype, i * a.stride_r + j * a.stride_c);
+}
+
+// The first `cnt` (<= 128) values of unit (row, unit) of perturbation k. Same mapping
+// as gen_unit in seeded_ops.cpp (docs/perturbations.md): Rademacher = the 128 bits of
+// one Philox call (bit 1 -> -1); Gaussian = 4 Box-Muller normals per Philox call.
+inline void unit_values(int dist, uint64_t seed, uint32_t pid, uint32_t k, uint32_t row,
+                        uint32_t unit, int cnt, float* __restrict v) {
+  if (dist == kRademacher) {
+    const U32x4 r = stream_words(seed, pid, k, row, unit);
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+    const uint32_t one = f2u(1.0f);
+    for (int e = 0; e < cnt; ++e) v[e] = u2f(one ^ (((w[e >> 5] >> (e & 31)) & 1u) << 31));
+  } else {
+    float z[4];
+    for (int s = 0; 4 * s < cnt; ++s) {
+      gaussian4(stream_words(seed, pid, k, row, unit * (kUnit / 4) + s), z);
+      for (int e = 0; e < 4 && 4 * s + e < cnt; ++e) v[4 * s + e] = z[e];
+    }
+  }
+}
+
+// Rows [n0, n0+nb), columns [d0, d0+dlen) of v_k into V (row stride ldv), zero-padded
+// up to dpad. d0 must be a multiple of kUnit.
+void gen_tile(int dist, uint64_t seed, uint32_t pid, uint32_t k, int64_t n0, int64_t nb, int64_t d0,
+              int64_t dlen, int64_t dpad, float* V, int64_t ldv) {
+  for (int64_t n = 0; n < nb; ++n) {
+    float* vr = V + n * ldv;
+    for (int64_t c = 0; c < dlen; c += kUnit)
+      unit_values(dist, seed, pid, k, static_cast<uint32_t>(n0 + n), static_cast<uint32_t>((d0 + c) / kUnit),
+                  static_cast<int>(std::min<int64_t>(kUnit, dlen - c)), vr + c);
+    for (int64_t c = dlen; c < dpad; ++c) vr[c] = 0.0f;
+  }
+}
+
+// a[r0.., c0..] -> fp32 tile T [nr, cpad] (row stride ld), zero-padded past nc.
+void load_tile(const Mat& a, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t cpad, float* T, int64_t ld) {
+  for (int64_t i = 0; i < nr; ++i) {
+    float* tr = T + i * ld;
+    if (a.dtype == kF32 && a.stride_c == 1) {
+      std::memcpy(tr, static_cast<const float*>(a.data) + (r0 + i) * a.stride_r + c0, sizeof(float) * nc);
+    } else {
+      for (int64_t j = 0; j < nc; ++j) tr[j] = load_mat(a, r0 + i, c0 + j);
+    }
+    for (int64_t j = nc; j < cpad; ++j) tr[j] = 0.0f;
+  }
+}
+
+// O[m, n] += <X[m, :dpad], V[n, :dpad]>; dpad is a multiple of kLanes. Four v rows
+// share each X load (4 x kLanes independent accumulators hide the FMA latency).
+void dot_tile(const float* __restrict X, int64_t ldx, const float* __restrict V, int64_t ldv, int64_t mb,
+              int64_t nb, int64_t dpad, float* __restrict O, int64_t ldo) {
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* xr = X + m * ldx;
+    int64_t n = 0;
+    for (; n + 4 <= nb; n += 4) {
+      const float* v0 = V + n * ldv;
+      const float* v1 = v0 + ldv;
+      const float* v2 = v1 + ldv;
+      const float* v3 = v2 + ldv;
+      float a0[kLanes] = {0}, a1[kLanes] = {0}, a2[kLanes] = {0}, a3[kLanes] = {0};
+      for (int64_t d = 0; d < dpad; d += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const float xv = xr[d + l];
+          a0[l] += xv * v0[d + l];
+          a1[l] += xv * v1[d + l];
+          a2[l] += xv * v2[d + l];
+          a3[l] += xv * v3[d + l];
+        }
+      }
+      float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (int l = 0; l < kLanes; ++l) {
+        s0 += a0[l];
+        s1 += a1[l];
+        s2 += a2[l];
+        s3 += a3[l];
+      }
+      O[m * ldo + n] += s0;
+      O[m * ldo + n + 1] += s1;
+      O[m * ldo + n + 2] += s2;
+      O[m * ldo + n + 3] += s3;
+    }
+    for (; n < nb; ++n) {
+      const float* v0 = V + n * ldv;
+      float a0[kLanes] = {0};
+      for (int64_t d = 0; d < dpad; d += kLanes)
+        for (int l = 0; l < kLanes; ++l) a0[l] += xr[d + l] * v0[d + l];
+      float s0 = 0;
+      for (int l = 0; l < kLanes; ++l) s0 += a0[l];
+      O[m * ldo + n] += s0;
+    }
+  }
+}
+
+// o[0:kNBA] += sum_{d<D} x[d] * VT[d, 0:kNBA]  (VT row stride kNBA, zero-padded columns):
+// the small-D product, vectorized over the output columns.
+inline void axpy_row(const float* __restrict x, int64_t D, const float* __restrict VT, float* __restrict o) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float xv = x[d];
+    const float* vt = VT + d * kNBA;
+    for (int n = 0; n < kNBA; ++n) o[n] += xv * vt[n];
+  }
+}
+
+// v_k rows [n0, n0+nb) of length D, transposed into VT[d, n] (row stride kNBA), columns
+// past nb zeroed. `tmp` holds nb * D floats.
+void gen_tile_t(int dist, uint64_t seed, uint32_t pid, uint32_t k, int64_t n0, int64_t nb, int64_t D, float* tmp,
+                float* VT) {
+  gen_tile(dist, seed, pid, k, n0, nb, 0, D, D, tmp, D);
+  for (int64_t d = 0; d < D; ++d) {
+    float* row = VT + d * kNBA;
+    for (int64_t n = 0; n < nb; ++n) row[n] = tmp[n * D + d];
+    for (int64_t n = nb; n < kNBA; ++n) row[n] = 0.0f;
+  }
+}
+
+void check_ks(const int64_t* ks, int64_t K) {
+  for (int64_t j = 0; j < K; ++j)
+    FK_CHECK(ks[j] >= 0 && ks[j] <= 0xFFFFFFFFll, "ks[" << j << "] = " << ks[j] << " is outside [0, 2^32)");
+}
+
+void check_mat(const Mat& a, const char* name) {
+  FK_CHECK(a.dtype == kF32 || a.dtype == kF16 || a.dtype == kBF16,
+           name << ": unsupported dtype code " << a.dtype << " (float32, float16, bfloat16)");
+  FK_CHECK(a.data != nullptr, name << ": null data pointer");
+}
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline int elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
+
+}  // namespace
+
+void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t param_id, const int64_t* ks,
+                   int64_t K, int dist, int64_t N, float* out, int64_t out_stride_k, int64_t out_stride_m,
+                   int64_t out_stride_n, float alpha, bool accumulate) {
+  check_view(x, "x");
+  check_common(param_id, dist, K, ks);
+  check_ks(ks, K);
+  FK_CHECK(N >= 0, "n: negative output width " << N);
+  FK_CHECK(N <= 0xFFFFFFFFll, "n: more than 2^32-1 perturbation rows");
+  const int64_t M = x.rows, D = x.cols;
+  if (K == 0 || M == 0 || N == 0) return;
+  FK_CHECK(out != nullptr, "out: null pointer");
+  const int64_t es = elem_size(x.dtype);
+  auto x_k = [&](int64_t k) {
+    return Mat{static_cast<const char*>(x.data) + k * x_stride_k * es, x.dtype, x.stride_r, x.stride_c};
+  };
+  auto store = [&](int64_t k, int64_t m, int64_t n0, int64_t nb, const float* o) {
+    float* orow = out + k * out_stride_k + m * out_stride_m + n0 * out_stride_n;
+    if (accumulate) {
+      for (int64_t n = 0; n < nb; ++n) orow[n * out_stride_n] += alpha * o[n];
+    } else {
+      for (int64_t n = 0; n < nb; ++n) orow[n * out_stride_n] = alpha * o[n];
+    }
+  };
+
+  if (D < kSmallD) {
+    // Small D (e.g. h·dB_kᵀ, D = r): tasks (k, n-block); v_k tile generated once per task.
+    const int64_t n_blocks = (N + kNBA - 1) / kNBA, tasks = K * n_blocks;
+#pragma omp parallel
+    {
+      std::vector<float> tmp(kNBA * kSmallD), VT(kSmallD * kNBA), xr(kSmallD);
+      alignas(64) float o[kNBA];
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t k = t / n_blocks, n0 = (t % n_blocks) * kNBA, nb = std::min(kNBA, N - n0);
+        gen_tile_t(dist, seed, param_id, static_cast<uint32_t>(ks[k]), n0, nb, D, tmp.data(), VT.data());
+        const Mat xk = x_k(k);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t d = 0; d < D; ++d) xr[d] = load_mat(xk, m, d);
+          std::fill(o, o + kNBA, 0.0f);
+          axpy_row(xr.data(), D, VT.data(), o);
+          store(k, m, n0, nb, o);
+        }
+      }
+    }
+    return;
+  }
+
+  // Dot path: tasks (m-block, n-block); per D-block, one X tile serves every k when X is shared.
+  const int64_t m_blocks = (M + kMB - 1) / kMB, n_blocks = (N + kNBDot - 1) / kNBDot;
+  const int64_t tasks = m_blocks * n_blocks;
+#pragma omp parallel
+  {
+    std::vector<float> Xt(kMB * kDB), Vt(kNBDot * kDB), Ot(K * kMB * kNBDot);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t m0 = (t / n_blocks) * kMB, n0 = (t % n_blocks) * kNBDot;
+      const int64_t mb = std::min(kMB, M - m0), nb = std::min(kNBDot, N - n0);
+      std::fill(Ot.begin(), Ot.end(), 0.0f);
+      for (int64_t d0 = 0; d0 < D; d0 += kDB) {
+        const int64_t dlen = std::min(kDB, D - d0), dpad = round_up(dlen, kLanes);
+        for (int64_t k = 0; k < K; ++k) {
+          if (k == 0 || x_stride_k != 0) load_tile(x_k(k), m0, mb, d0, dlen, dpad, Xt.data(), kDB);
+          gen_tile(dist, seed, param_id, static_cast<uint32_t>(ks[k]), n0, nb, d0, dlen, dpad, Vt.data(), kDB);
+          dot_tile(Xt.data(), kDB, Vt.data(), kDB, mb, nb, dpad, Ot.data() + k * kMB * kNBDot, kNBDot);
+        }
+      }
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t m = 0; m < mb; ++m) store(k, m0 + m, n0, nb, Ot.data() + (k * kMB + m) * kNBDot);
+    }
+  }
+}
+
+void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_stride_k, const Mat& A, int64_t r,
+                 uint64_t seed, uint32_t pid_A, const int64_t* ks, int64_t K, int dist, bool perturb_A, float* H) {
+  FK_CHECK(M >= 0 && D >= 0 && r >= 0, "lora_shrink: negative shape");
+  FK_CHECK(r <= 0xFFFFFFFFll, "lora_A: more than 2^32-1 rows");
+  check_common(pid_A, dist, K, ks);
+  check_ks(ks, K);
+  if (M == 0 || r == 0) return;
+  FK_CHECK(H != nullptr, "H: null pointer");
+  if (D > 0) {
+    check_mat(x, "x");
+    check_mat(A, "lora_A");
+    if (xt) check_mat(*xt, "x_tangents");
+  }
+  const int64_t J = 1 + K;  // output slabs
+  const int64_t m_blocks = (M + kMB - 1) / kMB, n_blocks = (r + kNBDot - 1) / kNBDot;
+  const int64_t tasks = m_blocks * n_blocks;
+#pragma omp parallel
+  {
+    std::vector<float> Xt(kMB * kDB), X2(xt ? kMB * kDB : 0), At(kNBDot * kDB), Vt(kNBDot * kDB),
+        Ot(J * kMB * kNBDot);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t m0 = (t / n_blocks) * kMB, n0 = (t % n_blocks) * kNBDot;
+      const int64_t mb = std::min(kMB, M - m0), nb = std::min(kNBDot, r - n0);
+      std::fill(Ot.begin(), Ot.end(), 0.0f);
+      for (int64_t d0 = 0; d0 < D; d0 += kDB) {
+        const int64_t dlen = std::min(kDB, D - d0), dpad = round_up(dlen, kLanes);
+        load_tile(x, m0, mb, d0, dlen, dpad, Xt.data(), kDB);
+        load_tile(A, n0, nb, d0, dlen, dpad, At.data(), kDB);
+        dot_tile(Xt.data(), kDB, At.data(), kDB, mb, nb, dpad, Ot.data(), kNBDot);
+        for (int64_t k = 0; k < K; ++k) {
+          float* Ok = Ot.data() + (1 + k) * kMB * kNBDot;
+          if (perturb_A) {
+            gen_tile(dist, seed, pid_A, static_cast<uint32_t>(ks[k]), n0, nb, d0, dlen, dpad, Vt.data(), kDB);
+            dot_tile(Xt.data(), kDB, Vt.data(), kDB, mb, nb, dpad, Ok, kNBDot);
+          }
+          if (xt) {
+            const Mat xk{static_cast<const char*>(xt->data) + k * xt_stride_k * elem_size(xt->dtype), xt->dtype,
+                         xt->stride_r, xt->stride_c};
+            load_tile(xk, m0, mb, d0, dlen, dpad, X2.data(), kDB);
+            dot_tile(X2.data(), kDB, At.data(), kDB, mb, nb, dpad, Ok, kNBDot);
+          }
+        }
+      }
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t m = 0; m < mb; ++m)
+          std::memcpy(H + (j * M + m0 + m) * r + n0, Ot.data() + (j * kMB + m) * kNBDot, sizeof(float) * nb);
+    }
+  }
+}
+
+void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out_f, const Mat* bias, float scaling,
+                 uint64_t seed, uint32_t pid_B, uint32_t pid_bias, const int64_t* ks, int64_t K, int dist,
+                 bool perturb_B, bool perturb_bias, bool tangent_h, float* Y) {
+  FK_CHECK(M >= 0 && r >= 0 && out_f >= 0, "lora_expand: negative shape");
+  FK_CHECK(out_f <= 0xFFFFFFFFll, "lora_B: more than 2^32-1 rows");
+  check_common(pid_B, dist, K, ks);
+  check_ks(ks, K);
+  FK_CHECK(!perturb_bias || bias != nullptr, "bias: perturbed but null");
+  if (M == 0 || out_f == 0) return;
+  FK_CHECK(Y != nullptr && (r == 0 || H != nullptr), "Y/H: null pointer");
+  if (r > 0) check_mat(B, "lora_B");
+  if (bias) check_mat(*bias, "bias");
+  const int64_t J = 1 + K, n_blocks = (out_f + kNBA - 1) / kNBA, tasks = J * n_blocks;
+  // Tasks (slab j, column block): the v tiles of a task are generated once and used for all M rows.
+#pragma omp parallel
+  {
+    std::vector<float> BT(r * kNBA), dBT(r * kNBA), tmp(kNBA * r);
+    alignas(64) float o[kNBA];
+    alignas(64) float brow[kNBA];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t j = t / n_blocks, n0 = (t % n_blocks) * kNBA, nb = std::min(kNBA, out_f - n0);
+      const bool use_B = j == 0 || tangent_h, use_dB = j > 0 && perturb_B;
+      const uint32_t k = j > 0 ? static_cast<uint32_t>(ks[j - 1]) : 0u;
+      if (use_B) {
+        for (int64_t i = 0; i < r; ++i) {
+          float* row = BT.data() + i * kNBA;
+          for (int64_t n = 0; n < nb; ++n) row[n] = load_mat(B, n0 + n, i);
+          for (int64_t n = nb; n < kNBA; ++n) row[n] = 0.0f;
+        }
+      }
+      if (use_dB) gen_tile_t(dist, seed, pid_B, k, n0, nb, r, tmp.data(), dBT.data());
+      std::fill(brow, brow + kNBA, 0.0f);
+      if (j == 0 && bias) {
+        for (int64_t n = 0; n < nb; ++n) brow[n] = load_elem(bias->data, bias->dtype, (n0 + n) * bias->stride_c);
+      } else if (j > 0 && perturb_bias) {
+        // db_k has shape [out] = one row: columns [n0, n0+nb) are unit n0/128 of row 0.
+        unit_values(dist, seed, pid_bias, k, 0u, static_cast<uint32_t>(n0 / kUnit), static_cast<int>(nb), brow);
+      }
+      const float* H0 = H;
+      const float* Hj = H + j * M * r;
+      for (int64_t m = 0; m < M; ++m) {
+        std::fill(o, o + kNBA, 0.0f);
+        if (use_B) axpy_row(Hj + m * r, r, BT.data(), o);
+        if (use_dB) axpy_row(H0 + m * r, r, dBT.data(), o);
+        float* yrow = Y + (j * M + m) * out_f + n0;
+        for (int64_t n = 0; n < nb; ++n) yrow[n] = scaling * o[n] + brow[n];
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fwdkern

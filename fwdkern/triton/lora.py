@@ -1,0 +1,565 @@
+"""Triton kernels of the fused LoRA dual forward and perturbed inference (issue 3).
+
+Layer: y = x W^T + b + s (x A^T) B^T, W [out, in], A [r, in], B [out, r].
+Perturbations dA_k, dB_k, db_k = v(seed, pid, ks[k]) (docs/perturbations.md) are
+generated tile by tile inside the kernels and never materialized.
+
+Two passes (REFERENCE.md section 2, fused LoRA practice):
+
+1. shrink (`_nt_kernel`): H = [h; hdot_1..hdot_K] [(1+K) M, r] fp32, where
+   h = x A^T and hdot_k = xdot_k A^T + x dA_k^T. The in-dim is walked in tiles of
+   128 so each [rows of A, 128] tile of dA_k costs one Philox call per row
+   (Rademacher). The same kernel is the standalone `seeded_matmul_nt`.
+2. expand (`_dual_kernel`): the rows [x; xdot_1..xdot_K] are stacked along M
+   (without copying: a row index picks x or xdot by pointer select), so each W
+   tile is read once for the primal and all K tangents; s H B^T is folded into
+   the epilogue as an extra K=r step, and for tangent rows s h dB_k^T (dB tile
+   [BLOCK_N, r] generated in registers) and db_k are added. When no input
+   tangents are given, tangent rows skip the dense GEMM entirely.
+
+Perturbed inference (`_perturbed_kernel`) computes base = x W^T + b + s h B^T
+once per output tile and then, for every k, y+-_k = base +- eps T_k + eps^2 Q_k
+with T_k = s g_k B^T + s h dB_k^T + db_k and Q_k = s g_k dB_k^T, g_k = x dA_k^T:
+algebraically the same as x (W + s (B +- eps dB)(A +- eps dA))^T + b +- eps db,
+but y+ - y- is not lost to rounding of B +- eps dB in 16-bit types.
+
+Per-step integers (seed halves, param ids) are not specialized, so a new seed
+never recompiles. fp32 inputs use IEEE-precision dots (not TF32) so compiled
+results match the 1e-5 tolerance of the tests; fp16/bf16 inputs use tensor-core
+dots with fp32 accumulation; the rank-r epilogue operands (h, generated dA/dB)
+are rounded to the input dtype, as a torch fp16/bf16 LoRA layer rounds h.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import stream_words
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------
+# Perturbation values of a tile
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_values(seed_lo, seed_hi, param_id, k, row, unit, lane, DIST: tl.constexpr):
+    """fp32 [R, C]: v[row[i], unit * 128 + lane[j]] for rows `row` [R], 128-column
+    unit `unit` (scalar) and lanes `lane` [C] (all in 0..127).
+
+    Rademacher: one Philox call per row (its 128 bits cover the whole unit).
+    Gaussian: one Philox call per element (4x redundant; see NOTE below).
+    """
+    if DIST == 0:
+        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, row * 0 + unit)
+        q = (lane >> 5)[None, :]
+        w = tl.where(q == 0, r0[:, None], tl.where(q == 1, r1[:, None], tl.where(q == 2, r2[:, None], r3[:, None])))
+        bit = (w >> (lane & 31).to(tl.uint32)[None, :]) & 1
+        v = 1.0 - 2.0 * bit.to(tl.float32)
+    else:
+        # NOTE: each element runs its own Philox call (the 4 words of a call give 4
+        # consecutive Gaussian values); de-duplicating needs an interleave of
+        # [*, C/4] results. Unmeasured on GPU; Rademacher is the default dist.
+        chunk = (unit * 32 + (lane >> 2)).to(tl.uint32)[None, :] + (row * 0).to(tl.uint32)[:, None]
+        rowb = row.to(tl.uint32)[:, None] + chunk * 0
+        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, rowb, chunk)
+        v = _box_muller(r0, r1, r2, r3, (lane & 3)[None, :])
+    return v
+
+
+@triton.jit
+def _elem_values(seed_lo, seed_hi, param_id, k, row, col, DIST: tl.constexpr):
+    """fp32 v[row[i], col[i]] elementwise (one Philox call per element; used for the
+    1-D bias chunk, where a tile has only BLOCK_N elements)."""
+    if DIST == 0:
+        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, col >> 7)
+        q = (col >> 5) & 3
+        w = tl.where(q == 0, r0, tl.where(q == 1, r1, tl.where(q == 2, r2, r3)))
+        bit = (w >> (col & 31).to(tl.uint32)) & 1
+        v = 1.0 - 2.0 * bit.to(tl.float32)
+    else:
+        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, col >> 2)
+        v = _box_muller(r0, r1, r2, r3, col & 3)
+    return v
+
+
+@triton.jit
+def _box_muller(r0, r1, r2, r3, e):
+    """Element e (0..3) of the 4 Gaussian values of one Philox call (as philox.unit_values)."""
+    wu = tl.where(e < 2, r0, r2)
+    wa = tl.where(e < 2, r1, r3)
+    inv: tl.constexpr = 5.9604644775390625e-08  # 2^-24
+    u = ((wu >> 8) + 1).to(tl.float32) * inv
+    a = (wa >> 8).to(tl.float32) * inv
+    rad = tl.sqrt(-2.0 * tl.log(u))
+    ang = 6.283185307179586 * a
+    return tl.where((e & 1) == 0, rad * tl.cos(ang), rad * tl.sin(ang))
+
+
+# ---------------------------------------------------------------------------
+# Autotune configurations
+# ---------------------------------------------------------------------------
+# NOTE: the GPU config lists are educated guesses for H100/H200 (bf16, in=out=4096,
+# r=16), unmeasured: no GPU was available when these kernels were written. Under
+# the interpreter a single small config keeps the tests fast (autotuning there
+# would only multiply the run time).
+
+
+def _nt_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+    ]
+
+
+def _gemm_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    cfg = []
+    for bm, bn, bk, w, s in (
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (16, 128, 128, 4, 4),  # decode-like M: memory-bound, wide N tiles
+        (32, 64, 128, 4, 4),
+    ):
+        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                                 num_stages=s))
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Shrink / seeded NT product
+# ---------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_nt_configs(), key=["M", "N", "D", "J"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "param_id"])
+def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride_xt, stride_a, seed_lo, seed_hi,
+               param_id, SEEDED: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """OUT[j] (fp32 [M, N], rows j*M..) for j = program_id(2) in [0, J):
+
+        (j < DENSE_J)  ? S_j @ A^T         with S_0 = X, S_j = XT[j-1]
+      + (j >= SEED_J0) ? X @ v(ks[j - SEED_J0])^T, v of shape [N, D]
+
+    D is walked in 128-wide tiles: a Rademacher v tile is one Philox call per row.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    j = tl.program_id(2)
+    cdt = X.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    lane = tl.arange(0, 128)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Row pointers of the dense operand: x for j == 0, xdot_{j-1} otherwise
+    # (the clamp keeps the unused branch in bounds when XT is a placeholder).
+    jt = tl.maximum(j - 1, 0).to(tl.int64)
+    xd_rows = tl.where(j == 0, X + offs_m.to(tl.int64) * stride_x, XT + (jt * M + offs_m) * stride_xt)
+    x_rows = X + offs_m.to(tl.int64) * stride_x
+    a_rows = A + offs_n.to(tl.int64) * stride_a
+    kj = tl.load(KS + tl.maximum(j - SEED_J0, 0))
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, 128):
+        offs_d = d0 + lane
+        mask_d = offs_d < D
+        if j < DENSE_J:
+            xa = tl.load(xd_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            a = tl.load(a_rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(xa.to(cdt), tl.trans(a.to(cdt)), acc, input_precision=PREC)
+        if SEEDED:
+            if j >= SEED_J0:
+                xs = tl.load(x_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+                v = _tile_values(seed_lo, seed_hi, param_id, kj, offs_n, d0 >> 7, lane, DIST)
+                v = tl.where(mask_n[:, None] & mask_d[None, :], v, 0.0)
+                acc = tl.dot(xs.to(cdt), tl.trans(v.to(cdt)), acc, input_precision=PREC)
+    out_rows = (j * M + offs_m).to(tl.int64) * N
+    tl.store(OUT + out_rows[:, None] + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Expand + dense GEMM, dual mode
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _swizzle(T, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: consecutive programs share W tiles (and x tiles) in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=_gemm_configs(), key=["T", "N", "D", "R"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pid_b", "pid_bias"])
+def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_x, stride_xt, stride_w, stride_b,
+                 scaling, seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_B: tl.constexpr,
+                 PERTURB_BIAS: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr, RB: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Stacked output rows t in [0, T = (1+K) M): t < M is y[t], else yt[(t-M) // M, (t-M) % M].
+
+    Rows t < TD get the dense term (TD = T with input tangents, M without); rows
+    t < HR get s H[t] B^T (HR = M when all hdot_k are zero).
+    """
+    pid_m, pid_n = _swizzle(T, N, BLOCK_M, BLOCK_N, GROUP_M)
+    cdt = X.dtype.element_ty
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_ok = rows < T
+    jr = rows // M  # 0 = primal, j >= 1 = tangent j-1
+    mr = rows - jr * M
+    is_p = jr == 0
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    # Dense GEMM over the stacked rows; W tile read once for primal and tangents.
+    if row0 < TD:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = tl.where(is_p, X + rows64 * stride_x, XT + tl.maximum(rows64 - M, 0) * stride_xt)
+        mask_xr = rows < TD
+        w_cols = W + offs_n.to(tl.int64) * stride_w
+        for d0 in range(0, D, BLOCK_K):
+            kk = d0 + offs_k
+            mk = kk < D
+            xa = tl.load(x_rows[:, None] + kk[None, :], mask=mask_xr[:, None] & mk[None, :], other=0.0)
+            w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(xa.to(cdt), w.to(cdt), acc, input_precision=PREC)
+
+    # Epilogue 1: + s H B^T (an extra K=r step of the GEMM), rank in chunks of RB <= 128.
+    rl = tl.arange(0, RB)
+    b_rows = B + offs_n.to(tl.int64) * stride_b
+    if row0 < HR:
+        mask_hr = rows < HR
+        for r0 in range(0, R, RB):
+            rc = r0 + rl
+            mr_ = rc < R
+            h = tl.load(H + rows64[:, None] * R + rc[None, :], mask=mask_hr[:, None] & mr_[None, :], other=0.0)
+            b = tl.load(b_rows[:, None] + rc[None, :], mask=mask_n[:, None] & mr_[None, :], other=0.0)
+            acc = tl.dot((h * scaling).to(cdt), tl.trans(b.to(cdt)), acc, input_precision=PREC)
+
+    # Epilogue 2: seeded terms of tangent rows; a row tile may span several tangents.
+    if PERTURB_B or PERTURB_BIAS:
+        j_lo = tl.maximum(row0 // M, 1)
+        j_hi = (tl.minimum(row0 + BLOCK_M, T) - 1) // M
+        if PERTURB_B:
+            for r0 in range(0, R, RB):
+                rc = r0 + rl
+                mr_ = rc < R
+                # primal h of the same token m, pre-scaled by s
+                h0 = tl.load(H + mr.to(tl.int64)[:, None] * R + rc[None, :], mask=row_ok[:, None] & mr_[None, :],
+                             other=0.0) * scaling
+                for j in range(j_lo, j_hi + 1):
+                    kj = tl.load(KS + j - 1)
+                    hj = tl.where((jr == j)[:, None], h0, 0.0)
+                    db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, (r0 & 127) + rl, DIST)
+                    db = tl.where(mr_[None, :], db, 0.0)
+                    acc = tl.dot(hj.to(cdt), tl.trans(db.to(cdt)), acc, input_precision=PREC)
+        if PERTURB_BIAS:
+            for j in range(j_lo, j_hi + 1):
+                kj = tl.load(KS + j - 1)
+                dbias = _elem_values(seed_lo, seed_hi, pid_bias, kj, offs_n * 0, offs_n, DIST)
+                acc += tl.where((jr == j)[:, None], dbias[None, :], 0.0)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(is_p[:, None], bias[None, :], 0.0)
+
+    out_rows = tl.where(is_p, Y + rows64 * N, YT + tl.maximum(rows64 - M, 0) * N)
+    tl.store(out_rows[:, None] + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Perturbed inference
+# ---------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "D", "R"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pid_b", "pid_bias", "K"])
+def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, stride_w, stride_b, scaling, eps,
+                      seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_A: tl.constexpr,
+                      PERTURB_B: tl.constexpr, PERTURB_BIAS: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr,
+                      RB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """YP[k], YM[k] = base +- eps T_k + eps^2 Q_k (module docstring); H rows: [h; g_1..g_K]."""
+    pid_m, pid_n = _swizzle(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    cdt = X.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    m64 = offs_m.to(tl.int64)
+    base = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    # base = x W^T + b + s h B^T, once for all K perturbations (W read once).
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = X + m64 * stride_x
+    w_cols = W + offs_n.to(tl.int64) * stride_w
+    for d0 in range(0, D, BLOCK_K):
+        kk = d0 + offs_k
+        mk = kk < D
+        xa = tl.load(x_rows[:, None] + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+        base = tl.dot(xa.to(cdt), w.to(cdt), base, input_precision=PREC)
+    rl = tl.arange(0, RB)
+    b_rows = B + offs_n.to(tl.int64) * stride_b
+    for r0 in range(0, R, RB):
+        rc = r0 + rl
+        mr_ = rc < R
+        h = tl.load(H + m64[:, None] * R + rc[None, :], mask=mask_m[:, None] & mr_[None, :], other=0.0)
+        b = tl.load(b_rows[:, None] + rc[None, :], mask=mask_n[:, None] & mr_[None, :], other=0.0)
+        base = tl.dot((h * scaling).to(cdt), tl.trans(b.to(cdt)), base, input_precision=PREC)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        base += bias[None, :]
+
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    # NOTE: base, t and q are three live [BLOCK_M, BLOCK_N] fp32 tiles in this loop
+    # (register pressure on GPU); unmeasured.
+    for kidx in range(0, K):
+        kj = tl.load(KS + kidx)
+        t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        q = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        g_rows = ((kidx + 1) * M + m64) * R
+        for r0 in range(0, R, RB):
+            rc = r0 + rl
+            mr_ = rc < R
+            if PERTURB_A:
+                g = tl.load(H + g_rows[:, None] + rc[None, :], mask=mask_m[:, None] & mr_[None, :], other=0.0)
+                gs = g * scaling
+                b = tl.load(b_rows[:, None] + rc[None, :], mask=mask_n[:, None] & mr_[None, :], other=0.0)
+                t = tl.dot(gs.to(cdt), tl.trans(b.to(cdt)), t, input_precision=PREC)
+            if PERTURB_B:
+                db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, (r0 & 127) + rl, DIST)
+                db = tl.where(mr_[None, :], db, 0.0).to(cdt)
+                h = tl.load(H + m64[:, None] * R + rc[None, :], mask=mask_m[:, None] & mr_[None, :], other=0.0)
+                t = tl.dot((h * scaling).to(cdt), tl.trans(db), t, input_precision=PREC)
+                if PERTURB_A:
+                    q = tl.dot(gs.to(cdt), tl.trans(db), q, input_precision=PREC)
+        if PERTURB_BIAS:
+            dbias = _elem_values(seed_lo, seed_hi, pid_bias, kj, offs_n * 0, offs_n, DIST)
+            t += dbias[None, :]
+        sym = base + (eps * eps) * q
+        off = (kidx * M + m64)[:, None] * N + offs_n[None, :]
+        tl.store(YP + off, (sym + eps * t).to(YP.dtype.element_ty), mask=out_mask)
+        tl.store(YM + off, (sym - eps * t).to(YM.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------
+# Host wrappers
+# ---------------------------------------------------------------------------
+
+
+def _prec(dtype):
+    # fp32 layers get exact fp32 products (as torch's default matmul, TF32 off).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _pow2_block(n: int) -> int:
+    """Power of two in [16, 128] covering n when n <= 128 (tl.dot needs >= 16)."""
+    return min(128, max(16, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _seed_halves(seed: int):
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2^64), got {seed}")
+    return seed & 0xFFFFFFFF, seed >> 32
+
+
+def _check_u32(v, name):
+    v = int(v)
+    if not 0 <= v < 2**32:
+        raise ValueError(f"{name}: expected an int in [0, 2^32), got {v}")
+    return v
+
+
+def _as_ks(ks, device):
+    if not isinstance(ks, torch.Tensor):
+        ks = torch.as_tensor(ks, dtype=torch.int64)
+    return ks.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
+
+
+def _ks_arg(ks):
+    """A kernel-readable ks (an empty tensor would hand the kernel a null pointer)."""
+    return ks if ks.numel() > 0 else torch.zeros(1, dtype=torch.int64, device=ks.device)
+
+
+def _check_layer(x2d, weight, bias, A, B):
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d: expected a 2-D tensor [M, in], got shape {tuple(x2d.shape)}")
+    M, D = x2d.shape
+    if weight.dim() != 2 or weight.shape[1] != D:
+        raise ValueError(f"weight: expected [out, {D}], got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if A.dim() != 2 or A.shape[1] != D:
+        raise ValueError(f"A: expected [r, {D}], got {tuple(A.shape)}")
+    R = A.shape[0]
+    if B.dim() != 2 or tuple(B.shape) != (N, R):
+        raise ValueError(f"B: expected [{N}, {R}], got {tuple(B.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise ValueError(f"bias: expected [{N}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B)):
+        if t is not None and t.device != x2d.device:
+            raise ValueError(f"{name}: on {t.device}, x2d on {x2d.device}")
+    return M, D, N, R
+
+
+def _rowmajor(t):
+    """Unit column stride (row stride is passed to the kernels)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dist(dist_code):
+    if dist_code not in (0, 1):
+        raise ValueError(f"dist_code: expected 0 (rademacher) or 1 (gaussian), got {dist_code}")
+    return int(dist_code)
+
+
+def _shrink(x2d, xt_rows, A, H, J, dense_j, seeded, seed, pid, ks, dist_code):
+    """H[j] = (j < dense_j ? S_j A^T : 0) + (seeded and j >= 1 ? x v(ks[j-1])^T : 0), j < J."""
+    M, D = x2d.shape
+    N = A.shape[0]
+    lo, hi = _seed_halves(seed)
+    bn = _pow2_block(N)
+    xt_arg = x2d if xt_rows is None else xt_rows
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, bn), J)  # noqa: E731
+    _nt_kernel[grid](x2d, xt_arg, A, H, _ks_arg(ks), M, N, D, J, dense_j, 1 if seeded else J, x2d.stride(0),
+                     xt_arg.stride(0), A.stride(0), lo, hi, pid, SEEDED=bool(seeded), DIST=dist_code,
+                     PREC=_prec(x2d.dtype), BLOCK_N=bn)
+
+
+def seeded_matmul_nt(X: torch.Tensor, seed: int, pid: int, ks, N: int, dist_code: int) -> torch.Tensor:
+    """fp32 [K, M, N]: X @ v_k^T for v_k = v(seed, pid, ks[k]) of shape [N, D], X [M, D].
+
+    The v_k tiles are generated in registers (never materialized)."""
+    if X.dim() != 2:
+        raise ValueError(f"X: expected a 2-D tensor [M, D], got shape {tuple(X.shape)}")
+    N = int(N)
+    if N < 0:
+        raise ValueError(f"N: expected >= 0, got {N}")
+    dist_code = _dist(dist_code)
+    pid = _check_u32(pid, "pid")
+    ks = _as_ks(ks, X.device)
+    K = ks.numel()
+    M, D = X.shape
+    out = torch.empty(K, M, N, dtype=torch.float32, device=X.device)
+    if out.numel() == 0:
+        return out
+    if D == 0:
+        return out.zero_()
+    X = _rowmajor(X)
+    lo, hi = _seed_halves(seed)
+    bn = _pow2_block(N)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, bn), K)  # noqa: E731
+    # No dense operand: A is a placeholder never read (DENSE_J = 0).
+    _nt_kernel[grid](X, X, X, out, ks, M, N, D, K, 0, 0, X.stride(0), X.stride(0), X.stride(0), lo, hi, pid,
+                     SEEDED=True, DIST=dist_code, PREC=_prec(X.dtype), BLOCK_N=bn)
+    return out
+
+
+def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int, ks,
+              dist_code: int, perturb_A: bool, perturb_B: bool, perturb_bias: bool):
+    """Fused dual forward. Returns (y [M, out], yt [K, M, out]) in x2d's dtype.
+
+    yt[k] = xt[k] W^T + s (xt[k] A^T + x dA_k^T) B^T + s (x A^T) dB_k^T + db_k,
+    with xt = 0 when None and each perturbation zero unless its flag is set.
+    """
+    M, D, N, R = _check_layer(x2d, weight, bias, A, B)
+    dist_code = _dist(dist_code)
+    pid_A, pid_B, pid_bias = (_check_u32(p, n) for p, n in ((pid_A, "pid_A"), (pid_B, "pid_B"),
+                                                              (pid_bias, "pid_bias")))
+    ks = _as_ks(ks, x2d.device)
+    K = ks.numel()
+    if perturb_bias and bias is None:
+        raise ValueError("perturb_bias: the layer has no bias")
+    if xt is not None:
+        if xt.dim() != 3 or tuple(xt.shape) != (K, M, D):
+            raise ValueError(f"xt: expected [{K}, {M}, {D}] (K = len(ks)), got {tuple(xt.shape)}")
+        if xt.device != x2d.device:
+            raise ValueError(f"xt: on {xt.device}, x2d on {x2d.device}")
+    dtype = x2d.dtype
+    y = torch.empty(M, N, dtype=dtype, device=x2d.device)
+    yt = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return y, yt
+    x2d, weight, A, B = (_rowmajor(t) for t in (x2d, weight, A, B))
+    bias = bias.contiguous() if bias is not None else None
+    xt_rows = None
+    if xt is not None and K > 0:
+        xt_rows = xt.to(dtype).reshape(K * M, D)
+        xt_rows = _rowmajor(xt_rows)
+
+    T = (1 + K) * M
+    h_tangents = K > 0 and (xt_rows is not None or perturb_A)
+    J = 1 + K if h_tangents else 1
+    HR = J * M
+    R_eff = R if D > 0 else 0  # x A^T = 0 when in = 0: skip the rank steps
+    H = torch.empty(max(HR, 1), max(R, 1), dtype=torch.float32, device=x2d.device)
+    if R_eff > 0:
+        _shrink(x2d, xt_rows, A, H, J, J if xt_rows is not None else 1, perturb_A and K > 0, seed, pid_A, ks,
+                dist_code)
+    TD = T if xt_rows is not None else M
+    if D == 0:
+        TD = 0
+    lo, hi = _seed_halves(seed)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _dual_kernel[grid](x2d, x2d if xt_rows is None else xt_rows, weight, bias if bias is not None else weight, H, B,
+                       y, yt, _ks_arg(ks), M, N, D, R_eff, T, TD, HR, x2d.stride(0),
+                       (x2d if xt_rows is None else xt_rows).stride(0), weight.stride(0), B.stride(0),
+                       float(scaling), lo, hi, pid_B, pid_bias, HAS_BIAS=bias is not None,
+                       PERTURB_B=bool(perturb_B) and K > 0 and R_eff > 0, PERTURB_BIAS=bool(perturb_bias) and K > 0,
+                       DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
+    return y, yt
+
+
+def lora_perturbed(x2d, weight, bias, A, B, scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int, ks,
+                   eps: float, dist_code: int, perturb_A: bool, perturb_B: bool, perturb_bias: bool):
+    """Perturbed inference (FwdLLM finite difference). Returns (y_plus, y_minus), each [K, M, out]:
+
+    y+-_k = x (W + s (B +- eps dB_k)(A +- eps dA_k))^T + (b +- eps db_k).
+    """
+    M, D, N, R = _check_layer(x2d, weight, bias, A, B)
+    dist_code = _dist(dist_code)
+    pid_A, pid_B, pid_bias = (_check_u32(p, n) for p, n in ((pid_A, "pid_A"), (pid_B, "pid_B"),
+                                                              (pid_bias, "pid_bias")))
+    if perturb_bias and bias is None:
+        raise ValueError("perturb_bias: the layer has no bias")
+    ks = _as_ks(ks, x2d.device)
+    K = ks.numel()
+    dtype = x2d.dtype
+    yp = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
+    ym = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
+    if yp.numel() == 0:
+        return yp, ym
+    x2d, weight, A, B = (_rowmajor(t) for t in (x2d, weight, A, B))
+    bias = bias.contiguous() if bias is not None else None
+    R_eff = R if D > 0 else 0
+    J = 1 + K if perturb_A else 1
+    H = torch.empty(max(J * M, 1), max(R, 1), dtype=torch.float32, device=x2d.device)
+    if R_eff > 0:
+        _shrink(x2d, None, A, H, J, 1, perturb_A, seed, pid_A, ks, dist_code)
+    lo, hi = _seed_halves(seed)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _perturbed_kernel[grid](x2d, weight, bias if bias is not None else weight, H, B, yp, ym, _ks_arg(ks), M, N, D,
+                            R_eff, K, x2d.stride(0), weight.stride(0), B.stride(0), float(scaling), float(eps), lo, hi, pid_B,
+                            pid_bias, HAS_BIAS=bias is not None, PERTURB_A=bool(perturb_A) and R_eff > 0,
+                            PERTURB_B=bool(perturb_B) and R_eff > 0, PERTURB_BIAS=bool(perturb_bias),
+                            DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
+    return yp, ym

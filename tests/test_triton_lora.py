@@ -1,0 +1,323 @@
+"""Triton LoRA dual / perturbed kernels (fwdkern/triton/lora.py) against materialized torch math.
+
+Runs in the Triton interpreter when there is no GPU. Tolerances:
+- fp32: elementwise |out - ref| <= 1e-5 * |ref| + 1e-5 * max|ref| (ref in float64
+  from the same inputs and the materialized reference perturbations);
+- fp16: max|out - ref| <= 2 * max(torch_err, 2^-11 * max|ref|), where torch_err is
+  the error of the same computation done by torch in fp16 with fp16-materialized
+  perturbations (2^-11 * max|ref| = rounding the largest output to fp16 once).
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from fwdkern.ops.reference import reference_perturbations  # noqa: E402
+from fwdkern.triton import lora  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DISTS = {"rademacher": 0, "gaussian": 1}
+SEED = 0x1234_5678_9ABC_DEF1  # both 32-bit halves non-zero
+PID_A, PID_B, PID_BIAS = 11, 12, 13
+FLAG_SETS = [("A",), ("B",), ("bias",), ("A", "B"), ("A", "B", "bias"), ()]
+
+
+def _layer(M, D, N, R, K, dtype, bias=True, xt=True, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    t = lambda *s: torch.randn(*s, generator=g).to(DEV, dtype)  # noqa: E731
+    x, W, A, B = t(M, D), t(N, D) / D**0.5, t(R, D) / D**0.5, t(N, R)
+    b = t(N) if bias else None
+    xts = t(K, M, D) if xt else None
+    ks = torch.randint(0, 2**32, (K,), generator=g, dtype=torch.int64)
+    return x, xts, W, b, A, B, ks
+
+
+def _perts(D, N, R, ks, dist, dtype):
+    dA = reference_perturbations((R, D), SEED, PID_A, ks, dist).to(DEV, dtype)
+    dB = reference_perturbations((N, R), SEED, PID_B, ks, dist).to(DEV, dtype)
+    db = reference_perturbations((N,), SEED, PID_BIAS, ks, dist).to(DEV, dtype)
+    return dA, dB, db
+
+
+def _ref_dual(x, xt, W, b, A, B, s, ks, dist, flags, dtype):
+    """Materialized dual forward in `dtype` (float64 = ground truth, fp16 = torch's own fp16)."""
+    x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
+    b = b.to(dtype) if b is not None else None
+    K = ks.numel()
+    M, D = x.shape
+    N, R = B.shape
+    dA, dB, db = _perts(D, N, R, ks, dist, dtype)
+    h = x @ A.T
+    y = x @ W.T + s * (h @ B.T)
+    if b is not None:
+        y = y + b
+    yt = torch.zeros(K, M, N, dtype=dtype, device=DEV)
+    hd = torch.zeros(K, M, R, dtype=dtype, device=DEV)
+    if xt is not None:
+        xt = xt.to(dtype)
+        yt = yt + xt @ W.T
+        hd = hd + xt @ A.T
+    if "A" in flags:
+        hd = hd + x @ dA.transpose(1, 2)
+    yt = yt + s * (hd @ B.T)
+    if "B" in flags:
+        yt = yt + s * (h @ dB.transpose(1, 2))
+    if "bias" in flags:
+        yt = yt + db[:, None, :]
+    return y, yt
+
+
+def _ref_perturbed(x, W, b, A, B, s, ks, eps, dist, flags, dtype):
+    """x (W + s (B +- eps dB)(A +- eps dA))^T + b +- eps db, every k materialized."""
+    x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
+    b = b.to(dtype) if b is not None else None
+    M, D = x.shape
+    N, R = B.shape
+    dA, dB, db = _perts(D, N, R, ks, dist, dtype)
+    out = []
+    for sign in (1.0, -1.0):
+        Ak = A + sign * eps * dA if "A" in flags else A.expand(ks.numel(), R, D)
+        Bk = B + sign * eps * dB if "B" in flags else B.expand(ks.numel(), N, R)
+        Weff = W + s * (Bk @ Ak)
+        y = x @ Weff.transpose(1, 2)
+        if b is not None:
+            y = y + b
+        if "bias" in flags:
+            y = y + sign * eps * db[:, None, :]
+        out.append(y)
+    return out
+
+
+def _assert_fp32(out, ref, what):
+    ref = ref.to(torch.float64)
+    err = (out.double() - ref).abs()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    bound = 1e-5 * ref.abs() + 1e-5 * scale + 1e-30
+    assert out.dtype == torch.float32, what
+    assert bool((err <= bound).all()), f"{what}: max err {err.max().item():.3e}, max|ref| {scale:.3e}"
+    return err.max().item() / max(scale, 1e-30) if err.numel() else 0.0
+
+
+def _assert_fp16(out, ref64, ref16, what):
+    assert out.dtype == torch.float16, what
+    if ref64.numel() == 0:
+        return
+    err = (out.double() - ref64).abs().max().item()
+    terr = (ref16.double() - ref64).abs().max().item()
+    floor = 2.0**-11 * ref64.abs().max().item()
+    assert err <= 2 * max(terr, floor), f"{what}: err {err:.3e} vs torch fp16 err {terr:.3e} (floor {floor:.3e})"
+
+
+def _flags(flags):
+    return dict(perturb_A="A" in flags, perturb_B="B" in flags, perturb_bias="bias" in flags)
+
+
+def _run_dual(x, xt, W, b, A, B, s, ks, dist, flags):
+    return lora.lora_dual(x, xt, W, b, A, B, s, SEED, PID_A, PID_B, PID_BIAS, ks.to(DEV), DISTS[dist], **_flags(flags))
+
+
+def _run_pert(x, W, b, A, B, s, ks, eps, dist, flags):
+    return lora.lora_perturbed(x, W, b, A, B, s, SEED, PID_A, PID_B, PID_BIAS, ks.to(DEV), eps, DISTS[dist],
+                               **_flags(flags))
+
+
+# Hostile shapes (M, in, out, r, K): in/out in {1, 7, 64, 1031}, r in {1, 8, 64}
+# (+130 > 128: several rank chunks), K in {1, 3, 16}. Not the full product: the
+# interpreter is slow, each Philox round is a dozen interpreted ops.
+SHAPES = [
+    (3, 1, 7, 1, 3),
+    (5, 7, 1, 8, 1),
+    (4, 64, 64, 64, 3),
+    (2, 1031, 7, 8, 3),
+    (3, 7, 1031, 1, 16),
+    (1, 1031, 1031, 64, 1),
+    (16, 64, 7, 8, 16),
+    (3, 7, 9, 130, 3),
+]
+
+
+def _cases():
+    out = []
+    for i, shp in enumerate(SHAPES):
+        flags = FLAG_SETS[i % 5]  # rotate the non-empty flag sets over the shapes
+        dist = "rademacher" if i % 3 else "gaussian"
+        out.append(pytest.param(shp, flags, dist, id=f"{'x'.join(map(str, shp))}-{'+'.join(flags)}-{dist[:5]}"))
+    return out
+
+
+@pytest.mark.parametrize("shape,flags,dist", _cases())
+@pytest.mark.parametrize("with_xt", [True, False], ids=["xt", "noxt"])
+def test_dual_fp32_shapes(shape, flags, dist, with_xt):
+    M, D, N, R, K = shape
+    x, xt, W, b, A, B, ks = _layer(M, D, N, R, K, torch.float32, bias=(M % 2 == 1) or "bias" in flags, xt=with_xt)
+    y, yt = _run_dual(x, xt, W, b, A, B, 0.75, ks, dist, flags)
+    ry, ryt = _ref_dual(x, xt, W, b, A, B, 0.75, ks, dist, flags, torch.float64)
+    assert y.shape == (M, N) and yt.shape == (K, M, N)
+    _assert_fp32(y, ry, "y")
+    _assert_fp32(yt, ryt, "yt")
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: "+".join(f) or "none")
+@pytest.mark.parametrize("with_xt", [True, False], ids=["xt", "noxt"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_dual_fp32_flags(flags, with_xt, with_bias, dist):
+    if "bias" in flags and not with_bias:
+        pytest.skip("bias perturbation needs a bias")
+    x, xt, W, b, A, B, ks = _layer(6, 9, 10, 8, 3, torch.float32, bias=with_bias, xt=with_xt, gen_seed=1)
+    y, yt = _run_dual(x, xt, W, b, A, B, 2.0, ks, dist, flags)
+    ry, ryt = _ref_dual(x, xt, W, b, A, B, 2.0, ks, dist, flags, torch.float64)
+    _assert_fp32(y, ry, "y")
+    _assert_fp32(yt, ryt, "yt")
+
+
+@pytest.mark.parametrize("shape,flags,dist", _cases())
+def test_perturbed_fp32_shapes(shape, flags, dist):
+    M, D, N, R, K = shape
+    eps = 1e-2
+    x, _, W, b, A, B, ks = _layer(M, D, N, R, K, torch.float32, bias=True, xt=False, gen_seed=2)
+    yp, ym = _run_pert(x, W, b, A, B, 0.5, ks, eps, dist, flags)
+    rp, rm = _ref_perturbed(x, W, b, A, B, 0.5, ks, eps, dist, flags, torch.float64)
+    assert yp.shape == (K, M, N) and ym.shape == (K, M, N)
+    _assert_fp32(yp, rp, "y_plus")
+    _assert_fp32(ym, rm, "y_minus")
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: "+".join(f) or "none")
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_perturbed_fp32_flags(flags, dist):
+    eps = 0.1  # large: the eps^2 term (A and B both perturbed) is visible
+    x, _, W, b, A, B, ks = _layer(5, 9, 10, 8, 3, torch.float32, bias=True, xt=False, gen_seed=3)
+    yp, ym = _run_pert(x, W, b, A, B, 1.5, ks, eps, dist, flags)
+    rp, rm = _ref_perturbed(x, W, b, A, B, 1.5, ks, eps, dist, flags, torch.float64)
+    _assert_fp32(yp, rp, "y_plus")
+    _assert_fp32(ym, rm, "y_minus")
+
+
+def test_perturbed_central_difference_is_tangent():
+    """(y+ - y-) / 2 eps equals the dual tangent (without input tangents) for every eps."""
+    x, _, W, b, A, B, ks = _layer(4, 33, 20, 8, 3, torch.float32, gen_seed=4)
+    flags = ("A", "B", "bias")
+    _, yt = _run_dual(x, None, W, b, A, B, 0.5, ks, "rademacher", flags)
+    for eps in (1e-1, 1e-2):
+        yp, ym = _run_pert(x, W, b, A, B, 0.5, ks, eps, "rademacher", flags)
+        fd = (yp.double() - ym.double()) / (2 * eps)
+        tol = 4 * torch.finfo(torch.float32).eps * yp.abs().max().item() / eps + 1e-5 * yt.abs().max().item()
+        assert (fd - yt.double()).abs().max().item() <= tol
+
+
+FP16_SHAPES = [(3, 7, 64, 8, 3), (2, 1031, 7, 1, 16), (5, 64, 1031, 64, 1)]
+
+
+@pytest.mark.parametrize("shape", FP16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_xt", [True, False], ids=["xt", "noxt"])
+def test_dual_fp16(shape, with_xt):
+    M, D, N, R, K = shape
+    flags = ("A", "B", "bias")
+    x, xt, W, b, A, B, ks = _layer(M, D, N, R, K, torch.float16, xt=with_xt, gen_seed=5)
+    y, yt = _run_dual(x, xt, W, b, A, B, 0.5, ks, "rademacher", flags)
+    r64 = _ref_dual(x, xt, W, b, A, B, 0.5, ks, "rademacher", flags, torch.float64)
+    r16 = _ref_dual(x, xt, W, b, A, B, 0.5, ks, "rademacher", flags, torch.float16)
+    _assert_fp16(y, r64[0], r16[0], "y")
+    _assert_fp16(yt, r64[1], r16[1], "yt")
+
+
+@pytest.mark.parametrize("shape", FP16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_perturbed_fp16(shape):
+    M, D, N, R, K = shape
+    flags = ("A", "B", "bias")
+    x, _, W, b, A, B, ks = _layer(M, D, N, R, K, torch.float16, gen_seed=6)
+    yp, ym = _run_pert(x, W, b, A, B, 0.5, ks, 1e-2, "gaussian", flags)
+    r64 = _ref_perturbed(x, W, b, A, B, 0.5, ks, 1e-2, "gaussian", flags, torch.float64)
+    r16 = _ref_perturbed(x, W, b, A, B, 0.5, ks, 1e-2, "gaussian", flags, torch.float16)
+    _assert_fp16(yp, r64[0], r16[0], "y_plus")
+    _assert_fp16(ym, r64[1], r16[1], "y_minus")
+
+
+@pytest.mark.parametrize("M,D,N", [(1, 1, 1), (3, 1031, 7), (5, 7, 200), (17, 64, 64)])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_seeded_matmul_nt(M, D, N, dist):
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(M, D, generator=g).to(DEV)
+    ks = torch.tensor([0, 5, 2**32 - 1], dtype=torch.int64)
+    out = lora.seeded_matmul_nt(X, SEED, 99, ks.to(DEV), N, DISTS[dist])
+    V = reference_perturbations((N, D), SEED, 99, ks, dist).to(DEV, torch.float64)
+    ref = X.double() @ V.transpose(1, 2)
+    assert out.shape == (3, M, N)
+    _assert_fp32(out, ref, "X v^T")
+
+
+def test_rademacher_products_are_exact():
+    """Integer-valued inputs: every product and sum is exact in fp32, so the kernels
+    reproduce the reference perturbations bit for bit (no tolerance)."""
+    g = torch.Generator().manual_seed(8)
+    M, D, N, R, K = 3, 200, 9, 8, 3
+    x = torch.randint(-3, 4, (M, D), generator=g).float().to(DEV)
+    W = torch.randint(-3, 4, (N, D), generator=g).float().to(DEV)
+    A = torch.randint(-3, 4, (R, D), generator=g).float().to(DEV)
+    B = torch.randint(-3, 4, (N, R), generator=g).float().to(DEV)
+    ks = torch.tensor([1, 2, 3])
+    flags = ("A", "B", "bias")
+    b = torch.zeros(N, device=DEV)
+    y, yt = _run_dual(x, None, W, b, A, B, 1.0, ks, "rademacher", flags)
+    ry, ryt = _ref_dual(x, None, W, b, A, B, 1.0, ks, "rademacher", flags, torch.float64)
+    assert torch.equal(y.double(), ry) and torch.equal(yt.double(), ryt)
+
+
+def test_empty_and_degenerate():
+    x, xt, W, b, A, B, ks = _layer(0, 7, 5, 2, 3, torch.float32)
+    y, yt = _run_dual(x, xt, W, b, A, B, 1.0, ks, "rademacher", ("A", "B"))
+    assert y.shape == (0, 5) and yt.shape == (3, 0, 5)
+    # K = 0: primal only
+    x, _, W, b, A, B, _ = _layer(3, 7, 5, 2, 1, torch.float32)
+    ks0 = torch.zeros(0, dtype=torch.int64)
+    y, yt = _run_dual(x, None, W, b, A, B, 1.0, ks0, "rademacher", ("A", "B", "bias"))
+    ry, _ = _ref_dual(x, None, W, b, A, B, 1.0, ks0, "rademacher", (), torch.float64)
+    assert yt.shape == (0, 3, 5)
+    _assert_fp32(y, ry, "y")
+    yp, ym = _run_pert(x, W, b, A, B, 1.0, ks0, 1e-3, "rademacher", ("A",))
+    assert yp.shape == (0, 3, 5) and ym.shape == (0, 3, 5)
+
+
+def test_bad_shapes_raise():
+    x, xt, W, b, A, B, ks = _layer(3, 7, 5, 2, 2, torch.float32)
+    bad = [
+        dict(W=W[:, :6]),
+        dict(A=A[:, :6]),
+        dict(B=B[:, :1]),
+        dict(b=b[:4]),
+        dict(xt=xt[:1]),
+        dict(xt=xt[:, :2]),
+    ]
+    for kw in bad:
+        args = dict(x=x, xt=xt, W=W, b=b, A=A, B=B)
+        args.update(kw)
+        with pytest.raises(ValueError):
+            lora.lora_dual(args["x"], args["xt"], args["W"], args["b"], args["A"], args["B"], 1.0, SEED, 1, 2, 3,
+                           ks, 0, True, True, True)
+    with pytest.raises(ValueError):
+        lora.lora_perturbed(x, W, None, A, B, 1.0, SEED, 1, 2, 3, ks, 1e-3, 0, True, True, True)  # no bias
+    with pytest.raises(ValueError):
+        lora.lora_dual(x, None, W, b, A, B, 1.0, SEED, 1, 2, 3, ks, 2, True, True, True)  # dist_code
+    with pytest.raises(ValueError):
+        lora.seeded_matmul_nt(x[0], SEED, 1, ks, 4, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU (the interpreter has no bf16)")
+def test_dual_bf16_gpu():
+    M, D, N, R, K = 64, 256, 192, 16, 8
+    flags = ("A", "B", "bias")
+    x, xt, W, b, A, B, ks = _layer(M, D, N, R, K, torch.bfloat16, gen_seed=9)
+    y, yt = _run_dual(x, xt, W, b, A, B, 0.5, ks, "rademacher", flags)
+    r64 = _ref_dual(x, xt, W, b, A, B, 0.5, ks, "rademacher", flags, torch.float64)
+    r16 = _ref_dual(x, xt, W, b, A, B, 0.5, ks, "rademacher", flags, torch.bfloat16)
+    for out, a, c in ((y, r64[0], r16[0]), (yt, r64[1], r16[1])):
+        err = (out.double() - a).abs().max().item()
+        terr = (c.double() - a).abs().max().item()
+        assert err <= 2 * max(terr, 2.0**-8 * a.abs().max().item())
