@@ -22,6 +22,15 @@ PROVIDERS = ["cpu", "reference"] + (["cuda", "triton", "reference_gpu"] if HAS_C
 REF_MAX_ELEMS_CPU = (1 << 24) * 16
 
 
+def _gpu_peaks(name: str):
+    """Datasheet peaks (dense fp32 FMA/s = FLOP/s / 2, HBM bytes/s) for the floor in issue 2."""
+    table = {"H100": (67e12 / 2, 3.35e12), "H200": (67e12 / 2, 4.8e12)}
+    for key, (fma, bw) in table.items():
+        if key in name:
+            return {"fp32_fma_per_s": fma, "bytes_per_s": bw}
+    return None
+
+
 def _device(provider):
     return "cuda" if provider in ("cuda", "triton", "reference_gpu") else "cpu"
 
@@ -82,6 +91,11 @@ def test_seeded(benchmark, op, n, K, provider):
         # Floor: one read+write of the parameter tensor + K*n FMAs at fp32 peak (user-provided peaks).
         bytes_moved = (2 if op == "axpy" else 1) * n * p.element_size()
         info["bytes_moved"] = bytes_moved
+        peak = _gpu_peaks(torch.cuda.get_device_name())
+        if peak:
+            floor = bytes_moved / peak["bytes_per_s"] + n * K / peak["fp32_fma_per_s"]
+            info["floor_s"] = floor
+            info["time_over_floor"] = med / floor
     else:
         setup = (
             f"def setup():\n"

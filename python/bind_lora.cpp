@@ -48,15 +48,16 @@ void fwdkern_bind_lora(py::module_& m) {
       [](uintptr_t H, int64_t M, int64_t r, uintptr_t B, int b_dtype, int64_t out_f, int64_t sbo, int64_t sbr,
          uintptr_t bias, int bias_dtype, int64_t sbias, float scaling, uint64_t seed, uint32_t pid_B,
          uint32_t pid_bias, uintptr_t ks, int64_t K, int dist, bool perturb_B, bool perturb_bias, bool tangent_h,
-         uintptr_t Y) {
+         uintptr_t Y0, uintptr_t Yt) {
         const Mat bm = mat(B, b_dtype, sbo, sbr), biasm = mat(bias, bias_dtype, 0, sbias);
         fwdkern::cpu::lora_expand(reinterpret_cast<const float*>(H), M, r, bm, out_f, bias ? &biasm : nullptr,
                                   scaling, seed, pid_B, pid_bias, reinterpret_cast<const int64_t*>(ks), K, dist,
-                                  perturb_B, perturb_bias, tangent_h, reinterpret_cast<float*>(Y));
+                                  perturb_B, perturb_bias, tangent_h, reinterpret_cast<float*>(Y0),
+                                  reinterpret_cast<float*>(Yt));
       },
-      "Y[0] = s H[0] B^T + b, Y[k+1] = s (H[k+1] B^T + H[0] dB_k^T) + db_k (fp32 [1+K, M, out])", py::arg("H"),
+      "Y0 = s H[0] B^T + b [M, out]; Yt[k] = s (H[k+1] B^T + H[0] dB_k^T) + db_k [K, M, out] (fp32)", py::arg("H"),
       py::arg("M"), py::arg("r"), py::arg("B"), py::arg("b_dtype"), py::arg("out_f"), py::arg("stride_bo"),
       py::arg("stride_br"), py::arg("bias"), py::arg("bias_dtype"), py::arg("stride_bias"), py::arg("scaling"),
       py::arg("seed"), py::arg("pid_B"), py::arg("pid_bias"), py::arg("ks"), py::arg("K"), py::arg("dist"),
-      py::arg("perturb_B"), py::arg("perturb_bias"), py::arg("tangent_h"), py::arg("Y"), nogil);
+      py::arg("perturb_B"), py::arg("perturb_bias"), py::arg("tangent_h"), py::arg("Y0"), py::arg("Yt"), nogil);
 }

@@ -3,7 +3,8 @@
 Tolerance table (see docs/perturbations.md):
   Rademacher values (any dtype)              bit-identical on every backend
   Gaussian values, C++ vs reference (CPU)    bit-identical (both evaluate in float64)
-  Gaussian values, Triton/CUDA vs reference  |diff| <= 2e-6 * max(1, |z|)   (fp32 transcendentals)
+  Gaussian values, CUDA / Triton interpreter |diff| <= 2e-6 * max(1, |z|)   (fp32 transcendentals)
+  Gaussian values, Triton on GPU             |diff| <= 1e-5 * max(1, |z|)   (approximate sin/cos)
   seeded_axpy_ / seeded_dot (fp32)           rtol 1e-5 of the summed magnitude (fp32 reordering)
   seeded_axpy_ (fp16 / bf16 params)          <= 1 ulp of the storage dtype vs the reference
 """
@@ -32,9 +33,9 @@ KERNEL_BACKENDS = [b for b in ("cpu", "cuda", "triton") if fwdkern.backends.avai
 HYP = settings(max_examples=20, deadline=None)
 
 
-def _gauss_close(a, b):
+def _gauss_close(a, b, tol=2e-6):
     a, b = a.float(), b.float()
-    return bool(((a - b).abs() <= 2e-6 * torch.clamp(b.abs(), min=1.0)).all())
+    return bool(((a - b).abs() <= tol * torch.clamp(b.abs(), min=1.0)).all())
 
 
 # ---------------------------------------------------------------------------- Philox known answers
@@ -401,4 +402,5 @@ def test_gpu_backends_bit_identical_to_cpu(backend, dtype, shape):
     torch.testing.assert_close(fwdkern.seeded_dot(p0.cuda(), seed, pid, ks, backend=backend).cpu(),
                                fwdkern.seeded_dot(p0, seed, pid, ks, backend="cpu"), rtol=1e-4, atol=1e-3)
     zg = fwdkern.perturbation(shape, seed, pid, k, dist="gaussian", device="cuda", backend=backend)
-    assert _gauss_close(zg.cpu(), fwdkern.perturbation(shape, seed, pid, k, dist="gaussian", backend="cpu"))
+    assert _gauss_close(zg.cpu(), fwdkern.perturbation(shape, seed, pid, k, dist="gaussian", backend="cpu"),
+                        tol=2e-6 if backend == "cuda" else 1e-5)

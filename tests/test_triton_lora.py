@@ -321,3 +321,29 @@ def test_dual_bf16_gpu():
         err = (out.double() - a).abs().max().item()
         terr = (c.double() - a).abs().max().item()
         assert err <= 2 * max(terr, 2.0**-8 * a.abs().max().item())
+
+
+def test_strided_rows_and_mixed_dtypes():
+    """Row-strided x / xt views (row stride != in) and an fp32 weight under an fp16 x."""
+    M, D, N, R, K = 4, 7, 9, 8, 3
+    g = torch.Generator().manual_seed(10)
+    xw = torch.randn(M, D + 5, generator=g).to(DEV)
+    x = xw[:, 2:2 + D]  # stride(0) = D + 5
+    xtw = torch.randn(K, M, D + 3, generator=g).to(DEV)
+    xt = xtw[:, :, :D]
+    W = torch.randn(N, D, generator=g).to(DEV)
+    A = torch.randn(R, D, generator=g).to(DEV)
+    B = torch.randn(N, R, generator=g).to(DEV)
+    ks = torch.tensor([4, 5, 6])
+    flags = ("A", "B")
+    y, yt = _run_dual(x, xt, W, None, A, B, 0.5, ks, "rademacher", flags)
+    ry, ryt = _ref_dual(x, xt, W, None, A, B, 0.5, ks, "rademacher", flags, torch.float64)
+    _assert_fp32(y, ry, "y")
+    _assert_fp32(yt, ryt, "yt")
+    # fp16 activations, fp32 frozen weight: computed in fp16 (x's dtype), output fp16
+    x16, xt16 = x.half(), xt.half()
+    y16, yt16 = _run_dual(x16, xt16, W, None, A.half(), B.half(), 0.5, ks, "rademacher", flags)
+    r16 = _ref_dual(x16, xt16, W.half(), None, A.half(), B.half(), 0.5, ks, "rademacher", flags, torch.float16)
+    r64 = _ref_dual(x16, xt16, W.half(), None, A.half(), B.half(), 0.5, ks, "rademacher", flags, torch.float64)
+    _assert_fp16(y16, r64[0], r16[0], "y")
+    _assert_fp16(yt16, r64[1], r16[1], "yt")

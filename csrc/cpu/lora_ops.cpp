@@ -317,14 +317,14 @@ void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_s
 
 void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out_f, const Mat* bias, float scaling,
                  uint64_t seed, uint32_t pid_B, uint32_t pid_bias, const int64_t* ks, int64_t K, int dist,
-                 bool perturb_B, bool perturb_bias, bool tangent_h, float* Y) {
+                 bool perturb_B, bool perturb_bias, bool tangent_h, float* Y0, float* Yt) {
   FK_CHECK(M >= 0 && r >= 0 && out_f >= 0, "lora_expand: negative shape");
   FK_CHECK(out_f <= 0xFFFFFFFFll, "lora_B: more than 2^32-1 rows");
   check_common(pid_B, dist, K, ks);
   check_ks(ks, K);
   FK_CHECK(!perturb_bias || bias != nullptr, "bias: perturbed but null");
   if (M == 0 || out_f == 0) return;
-  FK_CHECK(Y != nullptr && (r == 0 || H != nullptr), "Y/H: null pointer");
+  FK_CHECK(Y0 != nullptr && (K == 0 || Yt != nullptr) && (r == 0 || H != nullptr), "Y/H: null pointer");
   if (r > 0) check_mat(B, "lora_B");
   if (bias) check_mat(*bias, "bias");
   const int64_t J = 1 + K, n_blocks = (out_f + kNBA - 1) / kNBA, tasks = J * n_blocks;
@@ -360,7 +360,7 @@ void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out
         std::fill(o, o + kNBA, 0.0f);
         if (use_B) axpy_row(Hj + m * r, r, BT.data(), o);
         if (use_dB) axpy_row(H0 + m * r, r, dBT.data(), o);
-        float* yrow = Y + (j * M + m) * out_f + n0;
+        float* yrow = (j == 0 ? Y0 + m * out_f : Yt + ((j - 1) * M + m) * out_f) + n0;
         for (int64_t n = 0; n < nb; ++n) yrow[n] = scaling * o[n] + brow[n];
       }
     }

@@ -75,36 +75,37 @@ def _cpu_bias_perturbations(out_f: int, seed: int, pid: int, ks: torch.Tensor, c
 def _cpu_dual(x2, xt3, W, b, A, B, s, seed, pids, ks, code, pA, pB, pb):
     """x2 [M, in], xt3 [K, M, in] or None -> (y [M, out], yt [K, M, out]) in x2.dtype.
 
-    Dense part: one torch GEMM over the stacked rows [x; ẋ_1..ẋ_K] (W read once).
-    Low rank (fp32): H = [x; ẋ_k]Aᵀ (+ x dA_kᵀ, C++), Y += s·H Bᵀ, Y_k += s·(xAᵀ) dB_kᵀ (C++)."""
+    C++ (fp32): H = [xAᵀ; ẋ_kAᵀ + x dA_kᵀ] (shrink), then Y = [s·H_0Bᵀ + b; s·(H_kBᵀ + H_0 dB_kᵀ) + db_k]
+    (expand, one write pass). Then the dense part is added by torch GEMMs with beta = 1,
+    so Y is read once inside the GEMM instead of in extra passes."""
+    ext = backends.extension()
     M, in_f = x2.shape
     out_f, r, K = W.shape[0], A.shape[0], ks.numel()
-    dt = x2.dtype
-    f32 = torch.float32
-    A32, B32 = A.to(f32), B.to(f32)
+    dt, f32 = x2.dtype, torch.float32
     has_t = xt3 is not None and K > 0
+    H = torch.empty((1 + K, M, r), dtype=f32)
+    y = torch.empty((M, out_f), dtype=f32)  # separate buffers: outputs must not be views
+    yt = torch.empty((K, M, out_f), dtype=f32)
+    xt_args = (xt3.data_ptr(), DTYPE_CODE[dt], xt3.stride(0), xt3.stride(1), xt3.stride(2)) if has_t else (0, 0, 0, 0, 0)
+    ext.cpu_lora_shrink(x2.data_ptr(), DTYPE_CODE[dt], M, in_f, x2.stride(0), x2.stride(1), *xt_args,
+                        A.data_ptr(), DTYPE_CODE[A.dtype], r, A.stride(0), A.stride(1), seed, pids[0], ks.data_ptr(),
+                        K, code, pA, H.data_ptr())
+    bias_args = (b.data_ptr(), DTYPE_CODE[b.dtype], b.stride(0)) if b is not None else (0, 0, 0)
+    ext.cpu_lora_expand(H.data_ptr(), M, r, B.data_ptr(), DTYPE_CODE[B.dtype], out_f, B.stride(0), B.stride(1),
+                        *bias_args, float(s), seed, pids[1], pids[2], ks.data_ptr(), K, code, pB, pb,
+                        has_t or pA, y.data_ptr(), yt.data_ptr())
+    # Dense part: W read once per row set (x, then the K·M tangent rows stacked in xt3 itself;
+    # no torch.cat copy of the inputs).
+    if dt == f32:
+        y.addmm_(x2, W.t())
+        if has_t:
+            yt.view(K * M, out_f).addmm_(xt3.reshape(K * M, in_f), W.t())
+        return y, yt
+    # fp16/bf16: torch's GEMM rounds to dt; add it to the fp32 low-rank part and round once more.
+    y += torch.mm(x2, W.t())
     if has_t:
-        X_all = torch.cat([x2.unsqueeze(0), xt3]).view((1 + K) * M, in_f)
-        acc = torch.mm(X_all, W.t()).view(1 + K, M, out_f).to(f32)  # no copy for fp32
-        H = torch.mm(X_all.to(f32), A32.t()).view(1 + K, M, r)
-    else:
-        acc = torch.zeros((1 + K, M, out_f), dtype=f32)
-        acc[0] = torch.mm(x2, W.t())
-        H = torch.zeros((1 + K, M, r), dtype=f32)
-        torch.mm(x2.to(f32), A32.t(), out=H[0])
-    if pA and K:
-        _seeded_mm(x2, seed, pids[0], ks, code, r, H[1:], 1.0, True)
-    # Tangent rows of H are all zero without ẋ and dA: expand only the primal then.
-    nrows = 1 + K if (has_t or pA) else 1
-    acc[:nrows].view(nrows * M, out_f).addmm_(H[:nrows].view(nrows * M, r), B32.t(), alpha=s)
-    if pB and K:
-        _seeded_mm(H[0], seed, pids[1], ks, code, out_f, acc[1:], s, True)
-    if b is not None:
-        acc[0] += b.to(f32)
-    if pb and K:
-        acc[1:] += _cpu_bias_perturbations(out_f, seed, pids[2], ks, code).unsqueeze(1)
-    y = acc[0].clone() if dt == f32 else acc[0].to(dt)
-    return y, acc[1:].to(dt)
+        yt += torch.mm(xt3.reshape(K * M, in_f), W.t()).view(K, M, out_f)
+    return y.to(dt), yt.to(dt)
 
 
 def _cpu_perturbed(x2, W, b, A, B, s, seed, pids, ks, eps, code, pA, pB, pb):

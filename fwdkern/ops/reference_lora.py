@@ -31,8 +31,8 @@ def lora_perturbations(seed: int, pids, ks: torch.Tensor, r: int, in_features: i
 
 
 def reference_lora_dual(x, x_tangents, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, dist, perturb,
-                        compute_dtype=torch.float32):
-    """(y [..., out], y_tangents [K, ..., out]) in x.dtype, computed in `compute_dtype`.
+                        compute_dtype=torch.float32, out_dtype=None):
+    """(y [..., out], y_tangents [K, ..., out]) in `out_dtype` (default x.dtype), computed in `compute_dtype`.
 
     x: [..., in]; x_tangents: [K, ..., in] or None (zero); weight [out, in]; bias [out] or None;
     lora_A [r, in]; lora_B [out, r]; pids/perturb as in :func:`lora_perturbations`.
@@ -63,12 +63,13 @@ def reference_lora_dual(x, x_tangents, weight, bias, lora_A, lora_B, scaling, se
         yt = yt + scaling * torch.einsum("...r,kor->k...o", h, dB)
     if db is not None:
         yt = yt + db.reshape(K, *([1] * len(batch)), out_f)
-    return y.to(x.dtype), yt.to(x.dtype)
+    od = out_dtype or x.dtype
+    return y.to(od).contiguous(), yt.to(od).contiguous()
 
 
 def reference_lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps, dist, perturb,
-                             compute_dtype=torch.float32):
-    """(y_plus, y_minus), each [K, ..., out] in x.dtype:
+                             compute_dtype=torch.float32, out_dtype=None):
+    """(y_plus, y_minus), each [K, ..., out] in `out_dtype` (default x.dtype):
     ``y±_k = x (W + s(B ± ε dB_k)(A ± ε dA_k))ᵀ + (b ± ε db_k)``, forming the perturbed
     dense weights explicitly (the naive FwdLLM formulation)."""
     cd = compute_dtype
@@ -93,11 +94,11 @@ def reference_lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pid
                 yk = yk + sign * eps * db[k]
             ys.append(yk)
         y = torch.stack(ys) if ys else torch.zeros((0, *batch, out_f), dtype=cd, device=x.device)
-        outs.append(y.to(x.dtype))
+        outs.append(y.to(out_dtype or x.dtype).contiguous())
     return outs[0], outs[1]
 
 
 def reference_seeded_matmul(x, seed, param_id, ks, n, dist):
     """float32 [K, ..., n]: ``x @ v(seed, param_id, ks[k])ᵀ`` with v_k of shape [n, x.shape[-1]]."""
     V = reference_perturbations((n, x.shape[-1]), seed, param_id, ks, dist).to(x.device)
-    return torch.einsum("...d,knd->k...n", x.to(torch.float32), V)
+    return torch.einsum("...d,knd->k...n", x.to(torch.float32), V).contiguous()

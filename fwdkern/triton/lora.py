@@ -46,27 +46,35 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _tile_values(seed_lo, seed_hi, param_id, k, row, unit, lane, DIST: tl.constexpr):
-    """fp32 [R, C]: v[row[i], unit * 128 + lane[j]] for rows `row` [R], 128-column
-    unit `unit` (scalar) and lanes `lane` [C] (all in 0..127).
+def _tile_values(seed_lo, seed_hi, param_id, k, row, unit, lane0, C: tl.constexpr, DIST: tl.constexpr):
+    """fp32 [R, C]: v[row[i], unit * 128 + lane0 + j] for rows `row` [R], the 128-column
+    unit `unit` (scalar) and lanes lane0 .. lane0 + C - 1 (within the unit; lane0 % 4 == 0).
 
     Rademacher: one Philox call per row (its 128 bits cover the whole unit).
-    Gaussian: one Philox call per element (4x redundant; see NOTE below).
+    Gaussian: one Philox call per 4 consecutive values (two Box-Muller pairs),
+    interleaved back into column order with join + reshape.
     """
     if DIST == 0:
+        lane = lane0 + tl.arange(0, C)
         r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, row * 0 + unit)
         q = (lane >> 5)[None, :]
         w = tl.where(q == 0, r0[:, None], tl.where(q == 1, r1[:, None], tl.where(q == 2, r2[:, None], r3[:, None])))
         bit = (w >> (lane & 31).to(tl.uint32)[None, :]) & 1
         v = 1.0 - 2.0 * bit.to(tl.float32)
     else:
-        # NOTE: each element runs its own Philox call (the 4 words of a call give 4
-        # consecutive Gaussian values); de-duplicating needs an interleave of
-        # [*, C/4] results. Unmeasured on GPU; Rademacher is the default dist.
-        chunk = (unit * 32 + (lane >> 2)).to(tl.uint32)[None, :] + (row * 0).to(tl.uint32)[:, None]
+        chunk = (unit * 32 + (lane0 >> 2) + tl.arange(0, C // 4)).to(tl.uint32)[None, :] + \
+            (row * 0).to(tl.uint32)[:, None]
         rowb = row.to(tl.uint32)[:, None] + chunk * 0
         r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, rowb, chunk)
-        v = _box_muller(r0, r1, r2, r3, (lane & 3)[None, :])
+        inv: tl.constexpr = 5.9604644775390625e-08  # 2^-24
+        rad0 = tl.sqrt(-2.0 * tl.log(((r0 >> 8) + 1).to(tl.float32) * inv))
+        ang0 = 6.283185307179586 * ((r1 >> 8).to(tl.float32) * inv)
+        rad1 = tl.sqrt(-2.0 * tl.log(((r2 >> 8) + 1).to(tl.float32) * inv))
+        ang1 = 6.283185307179586 * ((r3 >> 8).to(tl.float32) * inv)
+        # join puts the new axis last: [.., c4, j, i] = (i ? (z1, z3) : (z0, z2))[j] -> z[2j + i]
+        z = tl.join(tl.join(rad0 * tl.cos(ang0), rad1 * tl.cos(ang1)),
+                    tl.join(rad0 * tl.sin(ang0), rad1 * tl.sin(ang1)))
+        v = tl.reshape(z, (row.shape[0], C))
     return v
 
 
@@ -136,6 +144,20 @@ def _gemm_configs():
     return cfg
 
 
+def _prune_for(rows_arg):
+    """Drop configs whose tiles are far larger than the problem (autotune time only)."""
+
+    def prune(configs, named_args, **kwargs):
+        rows = max(16, triton.next_power_of_2(int(named_args[rows_arg])))
+        cols = max(16, triton.next_power_of_2(int(named_args["N"])))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols]
+        if not kept:  # every tile too big: keep the smallest one
+            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept
+
+    return prune
+
+
 # ---------------------------------------------------------------------------
 # Shrink / seeded NT product
 # ---------------------------------------------------------------------------
@@ -180,7 +202,7 @@ def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride
         if SEEDED:
             if j >= SEED_J0:
                 xs = tl.load(x_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-                v = _tile_values(seed_lo, seed_hi, param_id, kj, offs_n, d0 >> 7, lane, DIST)
+                v = _tile_values(seed_lo, seed_hi, param_id, kj, offs_n, d0 >> 7, 0, 128, DIST)
                 v = tl.where(mask_n[:, None] & mask_d[None, :], v, 0.0)
                 acc = tl.dot(xs.to(cdt), tl.trans(v.to(cdt)), acc, input_precision=PREC)
     out_rows = (j * M + offs_m).to(tl.int64) * N
@@ -206,7 +228,8 @@ def _swizzle(T, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_gemm_configs(), key=["T", "N", "D", "R"])
+@triton.autotune(configs=_gemm_configs(), key=["T", "N", "D", "R"],
+                 prune_configs_by={"early_config_prune": _prune_for("T")})
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pid_b", "pid_bias"])
 def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_x, stride_xt, stride_w, stride_b,
                  scaling, seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_B: tl.constexpr,
@@ -269,7 +292,7 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
                 for j in range(j_lo, j_hi + 1):
                     kj = tl.load(KS + j - 1)
                     hj = tl.where((jr == j)[:, None], h0, 0.0)
-                    db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, (r0 & 127) + rl, DIST)
+                    db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, r0 & 127, RB, DIST)
                     db = tl.where(mr_[None, :], db, 0.0)
                     acc = tl.dot(hj.to(cdt), tl.trans(db.to(cdt)), acc, input_precision=PREC)
         if PERTURB_BIAS:
@@ -290,7 +313,8 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
 # ---------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "D", "R"])
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "D", "R"],
+                 prune_configs_by={"early_config_prune": _prune_for("M")})
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pid_b", "pid_bias", "K"])
 def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, stride_w, stride_b, scaling, eps,
                       seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_A: tl.constexpr,
@@ -346,7 +370,7 @@ def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, str
                 b = tl.load(b_rows[:, None] + rc[None, :], mask=mask_n[:, None] & mr_[None, :], other=0.0)
                 t = tl.dot(gs.to(cdt), tl.trans(b.to(cdt)), t, input_precision=PREC)
             if PERTURB_B:
-                db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, (r0 & 127) + rl, DIST)
+                db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, r0 & 127, RB, DIST)
                 db = tl.where(mr_[None, :], db, 0.0).to(cdt)
                 h = tl.load(H + m64[:, None] * R + rc[None, :], mask=mask_m[:, None] & mr_[None, :], other=0.0)
                 t = tl.dot((h * scaling).to(cdt), tl.trans(db), t, input_precision=PREC)
@@ -558,8 +582,8 @@ def lora_perturbed(x2d, weight, bias, A, B, scaling: float, seed: int, pid_A: in
     lo, hi = _seed_halves(seed)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _perturbed_kernel[grid](x2d, weight, bias if bias is not None else weight, H, B, yp, ym, _ks_arg(ks), M, N, D,
-                            R_eff, K, x2d.stride(0), weight.stride(0), B.stride(0), float(scaling), float(eps), lo, hi, pid_B,
-                            pid_bias, HAS_BIAS=bias is not None, PERTURB_A=bool(perturb_A) and R_eff > 0,
+                            R_eff, K, x2d.stride(0), weight.stride(0), B.stride(0), float(scaling), float(eps), lo, hi,
+                            pid_B, pid_bias, HAS_BIAS=bias is not None, PERTURB_A=bool(perturb_A) and R_eff > 0,
                             PERTURB_B=bool(perturb_B) and R_eff > 0, PERTURB_BIAS=bool(perturb_bias),
                             DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
     return yp, ym

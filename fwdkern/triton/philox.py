@@ -64,8 +64,10 @@ def unit_values(seed_lo, seed_hi, param_id, k, row, unit, DIST: tl.constexpr):
         u = ((wu >> 8) + 1).to(tl.float32) * inv
         a = (wa >> 8).to(tl.float32) * inv
         rad = tl.sqrt(-2.0 * tl.log(u))
-        ang = 6.283185307179586 * a
-        v = tl.where((e & 1) == 0, rad * tl.cos(ang), rad * tl.sin(ang))
+        # cos(2 pi a) = -cos(2 pi (a - 1/2)): evaluating at |angle| <= pi keeps GPU
+        # approximate sin/cos inside the range where their error bound holds.
+        ang = 6.283185307179586 * (a - 0.5)
+        v = -tl.where((e & 1) == 0, rad * tl.cos(ang), rad * tl.sin(ang))
     return v
 
 

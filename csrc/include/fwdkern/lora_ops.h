@@ -40,14 +40,15 @@ void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_s
                  int64_t r, uint64_t seed, uint32_t pid_A, const int64_t* ks, int64_t K, int dist,
                  bool perturb_A, float* H);
 
-// Y (fp32, contiguous [1+K, M, out]), fully overwritten:
+// Y = [Y0; Yt] (fp32, Y0 contiguous [M, out], Yt contiguous [K, M, out]), fully overwritten:
 //   Y[0]   = s·H[0] Bᵀ + bias
 //   Y[k+1] = s·((tangent_h ? H[k+1] Bᵀ : 0) + (perturb_B ? H[0] dB_kᵀ : 0)) + (perturb_bias ? db_k : 0)
 //   H fp32 contiguous [1+K, M, r]; B [out, r]; bias: null or a [1, out] row (element n at
 //   data + n*stride_c). tangent_h = false promises H[1:] == 0 (skips that work).
 void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out_f, const Mat* bias,
                  float scaling, uint64_t seed, uint32_t pid_B, uint32_t pid_bias, const int64_t* ks,
-                 int64_t K, int dist, bool perturb_B, bool perturb_bias, bool tangent_h, float* Y);
+                 int64_t K, int dist, bool perturb_B, bool perturb_bias, bool tangent_h, float* Y0,
+                 float* Yt);
 
 }  // namespace cpu
 }  // namespace fwdkern

@@ -1,0 +1,114 @@
+"""Server optimizers on dicts of tensors: SGD (momentum, warm-up + decay), FedAdam, FedYogi.
+
+The gradient estimate arrives as a dict name -> tensor (built with seeded_axpy_).
+State is plain tensors/floats so it checkpoints with torch.save.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LRSchedule:
+    """lr(t) = base * warm-up ramp * decay; decay in {"constant", "linear", "cosine"} over total steps."""
+
+    base: float
+    warmup: int = 0
+    total: int = 0
+    decay: str = "constant"
+    final_frac: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        lr = self.base
+        if self.warmup and step < self.warmup:
+            return lr * (step + 1) / self.warmup
+        if self.total and self.decay != "constant":
+            frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            if self.decay == "linear":
+                mult = 1.0 - (1.0 - self.final_frac) * frac
+            elif self.decay == "cosine":
+                mult = self.final_frac + (1.0 - self.final_frac) * 0.5 * (1 + math.cos(math.pi * frac))
+            else:
+                raise ValueError(f"decay: unknown schedule {self.decay!r}")
+            lr *= mult
+        return lr
+
+
+class _Opt:
+    linear = False  # True when an update is a linear combination of gradient estimates
+
+    def __init__(self, lr):
+        self.schedule = lr if isinstance(lr, LRSchedule) else LRSchedule(float(lr))
+        self.t = 0
+        self.state: dict = {}
+
+    def state_dict(self):
+        return {"t": self.t, "state": {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in self.state.items()}}
+
+    def load_state_dict(self, sd):
+        self.t = sd["t"]
+        self.state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in sd["state"].items()}
+
+
+class SGD(_Opt):
+    linear = True
+
+    def __init__(self, lr, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(lr)
+        self.momentum, self.weight_decay = momentum, weight_decay
+
+    @torch.no_grad()
+    def step(self, params: dict, grads: dict):
+        lr = self.schedule(self.t)
+        for name, g in grads.items():
+            p = params[name]
+            g = g.float()
+            if self.weight_decay:
+                g = g + self.weight_decay * p.float()
+            if self.momentum:
+                buf = self.state.setdefault(name, {}).get("m")
+                buf = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
+                self.state[name]["m"] = buf
+                g = buf
+            p.copy_((p.float() - lr * g).to(p.dtype))
+        self.t += 1
+
+
+class _Adaptive(_Opt):
+    """FedOpt family (Reddi et al.): server-side Adam/Yogi on the pseudo-gradient."""
+
+    def __init__(self, lr=1e-2, betas=(0.9, 0.99), tau=1e-3):
+        super().__init__(lr)
+        self.b1, self.b2 = betas
+        self.tau = tau
+
+    def _second(self, v, g2):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, params: dict, grads: dict):
+        lr = self.schedule(self.t)
+        for name, g in grads.items():
+            p = params[name]
+            g = g.float()
+            st = self.state.setdefault(name, {})
+            m = st.get("m", torch.zeros_like(g))
+            v = st.get("v", torch.full_like(g, self.tau**2))
+            m.mul_(self.b1).add_((1 - self.b1) * g)
+            v = self._second(v, g * g)
+            st["m"], st["v"] = m, v
+            p.copy_((p.float() - lr * m / (v.sqrt() + self.tau)).to(p.dtype))
+        self.t += 1
+
+
+class FedAdam(_Adaptive):
+    def _second(self, v, g2):
+        return v.mul_(self.b2).add_((1 - self.b2) * g2)
+
+
+class FedYogi(_Adaptive):
+    def _second(self, v, g2):
+        return v.sub_((1 - self.b2) * g2 * torch.sign(v - g2))

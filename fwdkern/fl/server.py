@@ -1,0 +1,333 @@
+"""Server of the seed-and-scalar protocol (transport-agnostic).
+
+Per round: ``plan_round(clients)`` -> RoundPlans; ``submit(update)`` for each
+arriving update (validated; rejected ones are logged, never applied);
+``finish_round()`` aggregates what arrived (dropouts and stragglers simply
+contribute nothing), applies FwdLLM's variance-controlled pacing, and steps the
+optimizer. The gradient estimate for tensor T is
+
+    g_T = sum_{u perturbing T} w_u / W_T * (1 / K_u) * sum_j jvp_{u,j} * v(seed, pid_T, k_{u,j})
+
+rebuilt with ``seeded_axpy_`` (no perturbation is materialized).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..ops import seeded_axpy_, seeded_dot
+from .protocol import RoundPlan, Update, UpdateRejected, robust_bound, validate_update
+from .splitting import split_groups
+
+log = logging.getLogger("fwdkern.fl")
+
+
+def derive_seed(base: int, *parts: int) -> int:
+    """A uint64 seed from the run seed and (round, attempt, ...): stable across machines."""
+    h = hashlib.blake2b(digest_size=8)
+    for x in (base, *parts):
+        h.update(int(x).to_bytes(16, "little", signed=True))
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass
+class VariancePacing:
+    """FwdLLM's variance-controlled pacing.
+
+    The per-perturbation gradient estimates of a round are split into two halves;
+    the element-wise variance of the two half-means, averaged over all trainable
+    elements, is ``||m1 - m2||^2 / (4 n)``. Above ``threshold`` the server does not
+    step: it keeps the round's estimates and asks for more perturbations at the
+    same model version (a fresh seed), then averages cached + new.
+
+    ``threshold=None`` is automatic: during the first ``calibrate`` steps it
+    records the variance and then uses ``auto_factor`` x their median, so no
+    per-model hand tuning is needed (FwdLLM hand-tunes 0.1-0.2 per model).
+    """
+
+    threshold: Optional[float] = None
+    auto_factor: float = 1.0
+    calibrate: int = 3
+    max_attempts: int = 4
+    history: list = field(default_factory=list)
+
+    def current_threshold(self) -> Optional[float]:
+        if self.threshold is not None:
+            return self.threshold
+        if len(self.history) < self.calibrate:
+            return None
+        calib = sorted(self.history[: self.calibrate])
+        return self.auto_factor * calib[len(calib) // 2]
+
+    def state_dict(self):
+        return {"threshold": self.threshold, "history": list(self.history)}
+
+    def load_state_dict(self, sd):
+        self.threshold, self.history = sd["threshold"], list(sd["history"])
+
+
+class Server:
+    """Holds the trainable tensors (name -> tensor) and runs rounds.
+
+    Args:
+        params: trainable tensors, updated in place.
+        param_ids: name -> stable uint32 perturbation id.
+        optimizer: fwdkern.fl.optim SGD / FedAdam / FedYogi.
+        seed: run seed (every round seed derives from it).
+        perturbations_per_client: K per client per attempt.
+        groups: SPRY split, a list of lists of tensor names (None: every client perturbs all).
+        shared: names every client perturbs (e.g. a classifier head).
+        pacing: VariancePacing or None.
+        candidates: discriminative sampling: draw candidates x K indices, keep the
+            K most aligned (|cosine|) with the previous global gradient (1 = off).
+    """
+
+    def __init__(self, params: dict, param_ids: dict, optimizer, *, seed: int = 0, perturbations_per_client: int = 1,
+                 dist: str = "rademacher", groups: Optional[Sequence[Sequence[str]]] = None, shared: Sequence[str] = (),
+                 pacing: Optional[VariancePacing] = None, candidates: int = 1, robust_factor: float = 10.0):
+        missing = [n for n in params if n not in param_ids]
+        if missing:
+            raise ValueError(f"param_ids: no id for {missing}")
+        self.params = params
+        self.param_ids = dict(param_ids)
+        self.names_by_id = {v: k for k, v in self.param_ids.items()}
+        self.optimizer = optimizer
+        self.seed = seed
+        self.K = int(perturbations_per_client)
+        self.dist = dist
+        self.groups = [list(g) for g in groups] if groups else None
+        self.shared = list(shared)
+        self.pacing = pacing
+        self.candidates = max(1, int(candidates))
+        self.robust_factor = robust_factor
+        self.round = 0
+        self.model_version = 0
+        self.attempt = 0
+        self.plans: dict = {}
+        self.accepted: list = []  # updates of the current attempt
+        self.cache: list = []  # (seed, updates) of attempts rolled back by pacing
+        self.rejections: list = []
+        self.jvp_history: list = []
+        self.prev_grad: Optional[dict] = None
+        self.schedule: list = []  # perturbations per optimizer step
+        self.replay_log: list = []
+
+    # ------------------------------------------------------------------ planning
+    def round_seed(self) -> int:
+        return derive_seed(self.seed, self.round, self.attempt)
+
+    def _select_ks(self, seed: int, count: int, pids: Sequence[int], offset: int) -> list:
+        base = list(range(offset, offset + count))
+        if self.candidates <= 1 or self.prev_grad is None:
+            return base
+        # Discriminative sampling: score candidates by |cos(v_k, g_prev)| via seeded_dot.
+        cands = list(range(offset * self.candidates, (offset + count) * self.candidates))
+        score = torch.zeros(len(cands), dtype=torch.float64)
+        n = 0
+        for pid in pids:
+            g = self.prev_grad[self.names_by_id[pid]]
+            score += seeded_dot(g, seed, pid, cands, self.dist, check_finite=False).double()
+            n += g.numel()
+        top = torch.topk(score.abs(), count).indices.sort().values
+        return [cands[i] for i in top.tolist()]
+
+    def plan_round(self, clients: Sequence[str]) -> dict:
+        """RoundPlans for the sampled clients of this round (or this pacing attempt)."""
+        if len(set(clients)) != len(clients):
+            raise ValueError("clients: duplicate client ids")
+        seed = self.round_seed()
+        all_ids = tuple(self.param_ids[n] for n in self.params)
+        if self.groups:
+            gids = [[self.param_ids[n] for n in g] for g in self.groups]
+            assign = split_groups(gids, list(clients), self.round + self.attempt,
+                                  shared=[self.param_ids[n] for n in self.shared])
+        else:
+            assign = {c: all_ids for c in clients}
+        self.plans = {}
+        offset = 0
+        for c in clients:
+            ks = self._select_ks(seed, self.K, assign[c], offset)
+            offset += self.K
+            self.plans[c] = RoundPlan(client_id=c, round=self.round, model_version=self.model_version, seed=seed,
+                                      ks=tuple(ks), param_ids=tuple(assign[c]), dist=self.dist)
+        self.accepted = []
+        return dict(self.plans)
+
+    # ------------------------------------------------------------------ updates
+    def submit(self, update) -> bool:
+        """Validate and keep an update; False (and a logged reason) when rejected."""
+        try:
+            if isinstance(update, (bytes, bytearray)):
+                update = Update.from_bytes(bytes(update))
+            cid = getattr(update, "client_id", None)
+            if any(u.client_id == cid for u in self.accepted):
+                raise UpdateRejected(f"duplicate update from {cid!r}")
+            bound = robust_bound(self.jvp_history, self.robust_factor)
+            validate_update(update, self.plans.get(cid), current_round=self.round,
+                            model_version=self.model_version, jvp_bound=bound)
+        except UpdateRejected as e:
+            self.rejections.append({"round": self.round, "client": getattr(update, "client_id", None), "reason": str(e)})
+            log.warning("rejected update: %s", e)
+            return False
+        self.accepted.append(update)
+        return True
+
+    # ------------------------------------------------------------------ aggregation
+    def _estimate(self, attempts) -> tuple:
+        """(gradient dict, variance, perturbations) from [(plans, updates), ...]."""
+        grads = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        halves = [{n: torch.zeros_like(g) for n, g in grads.items()} for _ in range(2)]
+        weight = {n: 0.0 for n in self.params}
+        count = 0
+        for plans, updates in attempts:
+            for u in updates:
+                for pid in plans[u.client_id].param_ids:
+                    weight[self.names_by_id[pid]] += u.num_samples
+        per_half = [0, 0]
+        # Which half each (update, j) belongs to: alternate in arrival order.
+        idx = 0
+        entries = []
+        for plans, updates in attempts:
+            for u in updates:
+                plan = plans[u.client_id]
+                for j, (k, jv) in enumerate(zip(u.ks, u.jvps)):
+                    entries.append((plan, u, k, jv, idx % 2))
+                    per_half[idx % 2] += 1
+                    idx += 1
+                    count += 1
+        # One seeded_axpy_ per (tensor, seed): ks/coeffs of all its perturbations at once.
+        batches = {}
+        for plan, u, k, jv, h in entries:
+            for pid in plan.param_ids:
+                name = self.names_by_id[pid]
+                w = u.num_samples / weight[name] / len(u.ks)
+                b = batches.setdefault((name, plan.seed, pid), ([], [], {0: ([], []), 1: ([], [])}))
+                b[0].append(k)
+                b[1].append(w * jv)
+                b[2][h][0].append(k)
+                b[2][h][1].append(jv)
+        for (name, seed, pid), (ks, cs, hv) in batches.items():
+            seeded_axpy_(grads[name], seed, pid, ks, cs, self.dist)
+            for h in (0, 1):
+                if hv[h][0]:
+                    seeded_axpy_(halves[h][name], seed, pid, hv[h][0], hv[h][1], self.dist)
+        var = None
+        if per_half[0] and per_half[1]:
+            tot, n = 0.0, 0
+            for name in grads:
+                d = halves[0][name] / per_half[0] - halves[1][name] / per_half[1]
+                tot += float((d.double() ** 2).sum())
+                n += d.numel()
+            var = tot / (4 * max(n, 1))
+        return grads, var, count
+
+    def finish_round(self) -> dict:
+        """Aggregate the accepted updates; step or (pacing) ask for more. Returns round info."""
+        info = {"round": self.round, "attempt": self.attempt, "accepted": len(self.accepted),
+                "rejected": sum(1 for r in self.rejections if r["round"] == self.round)}
+        if not self.accepted and not self.cache:
+            info.update(stepped=False, reason="no valid updates")
+            self.round += 1
+            self.attempt = 0
+            return info
+        attempts = self.cache + [(dict(self.plans), list(self.accepted))]
+        grads, var, count = self._estimate(attempts)
+        info.update(variance=var, perturbations=count,
+                    loss=sum(u.loss * u.num_samples for _, us in attempts for u in us)
+                    / max(1, sum(u.num_samples for _, us in attempts for u in us)))
+        if self.pacing is not None and var is not None:
+            thr = self.pacing.current_threshold()
+            info["threshold"] = thr
+            if thr is not None and var > thr and self.attempt + 1 < self.pacing.max_attempts:
+                self.cache = attempts
+                self.attempt += 1
+                info["stepped"] = False
+                info["reason"] = "variance above threshold: more perturbations requested"
+                return info
+            if thr is None:
+                self.pacing.history.append(var)
+        for u in self.accepted:
+            self.jvp_history.extend(abs(j) for j in u.jvps)
+        self.jvp_history = self.jvp_history[-4096:]
+        if self.optimizer.linear and not getattr(self.optimizer, "momentum", 0.0):
+            lr = self.optimizer.schedule(self.optimizer.t)
+            self.replay_log.append(self._replay_record(attempts, lr))
+        self.optimizer.step(self.params, grads)
+        self.prev_grad = grads
+        self.schedule.append(count)
+        self.model_version += 1
+        self.round += 1
+        self.attempt = 0
+        self.cache = []
+        info["stepped"] = True
+        return info
+
+    def _replay_record(self, attempts, lr) -> dict:
+        """(seed, pid, ks, coeffs) list that reproduces this SGD step on a client: KBs, not weights."""
+        weight = {n: 0.0 for n in self.params}
+        for plans, updates in attempts:
+            for u in updates:
+                for pid in plans[u.client_id].param_ids:
+                    weight[self.names_by_id[pid]] += u.num_samples
+        ops = []
+        for plans, updates in attempts:
+            for u in updates:
+                plan = plans[u.client_id]
+                for pid in plan.param_ids:
+                    name = self.names_by_id[pid]
+                    w = u.num_samples / weight[name] / len(u.ks)
+                    ops.append((plan.seed, pid, list(u.ks), [-lr * w * j for j in u.jvps]))
+        return {"from_version": self.model_version, "ops": ops}
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "params": {n: p.detach().clone() for n, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "round": self.round, "model_version": self.model_version, "attempt": self.attempt,
+            "cache": self.cache, "jvp_history": list(self.jvp_history),
+            "prev_grad": self.prev_grad, "schedule": list(self.schedule),
+            "pacing": self.pacing.state_dict() if self.pacing else None,
+            "rejections": list(self.rejections),
+        }
+
+    def load_state_dict(self, sd: dict):
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(sd["params"][n])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.round, self.model_version, self.attempt = sd["round"], sd["model_version"], sd["attempt"]
+        self.cache, self.jvp_history = sd["cache"], list(sd["jvp_history"])
+        self.prev_grad, self.schedule = sd["prev_grad"], list(sd["schedule"])
+        if self.pacing and sd["pacing"]:
+            self.pacing.load_state_dict(sd["pacing"])
+        self.rejections = list(sd["rejections"])
+
+    def save(self, path: str):
+        """Atomic checkpoint: write a temp file in the same folder, then rename over."""
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="tmp-ckpt-", suffix=".pt")
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load(self, path: str):
+        self.load_state_dict(torch.load(path, weights_only=False))
+
+
+def apply_replay(params: dict, names_by_id: dict, record: dict, dist: str = "rademacher"):
+    """Client side: reproduce a server SGD step from its replay record."""
+    for seed, pid, ks, coeffs in record["ops"]:
+        seeded_axpy_(params[names_by_id[pid]], seed, pid, ks, coeffs, dist)
