@@ -14,8 +14,15 @@ Grouped by shape; providers (one benchmarked call each):
   inference  (d) the layer's plain forward at M rows
 extra_info: environment, shape, median, ratio to the floor / to inference (when those ran
 first in the same session), peak memory (CPU: RSS growth in a fresh process; GPU:
-max_memory_allocated growth).
+max_memory_allocated growth). On CPU also the process CPU time per call (all threads,
+CLOCK_PROCESS_CPUTIME_ID): on a shared machine wall time includes waiting for other
+processes, CPU time much less so.
 """
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +30,7 @@ import torch.nn.functional as F
 import fwdkern
 from fwdkern.ops.reference_lora import reference_lora_dual
 
-from .common import environment, peak_memory_subprocess, sync
+from .common import environment, sync
 
 HAS_CUDA = torch.cuda.is_available()
 # floor and inference first: later providers report their ratio to them.
@@ -90,6 +97,34 @@ _CPU_MEMORY_CODE = {
 }
 
 
+def _peak_rss_growth(code: str):
+    """Peak RSS growth (bytes) of one run(state) in a fresh interpreter: the kernel's
+    high-water mark (VmHWM) is reset through /proc/self/clear_refs after setup and a warm
+    run, so import-time transients do not count (unlike ru_maxrss). A fixed glibc mmap
+    threshold makes every large buffer a fresh mapping that is unmapped on free, so RSS
+    follows live memory instead of glibc's retained heap."""
+    prog = (
+        "import torch, fwdkern\n"
+        "def _status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key): return int(line.split()[1]) * 1024\n"
+        f"{code}\n"
+        "state = setup(); run(state)\n"
+        "state = setup()\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = _status('VmRSS'); run(state)\n"
+        "print(_status('VmHWM') - base)\n"
+    )
+    try:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=600, check=True,
+                             env=env)
+        return max(0, int(out.stdout.strip().splitlines()[-1]))
+    except Exception as e:  # reported, not fatal (e.g. no /proc)
+        print("peak memory measurement failed:", e, file=sys.stderr)
+        return None
+
+
 def _cpu_peak(provider, shape):
     M, in_f, out_f, r, K = shape
     head = (
@@ -100,7 +135,7 @@ def _cpu_peak(provider, shape):
         "def run(s):\n"
     )
     body = _CPU_MEMORY_CODE[provider] or f"    _runner('{provider}', s, 'cpu')()\n"
-    return peak_memory_subprocess(head + body)
+    return _peak_rss_growth(head + body)
 
 
 def _bench(benchmark, provider, shape, device, dtype):
@@ -122,6 +157,13 @@ def _bench(benchmark, provider, shape, device, dtype):
     benchmark.pedantic(run, rounds=5 if slow else 9, iterations=1, warmup_rounds=2)
     med = benchmark.stats.stats.median
     _MEDIANS[key + (provider,)] = med
+    if device == "cpu":
+        cpu_times = []
+        for _ in range(5):
+            c0 = time.process_time()
+            fn()
+            cpu_times.append(time.process_time() - c0)
+        _MEDIANS[key + (provider, "cpu")] = sorted(cpu_times)[2]
     info = benchmark.extra_info
     info.update(environment())
     info.update(M=M, in_features=in_f, out_features=out_f, r=r, K=K, dtype=str(dtype), provider=provider,
@@ -131,6 +173,10 @@ def _bench(benchmark, provider, shape, device, dtype):
     for ref in ("floor", "inference"):
         if key + (ref,) in _MEDIANS and provider != ref:
             info[f"vs_{ref}"] = med / _MEDIANS[key + (ref,)]
+    if device == "cpu":
+        info["cpu_time_s_median"] = _MEDIANS[key + (provider, "cpu")]
+        if key + ("floor", "cpu") in _MEDIANS and provider != "floor":
+            info["cpu_time_vs_floor"] = info["cpu_time_s_median"] / _MEDIANS[key + ("floor", "cpu")]
     if device == "cuda":
         info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
     else:

@@ -14,3 +14,8 @@ from .nn import LoRALinear  # noqa: F401,E402
 __version__ = "0.1.0"
 __all__ = ["perturbation", "seeded_axpy_", "seeded_dot", "BackendUnavailable", "backends"]
 __all__ += ["lora_linear_dual", "lora_linear_perturbed", "seeded_matmul", "LoRALinear", "nn"]
+
+from . import dual  # noqa: F401,E402
+from .engine import jvp, load_adapter, patch, perturbed_loss, save_adapter, trainable  # noqa: F401,E402
+
+__all__ += ["patch", "trainable", "jvp", "perturbed_loss", "save_adapter", "load_adapter", "dual"]

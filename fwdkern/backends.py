@@ -28,10 +28,10 @@ _AUTO_CUDA = {
     "seeded_axpy_": ("cuda", "triton", "reference"),
     "seeded_dot": ("cuda", "triton", "reference"),
     # LoRA ops: the fused Triton kernels (fwdkern/triton/lora.py); there are no CUDA
-    # LoRA kernels yet, and seeded_matmul exists only for cpu/reference.
+    # LoRA kernels yet.
     "lora_linear_dual": ("triton", "reference"),
     "lora_linear_perturbed": ("triton", "reference"),
-    "seeded_matmul": ("reference",),
+    "seeded_matmul": ("triton", "reference"),
 }
 
 

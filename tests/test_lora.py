@@ -83,6 +83,12 @@ CASES = [
 PERTURBS = [("A",), ("B",), ("A", "B"), ("A", "B", "bias"), ("bias",)]
 
 
+def _skip_slow_triton(backend, perturb):
+    # The interpreter is slow: A+B is the same kernel path as A, B and A+B+bias (flags only).
+    if backend == "triton" and perturb == ("A", "B") and not torch.cuda.is_available():
+        pytest.skip("A+B on the Triton interpreter: covered by A, B and A+B+bias (keeps CI fast)")
+
+
 def _case_id(c):
     return "b{}-i{}-o{}-r{}-K{}".format("x".join(map(str, c[0])) or "0", *c[1:])
 
@@ -95,6 +101,7 @@ def _case_id(c):
 @pytest.mark.parametrize("with_xt", [True, False], ids=["xt", "no_xt"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_dual_matches_reference(case, with_xt, perturb, backend):
+    _skip_slow_triton(backend, perturb)
     batch, in_f, out_f, r, K = case
     with_bias = "bias" in perturb or (in_f + out_f) % 2 == 0  # bias present in about half the other cases
     x, xt, W, b, A, B = _layer(batch, in_f, out_f, r, K, with_bias, with_xt)
@@ -182,6 +189,7 @@ def test_dual_low_precision(case, backend, dtype):
 @pytest.mark.parametrize("perturb", PERTURBS, ids=lambda p: "+".join(p))
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_perturbed_matches_reference(case, perturb, backend):
+    _skip_slow_triton(backend, perturb)
     batch, in_f, out_f, r, K = case
     with_bias = "bias" in perturb or (in_f + out_f) % 2 == 1
     x, _, W, b, A, B = _layer(batch, in_f, out_f, r, K, with_bias, False)
@@ -233,17 +241,25 @@ def test_finite_difference_converges_to_tangent(backend):
 # ----------------------------------------------------------------------------- seeded_matmul (C++ kernel)
 
 
+@pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] != "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (70, 1031, 9), (130, 8, 1031), (65, 200, 64), (3, 31, 300),
                                    (2, 32, 5)])
-def test_seeded_matmul(shape, dtype):
+def test_seeded_matmul(shape, dtype, backend):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter does not support bfloat16")
     M, D, N = shape
     x = torch.randn(M, D).to(dtype)
     for dist in ("rademacher", "gaussian"):
-        out = fwdkern.seeded_matmul(x, SEED, 7, [0, 5, 2**32 - 1], N, dist=dist, backend="cpu")
+        out = fwdkern.seeded_matmul(x, SEED, 7, [0, 5, 2**32 - 1], N, dist=dist, backend=backend)
         ref = R.reference_seeded_matmul(x.to(F64), SEED, 7, torch.tensor([0, 5, 2**32 - 1]), N, dist)
         assert out.dtype == torch.float32 and out.shape == (3, M, N)
-        _assert_close32(out, ref.to(F64), f"seeded_matmul {dist}")
+        if backend == "triton" and dtype == torch.float16 and dist == "gaussian":
+            # Triton feeds tl.dot operands in the input precision: Gaussian v is rounded to fp16
+            # (±1 is exact), i.e. about fp16's unit roundoff relative to the largest output.
+            assert _rel_err(out, ref.to(F64)) <= 4 * torch.finfo(torch.float16).eps
+        else:
+            _assert_close32(out, ref.to(F64), f"seeded_matmul {dist}")
 
 
 def test_seeded_matmul_strided_and_batched_input():

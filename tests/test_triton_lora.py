@@ -135,7 +135,7 @@ SHAPES = [
     (5, 7, 1, 8, 1),
     (4, 64, 64, 64, 3),
     (2, 1031, 7, 8, 3),
-    (3, 7, 1031, 1, 16),
+    (3, 7, 1031, 1, 3),
     (1, 1031, 1031, 64, 1),
     (16, 64, 7, 8, 16),
     (3, 7, 9, 130, 3),
@@ -242,9 +242,11 @@ def test_perturbed_fp16(shape):
 
 @pytest.mark.parametrize("M,D,N", [(1, 1, 1), (3, 1031, 7), (5, 7, 200), (17, 64, 64)])
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
-def test_seeded_matmul_nt(M, D, N, dist):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_seeded_matmul_nt(M, D, N, dist, dtype):
+    """fp32 output at fp32 accuracy for fp16 X too (Gaussian v split into fp16 hi + lo)."""
     g = torch.Generator().manual_seed(7)
-    X = torch.randn(M, D, generator=g).to(DEV)
+    X = torch.randn(M, D, generator=g).to(DEV, dtype)
     ks = torch.tensor([0, 5, 2**32 - 1], dtype=torch.int64)
     out = lora.seeded_matmul_nt(X, SEED, 99, ks.to(DEV), N, DISTS[dist])
     V = reference_perturbations((N, D), SEED, 99, ks, dist).to(DEV, torch.float64)
@@ -347,3 +349,59 @@ def test_strided_rows_and_mixed_dtypes():
     r64 = _ref_dual(x16, xt16, W.half(), None, A.half(), B.half(), 0.5, ks, "rademacher", flags, torch.float64)
     _assert_fp16(y16, r64[0], r16[0], "y")
     _assert_fp16(yt16, r64[1], r16[1], "yt")
+
+
+_AOT_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fwdkern.triton import lora
+
+def compile_one(kernel, types, consts, cfg):
+    fn = kernel.fn
+    consts = dict(consts, **cfg.kwargs)
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    # what the launcher would specialize for 16-aligned tensors and strides
+    div = [n for n in fn.arg_names if sig[n].startswith("*") or n.startswith("stride") or n in ("N", "D")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    print(fn.__name__, "smem", k.metadata.shared)
+
+P = "*bf16"
+f = {"scaling": "fp32", "eps": "fp32", "H": "*fp32", "OUT": "*fp32", "KS": "*i64"}
+for name in ("X", "XT", "W", "BIAS", "A", "B", "Y", "YT", "YP", "YM"):
+    f[name] = P
+gemm = [c for c in lora._gemm_configs() if c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128][0]
+common = dict(DIST=int(sys.argv[1]), PREC="tf32")
+compile_one(lora._dual_kernel, f, dict(common, HAS_BIAS=True, PERTURB_B=True, PERTURB_BIAS=True, RB=16), gemm)
+compile_one(lora._perturbed_kernel, f, dict(common, HAS_BIAS=True, PERTURB_A=True, PERTURB_B=True,
+            PERTURB_BIAS=True, RB=16), gemm)
+compile_one(lora._nt_kernel, f, dict(common, SEEDED=True, BLOCK_N=16), lora._nt_configs()[-1])
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles (and runs) the kernels for real")
+def test_bf16_kernels_compile_for_sm90():
+    """bf16 cannot run in the interpreter: compile the kernels ahead of time for sm_90
+    (Triton's own ptxas, no GPU needed) so bf16 / compiled-only errors show up here."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ASTSource / GPUTarget")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "0"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0 and ("nvidia" in r.stderr.lower() and "backend" in r.stderr.lower()):
+        pytest.skip(f"no NVIDIA backend in this triton: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("smem") == 3, r.stdout

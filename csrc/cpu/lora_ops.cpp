@@ -1,11 +1,12 @@
 // CPU kernels of the seeded low-rank parts of the LoRA dual / perturbed forward
 // (see fwdkern/lora_ops.h): seeded_matmul, lora_shrink, lora_expand.
 // A task owns its output tile, so there are no races and the summation order does
-// not depend on the thread count. Perturbation tiles are generated from Philox into
+// not depend on the thread count or on which thread runs it; tasks are scheduled
+// dynamically, so one descheduled thread (a busy shared machine) does not stall the rest. Perturbation tiles are generated from Philox into
 // thread-local fp32 buffers (a multiple of the 128-element unit wide) next to a
 // converted input tile, and multiplied with vectorized loops: "dot" tiles when the
-// reduction axis is long (x·Aᵀ, x·dAᵀ), "axpy" rows over 128 output columns when it
-// is a rank r (h·Bᵀ, h·dBᵀ).
+// reduction axis is long (x·Aᵀ, x·dAᵀ), register-blocked rows over 64 output columns
+// (expand_rows) when it is a rank r (h·Bᵀ, h·dBᵀ).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -23,7 +24,7 @@ namespace {
 constexpr int64_t kMB = 64;      // rows of X per task (dot path)
 constexpr int64_t kDB = 512;     // columns of the D axis per tile (4 Philox units)
 constexpr int64_t kNBDot = 32;   // v rows per task, dot-product path (D >= kSmallD)
-constexpr int64_t kNBA = 128;    // output columns per task, axpy paths (small D, expand)
+constexpr int64_t kNBA = 128;    // output columns per task, expand_rows paths (small D, expand)
 constexpr int64_t kSmallD = 32;  // below this, a dot product is too short to vectorize
 constexpr int kLanes = 16;       // accumulator lanes (one AVX-512 / two AVX2 registers)
 static_assert(kNBA == kUnit, "lora_expand reads db_k as one Philox unit per column block");
@@ -154,13 +155,53 @@ void dot_tile(const float* __restrict X, int64_t ldx, const float* __restrict V,
   }
 }
 
-// o[0:kNBA] += sum_{d<D} x[d] * VT[d, 0:kNBA]  (VT row stride kNBA, zero-padded columns):
-// the small-D product, vectorized over the output columns.
-inline void axpy_row(const float* __restrict x, int64_t D, const float* __restrict VT, float* __restrict o) {
-  for (int64_t d = 0; d < D; ++d) {
-    const float xv = x[d];
-    const float* vt = VT + d * kNBA;
-    for (int n = 0; n < kNBA; ++n) o[n] += xv * vt[n];
+static_assert(kNBA % (4 * kLanes) == 0, "expand_rows processes 64 columns at a time");
+
+// Y[m, n] = s * (sum_d h1[m, d] BT[d, n] + sum_d h2[m, d] dBT[d, n]) + brow[n] for m < M, n < nb
+// (h1/h2 [M, r] row-major, either may be null; BT/dBT [r, kNBA]). For each 64-column chunk the
+// accumulators stay in four registers over the whole d loop and Y is written once.
+void expand_rows(int64_t M, int64_t r, const float* __restrict h1, const float* __restrict BT,
+                 const float* __restrict h2, const float* __restrict dBT, float s, const float* __restrict brow,
+                 float* __restrict Y, int64_t ldy, int64_t nb) {
+  constexpr int kC = 4 * kLanes;
+  for (int64_t nc = 0; nc < nb; nc += kC) {
+    for (int64_t m = 0; m < M; ++m) {
+      float a0[kLanes] = {0}, a1[kLanes] = {0}, a2[kLanes] = {0}, a3[kLanes] = {0};
+      for (int pass = 0; pass < 2; ++pass) {
+        const float* h = pass == 0 ? h1 : h2;
+        const float* T = pass == 0 ? BT : dBT;
+        if (h == nullptr) continue;
+        for (int64_t d = 0; d < r; ++d) {
+          const float xv = h[m * r + d];
+          const float* vt = T + d * kNBA + nc;
+          for (int l = 0; l < kLanes; ++l) {
+            a0[l] += xv * vt[l];
+            a1[l] += xv * vt[kLanes + l];
+            a2[l] += xv * vt[2 * kLanes + l];
+            a3[l] += xv * vt[3 * kLanes + l];
+          }
+        }
+      }
+      float* yr = Y + m * ldy + nc;
+      const float* br = brow + nc;
+      if (nc + kC <= nb) {
+        for (int l = 0; l < kLanes; ++l) {
+          yr[l] = s * a0[l] + br[l];
+          yr[kLanes + l] = s * a1[l] + br[kLanes + l];
+          yr[2 * kLanes + l] = s * a2[l] + br[2 * kLanes + l];
+          yr[3 * kLanes + l] = s * a3[l] + br[3 * kLanes + l];
+        }
+      } else {
+        alignas(64) float tmp[kC];
+        for (int l = 0; l < kLanes; ++l) {
+          tmp[l] = a0[l];
+          tmp[kLanes + l] = a1[l];
+          tmp[2 * kLanes + l] = a2[l];
+          tmp[3 * kLanes + l] = a3[l];
+        }
+        for (int64_t e = 0; e < nb - nc; ++e) yr[e] = s * tmp[e] + br[e];
+      }
+    }
   }
 }
 
@@ -217,22 +258,24 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
   };
 
   if (D < kSmallD) {
-    // Small D (e.g. h·dB_kᵀ, D = r): tasks (k, n-block); v_k tile generated once per task.
+    // Small D (e.g. h·dB_kᵀ with D = r): tasks (k, n-block); the v_k tile is generated once per
+    // task and X_k is streamed in chunks of kMS rows through expand_rows.
+    constexpr int64_t kMS = 256;
     const int64_t n_blocks = (N + kNBA - 1) / kNBA, tasks = K * n_blocks;
 #pragma omp parallel
     {
-      std::vector<float> tmp(kNBA * kSmallD), VT(kSmallD * kNBA), xr(kSmallD);
-      alignas(64) float o[kNBA];
-#pragma omp for schedule(static)
+      std::vector<float> tmp(kNBA * kSmallD), VT(kSmallD * kNBA), Xc(kMS * kSmallD), Oc(kMS * kNBA);
+      alignas(64) float zeros[kNBA] = {0};
+#pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t k = t / n_blocks, n0 = (t % n_blocks) * kNBA, nb = std::min(kNBA, N - n0);
         gen_tile_t(dist, seed, param_id, static_cast<uint32_t>(ks[k]), n0, nb, D, tmp.data(), VT.data());
         const Mat xk = x_k(k);
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t d = 0; d < D; ++d) xr[d] = load_mat(xk, m, d);
-          std::fill(o, o + kNBA, 0.0f);
-          axpy_row(xr.data(), D, VT.data(), o);
-          store(k, m, n0, nb, o);
+        for (int64_t m0 = 0; m0 < M; m0 += kMS) {
+          const int64_t mb = std::min(kMS, M - m0);
+          load_tile(xk, m0, mb, 0, D, D, Xc.data(), D);
+          expand_rows(mb, D, Xc.data(), VT.data(), nullptr, nullptr, 1.0f, zeros, Oc.data(), kNBA, nb);
+          for (int64_t m = 0; m < mb; ++m) store(k, m0 + m, n0, nb, Oc.data() + m * kNBA);
         }
       }
     }
@@ -245,7 +288,7 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
 #pragma omp parallel
   {
     std::vector<float> Xt(kMB * kDB), Vt(kNBDot * kDB), Ot(K * kMB * kNBDot);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t m0 = (t / n_blocks) * kMB, n0 = (t % n_blocks) * kNBDot;
       const int64_t mb = std::min(kMB, M - m0), nb = std::min(kNBDot, N - n0);
@@ -284,7 +327,7 @@ void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_s
   {
     std::vector<float> Xt(kMB * kDB), X2(xt ? kMB * kDB : 0), At(kNBDot * kDB), Vt(kNBDot * kDB),
         Ot(J * kMB * kNBDot);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t m0 = (t / n_blocks) * kMB, n0 = (t % n_blocks) * kNBDot;
       const int64_t mb = std::min(kMB, M - m0), nb = std::min(kNBDot, r - n0);
@@ -332,9 +375,8 @@ void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out
 #pragma omp parallel
   {
     std::vector<float> BT(r * kNBA), dBT(r * kNBA), tmp(kNBA * r);
-    alignas(64) float o[kNBA];
     alignas(64) float brow[kNBA];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t j = t / n_blocks, n0 = (t % n_blocks) * kNBA, nb = std::min(kNBA, out_f - n0);
       const bool use_B = j == 0 || tangent_h, use_dB = j > 0 && perturb_B;
@@ -354,15 +396,9 @@ void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out
         // db_k has shape [out] = one row: columns [n0, n0+nb) are unit n0/128 of row 0.
         unit_values(dist, seed, pid_bias, k, 0u, static_cast<uint32_t>(n0 / kUnit), static_cast<int>(nb), brow);
       }
-      const float* H0 = H;
-      const float* Hj = H + j * M * r;
-      for (int64_t m = 0; m < M; ++m) {
-        std::fill(o, o + kNBA, 0.0f);
-        if (use_B) axpy_row(Hj + m * r, r, BT.data(), o);
-        if (use_dB) axpy_row(H0 + m * r, r, dBT.data(), o);
-        float* yrow = (j == 0 ? Y0 + m * out_f : Yt + ((j - 1) * M + m) * out_f) + n0;
-        for (int64_t n = 0; n < nb; ++n) yrow[n] = scaling * o[n] + brow[n];
-      }
+      float* Yj = j == 0 ? Y0 : Yt + (j - 1) * M * out_f;
+      expand_rows(M, r, use_B ? H + j * M * r : nullptr, BT.data(), use_dB ? H : nullptr, dBT.data(), scaling,
+                  brow, Yj + n0, out_f, nb);
     }
   }
 }

@@ -10,12 +10,13 @@ Two passes (REFERENCE.md section 2, fused LoRA practice):
    h = x A^T and hdot_k = xdot_k A^T + x dA_k^T. The in-dim is walked in tiles of
    128 so each [rows of A, 128] tile of dA_k costs one Philox call per row
    (Rademacher). The same kernel is the standalone `seeded_matmul_nt`.
-2. expand (`_dual_kernel`): the rows [x; xdot_1..xdot_K] are stacked along M
-   (without copying: a row index picks x or xdot by pointer select), so each W
-   tile is read once for the primal and all K tangents; s H B^T is folded into
-   the epilogue as an extra K=r step, and for tangent rows s h dB_k^T (dB tile
-   [BLOCK_N, r] generated in registers) and db_k are added. When no input
-   tangents are given, tangent rows skip the dense GEMM entirely.
+2. expand (`_dual_kernel`): one GEMM over the stacked rows [x; xdot_1..xdot_K]
+   (not copied: row tiles of x and of xdot viewed as [K M, in] read in place), so
+   W is streamed once for the primal and all K tangents (tiles sharing a W tile
+   run together, grouped order); s H B^T is folded into the epilogue as an extra
+   K=r step, and for tangent rows s h dB_k^T (dB tile [BLOCK_N, r] generated in
+   registers) and db_k are added. When no input tangents are given, tangent rows
+   skip the dense GEMM entirely.
 
 Perturbed inference (`_perturbed_kernel`) computes base = x W^T + b + s h B^T
 once per output tile and then, for every k, y+-_k = base +- eps T_k + eps^2 Q_k
@@ -24,7 +25,8 @@ algebraically the same as x (W + s (B +- eps dB)(A +- eps dA))^T + b +- eps db,
 but y+ - y- is not lost to rounding of B +- eps dB in 16-bit types.
 
 Per-step integers (seed halves, param ids) are not specialized, so a new seed
-never recompiles. fp32 inputs use IEEE-precision dots (not TF32) so compiled
+does not recompile (beyond Triton typing int arguments by value range: a seed
+half >= 2^31 is a second variant, compiled once). fp32 inputs use IEEE-precision dots (not TF32) so compiled
 results match the 1e-5 tolerance of the tests; fp16/bf16 inputs use tensor-core
 dots with fp32 accumulation; the rank-r epilogue operands (h, generated dA/dB)
 are rounded to the input dtype, as a torch fp16/bf16 LoRA layer rounds h.
@@ -126,26 +128,28 @@ def _nt_configs():
     ]
 
 
-def _gemm_configs():
+def _gemm_configs(max_tile=128 * 256):
+    """max_tile bounds BLOCK_M * BLOCK_N (the perturbed kernel keeps three fp32 tiles live)."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     cfg = []
     for bm, bn, bk, w, s in (
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
         (64, 128, 64, 4, 4),
         (64, 64, 128, 4, 3),
         (16, 128, 128, 4, 4),  # decode-like M: memory-bound, wide N tiles
         (32, 64, 128, 4, 4),
     ):
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
-                                 num_stages=s))
+        if bm * bn <= max_tile:
+            cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                                     num_stages=s))
     return cfg
 
 
 def _prune_for(rows_arg):
-    """Drop configs whose tiles are far larger than the problem (autotune time only)."""
+    """Drop configs whose tiles are far larger than the problem, and cut pipeline
+    stages where the operand buffers would not leave room in shared memory."""
 
     def prune(configs, named_args, **kwargs):
         rows = max(16, triton.next_power_of_2(int(named_args[rows_arg])))
@@ -153,7 +157,17 @@ def _prune_for(rows_arg):
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols]
         if not kept:  # every tile too big: keep the smallest one
             kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        return kept
+        # (stages - 1) buffered x and W tiles, as sm_90 TTGIR compiled here showed;
+        # fp32 inputs at 3-4 stages plus the epilogue's buffers exceed the 227 KiB.
+        size = named_args["X"].element_size()
+        out = []
+        for c in kept:
+            kw, stages = c.kwargs, c.num_stages
+            while stages > 2 and (stages - 1) * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * size > 128 * 1024:
+                stages -= 1
+            out.append(c if stages == c.num_stages else triton.Config(dict(kw), num_warps=c.num_warps,
+                                                                      num_stages=stages))
+        return out
 
     return prune
 
@@ -166,14 +180,20 @@ def _prune_for(rows_arg):
 @triton.autotune(configs=_nt_configs(), key=["M", "N", "D", "J"])
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "param_id"])
 def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride_xt, stride_a, seed_lo, seed_hi,
-               param_id, SEEDED: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               param_id, SEEDED: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr, VSPLIT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT[j] (fp32 [M, N], rows j*M..) for j = program_id(2) in [0, J):
 
         (j < DENSE_J)  ? S_j @ A^T         with S_0 = X, S_j = XT[j-1]
       + (j >= SEED_J0) ? X @ v(ks[j - SEED_J0])^T, v of shape [N, D]
 
     D is walked in 128-wide tiles: a Rademacher v tile is one Philox call per row.
+    VSPLIT > 1 (16-bit X, Gaussian v): v is fed to the tensor-core dot as a sum of
+    VSPLIT 16-bit parts (hi, lo, ...), so X v^T keeps fp32 accuracy; Rademacher
+    values are exact in any dtype (VSPLIT = 1).
+    NOTE: every M tile regenerates the v tiles (M / BLOCK_M times in all) instead of
+    reading them from memory: r Philox calls per 128 columns for Rademacher, cheap
+    next to the dense GEMM; unmeasured on GPU.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -184,27 +204,35 @@ def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride
     lane = tl.arange(0, 128)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # Row pointers of the dense operand: x for j == 0, xdot_{j-1} otherwise
-    # (the clamp keeps the unused branch in bounds when XT is a placeholder).
+    # Row pointers of the dense operand: x for j == 0, xdot_{j-1} otherwise. The base
+    # is selected as a scalar so Triton keeps its alignment (pipelined loads).
     jt = tl.maximum(j - 1, 0).to(tl.int64)
-    xd_rows = tl.where(j == 0, X + offs_m.to(tl.int64) * stride_x, XT + (jt * M + offs_m) * stride_xt)
+    xd_base = tl.where(j == 0, X, XT + jt * M * stride_xt)
+    xd_rows = xd_base + offs_m.to(tl.int64) * tl.where(j == 0, stride_x, stride_xt)
     x_rows = X + offs_m.to(tl.int64) * stride_x
     a_rows = A + offs_n.to(tl.int64) * stride_a
     kj = tl.load(KS + tl.maximum(j - SEED_J0, 0))
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, 128):
+    # Two loops with data-dependent trip counts (0 or D) rather than branches inside
+    # one loop: Triton only software-pipelines loops without branches around loads.
+    for d0 in range(0, tl.where(j < DENSE_J, D, 0), 128):
         offs_d = d0 + lane
         mask_d = offs_d < D
-        if j < DENSE_J:
-            xa = tl.load(xd_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            a = tl.load(a_rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            acc = tl.dot(xa.to(cdt), tl.trans(a.to(cdt)), acc, input_precision=PREC)
-        if SEEDED:
-            if j >= SEED_J0:
-                xs = tl.load(x_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-                v = _tile_values(seed_lo, seed_hi, param_id, kj, offs_n, d0 >> 7, 0, 128, DIST)
-                v = tl.where(mask_n[:, None] & mask_d[None, :], v, 0.0)
-                acc = tl.dot(xs.to(cdt), tl.trans(v.to(cdt)), acc, input_precision=PREC)
+        xa = tl.load(xd_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        a = tl.load(a_rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(xa.to(cdt), tl.trans(a.to(cdt)), acc, input_precision=PREC)
+    if SEEDED:
+        for d0 in range(0, tl.where(j >= SEED_J0, D, 0), 128):
+            offs_d = d0 + lane
+            mask_d = offs_d < D
+            xs = tl.load(x_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            v = _tile_values(seed_lo, seed_hi, param_id, kj, offs_n, d0 >> 7, 0, 128, DIST)
+            v = tl.where(mask_n[:, None] & mask_d[None, :], v, 0.0)
+            xs = xs.to(cdt)
+            for _ in tl.static_range(VSPLIT):
+                vp = v.to(cdt)
+                acc = tl.dot(xs, tl.trans(vp), acc, input_precision=PREC)
+                v = v - vp.to(tl.float32)
     out_rows = (j * M + offs_m).to(tl.int64) * N
     tl.store(OUT + out_rows[:, None] + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -215,10 +243,9 @@ def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride
 
 
 @triton.jit
-def _swizzle(T, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped tile order: consecutive programs share W tiles (and x tiles) in L2."""
+def _swizzle(num_m, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order over num_m row tiles: consecutive programs share W tiles in L2."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(T, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_n
     first_m = (pid // in_group) * GROUP_M
@@ -235,42 +262,59 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
                  scaling, seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_B: tl.constexpr,
                  PERTURB_BIAS: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr, RB: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Stacked output rows t in [0, T = (1+K) M): t < M is y[t], else yt[(t-M) // M, (t-M) % M].
+    """Stacked rows t in [0, T = (1+K) M): t < M is y[t], else yt[(t-M) // M, (t-M) % M].
 
-    Rows t < TD get the dense term (TD = T with input tangents, M without); rows
-    t < HR get s H[t] B^T (HR = M when all hdot_k are zero).
+    Row tiles come in two segments, x/y rows [0, M) and xt/yt rows [0, K M) (xt and
+    yt contiguous [K M, *]), so a tile's base pointers are scalars; a tangent tile may
+    still span several tangents k. Rows t < TD get the dense term (TD = T with input
+    tangents, M without); rows t < HR get s H[t] B^T (HR = M when every hdot_k is 0).
     """
-    pid_m, pid_n = _swizzle(T, N, BLOCK_M, BLOCK_N, GROUP_M)
+    num_m0 = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = _swizzle(num_m0 + tl.cdiv(T - M, BLOCK_M), N, BLOCK_M, BLOCK_N, GROUP_M)
     cdt = X.dtype.element_ty
-    row0 = pid_m * BLOCK_M
+    seg1 = pid_m >= num_m0  # tangent segment
+    lrow0 = tl.where(seg1, pid_m - num_m0, pid_m) * BLOCK_M
+    row0 = lrow0 + tl.where(seg1, M, 0)  # stacked index of the tile's first row
+    row_end = tl.where(seg1, T, M)
+    lrows = lrow0 + tl.arange(0, BLOCK_M)
     rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    row_ok = rows < T
     jr = rows // M  # 0 = primal, j >= 1 = tangent j-1
     mr = rows - jr * M
     is_p = jr == 0
     rows64 = rows.to(tl.int64)
+    lrows64 = lrows.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
-    # Dense GEMM over the stacked rows; W tile read once for primal and tangents.
-    if row0 < TD:
-        offs_k = tl.arange(0, BLOCK_K)
-        x_rows = tl.where(is_p, X + rows64 * stride_x, XT + tl.maximum(rows64 - M, 0) * stride_xt)
-        mask_xr = rows < TD
-        w_cols = W + offs_n.to(tl.int64) * stride_w
-        for d0 in range(0, D, BLOCK_K):
-            kk = d0 + offs_k
-            mk = kk < D
-            xa = tl.load(x_rows[:, None] + kk[None, :], mask=mask_xr[:, None] & mk[None, :], other=0.0)
-            w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(xa.to(cdt), w.to(cdt), acc, input_precision=PREC)
+    # Dense GEMM over the stacked rows; each W tile serves primal and tangent tiles
+    # alike (grouped order keeps it in L2).
+    # NOTE: x and xdot are read in place (no torch.cat of [x; xdot], which would cost
+    # about as much HBM traffic as the GEMM's own reads of x at large M). The base
+    # pointer is picked per tile, as a scalar: a per-row pointer select hides the
+    # 16-byte alignment from Triton and the x loads were then not pipelined
+    # (checked on sm_90 TTGIR compiled here; timings unmeasured, no GPU).
+    # A loop bound of 0 (not an `if` around the loop) skips the GEMM for tangent
+    # tiles without input tangents.
+    d_end = tl.where(row0 < TD, D, 0)
+    x_base = tl.where(seg1, XT, X)
+    x_stride = tl.where(seg1, stride_xt, stride_x)
+    x_rows = x_base + lrows64 * x_stride
+    offs_k = tl.arange(0, BLOCK_K)
+    w_cols = W + offs_n.to(tl.int64) * stride_w
+    for d0 in range(0, d_end, BLOCK_K):
+        kk = d0 + offs_k
+        mk = kk < D
+        xa = tl.load(x_rows[:, None] + kk[None, :], mask=row_ok[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(xa.to(cdt), w.to(cdt), acc, input_precision=PREC)
 
     # Epilogue 1: + s H B^T (an extra K=r step of the GEMM), rank in chunks of RB <= 128.
     rl = tl.arange(0, RB)
     b_rows = B + offs_n.to(tl.int64) * stride_b
     if row0 < HR:
-        mask_hr = rows < HR
+        mask_hr = row_ok & (rows < HR)
         for r0 in range(0, R, RB):
             rc = r0 + rl
             mr_ = rc < R
@@ -281,7 +325,7 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
     # Epilogue 2: seeded terms of tangent rows; a row tile may span several tangents.
     if PERTURB_B or PERTURB_BIAS:
         j_lo = tl.maximum(row0 // M, 1)
-        j_hi = (tl.minimum(row0 + BLOCK_M, T) - 1) // M
+        j_hi = (tl.minimum(row0 + BLOCK_M, row_end) - 1) // M
         if PERTURB_B:
             for r0 in range(0, R, RB):
                 rc = r0 + rl
@@ -304,7 +348,7 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
         bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += tl.where(is_p[:, None], bias[None, :], 0.0)
 
-    out_rows = tl.where(is_p, Y + rows64 * N, YT + tl.maximum(rows64 - M, 0) * N)
+    out_rows = tl.where(seg1, YT, Y) + lrows64 * N
     tl.store(out_rows[:, None] + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & mask_n[None, :])
 
 
@@ -313,7 +357,7 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
 # ---------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "D", "R"],
+@triton.autotune(configs=_gemm_configs(max_tile=128 * 128), key=["M", "N", "D", "R"],
                  prune_configs_by={"early_config_prune": _prune_for("M")})
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pid_b", "pid_bias", "K"])
 def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, stride_w, stride_b, scaling, eps,
@@ -322,7 +366,7 @@ def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, str
                       RB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """YP[k], YM[k] = base +- eps T_k + eps^2 Q_k (module docstring); H rows: [h; g_1..g_K]."""
-    pid_m, pid_n = _swizzle(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _swizzle(tl.cdiv(M, BLOCK_M), N, BLOCK_M, BLOCK_N, GROUP_M)
     cdt = X.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -393,6 +437,13 @@ def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, str
 def _prec(dtype):
     # fp32 layers get exact fp32 products (as torch's default matmul, TF32 off).
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _vsplit(dtype, dist_code):
+    """16-bit parts needed to carry fp32 Gaussian values exactly enough (fp32 output)."""
+    if dist_code == 0 or dtype == torch.float32:
+        return 1
+    return 2 if dtype == torch.float16 else 3  # bf16 keeps 8 mantissa bits per part
 
 
 def _pow2_block(n: int) -> int:
@@ -466,7 +517,7 @@ def _shrink(x2d, xt_rows, A, H, J, dense_j, seeded, seed, pid, ks, dist_code):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, bn), J)  # noqa: E731
     _nt_kernel[grid](x2d, xt_arg, A, H, _ks_arg(ks), M, N, D, J, dense_j, 1 if seeded else J, x2d.stride(0),
                      xt_arg.stride(0), A.stride(0), lo, hi, pid, SEEDED=bool(seeded), DIST=dist_code,
-                     PREC=_prec(x2d.dtype), BLOCK_N=bn)
+                     PREC=_prec(x2d.dtype), VSPLIT=1, BLOCK_N=bn)
 
 
 def seeded_matmul_nt(X: torch.Tensor, seed: int, pid: int, ks, N: int, dist_code: int) -> torch.Tensor:
@@ -494,7 +545,7 @@ def seeded_matmul_nt(X: torch.Tensor, seed: int, pid: int, ks, N: int, dist_code
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, bn), K)  # noqa: E731
     # No dense operand: A is a placeholder never read (DENSE_J = 0).
     _nt_kernel[grid](X, X, X, out, ks, M, N, D, K, 0, 0, X.stride(0), X.stride(0), X.stride(0), lo, hi, pid,
-                     SEEDED=True, DIST=dist_code, PREC=_prec(X.dtype), BLOCK_N=bn)
+                     SEEDED=True, DIST=dist_code, PREC=_prec(X.dtype), VSPLIT=_vsplit(X.dtype, dist_code), BLOCK_N=bn)
     return out
 
 
@@ -543,7 +594,8 @@ def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int
     if D == 0:
         TD = 0
     lo, hi = _seed_halves(seed)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(T - M, meta["BLOCK_M"]))  # noqa: E731
+                         * triton.cdiv(N, meta["BLOCK_N"]),)
     _dual_kernel[grid](x2d, x2d if xt_rows is None else xt_rows, weight, bias if bias is not None else weight, H, B,
                        y, yt, _ks_arg(ks), M, N, D, R_eff, T, TD, HR, x2d.stride(0),
                        (x2d if xt_rows is None else xt_rows).stride(0), weight.stride(0), B.stride(0),

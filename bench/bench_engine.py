@@ -1,0 +1,124 @@
+"""Whole-model forward gradients (issue 4), CPU target: SmolLM2-135M shapes, batch 4 x 128, K = 8.
+
+    HF_HUB_OFFLINE=1 python -m pytest bench/bench_engine.py --benchmark-only \
+        --benchmark-json=bench/results/engine_cpu_<date>.json
+
+Model: LlamaConfig with SmolLM2-135M's shapes (hidden 576, 30 layers, 9 heads / 3 kv heads,
+intermediate 1536, vocab 49152, tied embeddings), random weights, fp32, LoRA r=16 on
+q,k,v,o (alpha 32), B randomized (non-zero) so every tangent is non-trivial.
+Providers (one benchmarked call each = one K=8 step, or one forward for inference):
+  inference  plain forward + loss, sdpa (the floor: fwdkern's ideal is ~(1+K)x this)
+  fwdkern    fwdkern.jvp (dual forward, fused LoRA dual op, dual attention, no LM-head tangent)
+  jvp_vmap   torch.func.jvp + vmap over K materialized perturbations (fwdkern.perturbation, inside
+             the timed call) of the LoRA tensors, functional_call on the same model with
+             attn_implementation="eager" (sdpa has no forward-AD rule), full-logits CE
+  perturbed  fwdkern.perturbed_loss (FwdLLM/MeZO: 2K forwards, perturbation applied in place)
+  backprop   loss.backward() through the LoRA model (autograd)
+extra_info: environment, median seconds, ratio to inference, peak RSS growth of one call in a
+fresh process (bytes).
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fwdkern  # noqa: E402
+
+from .common import environment, peak_memory_subprocess  # noqa: E402
+
+B, T, K, SEED = 4, 128, 8, 1234
+PROVIDERS = ["inference", "fwdkern", "jvp_vmap", "perturbed", "backprop"]
+_MEDIANS: dict = {}
+
+
+def smollm2_config(attn="sdpa"):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu")
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def setup(provider):
+    """(callable step, model) for one provider; importable by the memory subprocess."""
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_grad_enabled(provider == "backprop")
+    attn = "eager" if provider == "jvp_vmap" else "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(smollm2_config(attn), attn_implementation=attn).eval()
+    fwdkern.patch(model, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    with torch.no_grad():
+        for name, _, p in fwdkern.trainable(model):
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49152, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[1, 100:] = 0
+    batch = {"input_ids": ids, "attention_mask": am}
+    labels = ids.masked_fill(am == 0, -100)
+    ks = list(range(K))
+
+    def lm_loss(logits):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    if provider == "inference":
+        def step():
+            with torch.no_grad():
+                return lm_loss(model(**batch, use_cache=False).logits)
+    elif provider == "fwdkern":
+        def step():
+            return fwdkern.jvp(model, batch, SEED, ks)
+    elif provider == "perturbed":
+        def step():
+            return fwdkern.perturbed_loss(model, batch, SEED, ks, eps=1e-3)
+    elif provider == "backprop":
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = lm_loss(model(**batch, use_cache=False).logits)
+            loss.backward()
+            return loss
+    elif provider == "jvp_vmap":
+        tr = fwdkern.trainable(model)
+        names = [n for n, _, _ in tr]
+        params = {n: p.detach() for n, _, p in tr}
+
+        def f(p):
+            return lm_loss(torch.func.functional_call(model, p, args=(), kwargs={**batch, "use_cache": False}).logits)
+
+        def step():
+            with torch.no_grad():
+                tans = {n: torch.stack([fwdkern.perturbation(p.shape, SEED, pid, k) for k in ks])
+                        for n, pid, p in tr}
+                return torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,)))({n: tans[n] for n in names})
+    else:
+        raise ValueError(provider)
+    return step, model
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_engine_smollm2_cpu(benchmark, provider):
+    step, _ = setup(provider)
+    benchmark.group = f"smollm2-135M B{B}xT{T} K{K} fp32 cpu"
+    # NOTE: 2 rounds, no warm-up: one K=8 step is ~1 min on 2 shared cores; a first call measured within
+    # 10% of the second (lazy init is small next to the step).
+    benchmark.pedantic(step, rounds=2, warmup_rounds=0, iterations=1)
+    med = benchmark.stats.stats.median
+    _MEDIANS[provider] = med
+    info = {"environment": environment(), "provider": provider, "median_s": med, "K": K, "batch": [B, T],
+            "lora": "r=16 q,k,v,o"}
+    if "inference" in _MEDIANS and provider != "inference":
+        info["ratio_to_inference"] = med / _MEDIANS["inference"]
+    code = ("import torch\nfrom bench.bench_engine import setup as _s\n"
+            f"def setup():\n    return _s({provider!r})[0]\n"
+            "def run(step):\n    step()\n")
+    info["peak_rss_growth_bytes"] = peak_memory_subprocess(code)
+    benchmark.extra_info.update(info)

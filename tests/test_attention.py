@@ -1,0 +1,154 @@
+"""Dual attention (fwdkern.ops.attention) vs eager attention under torch.func.jvp.
+
+Hostile shapes: T in {1, 17, 129} (129 > one key chunk when chunk=64), head dims 32/64/80,
+GQA, causal, bool and additive padding masks, fully masked rows, absent tangents.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fwdkern.dual import Dual, NoTangentRule
+from fwdkern.ops.attention import dual_attention, reference_attention
+
+
+def _inputs(B, Hq, Hkv, Tq, Tk, D, K, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    q, k, v = r(B, Hq, Tq, D), r(B, Hkv, Tk, D), r(B, Hkv, Tk, D)
+    return (q, k, v), (r(K, B, Hq, Tq, D), r(K, B, Hkv, Tk, D), r(K, B, Hkv, Tk, D))
+
+
+def _ref_jvp(prims, tans, **kw):
+    f = lambda q, k, v: reference_attention(q, k, v, **kw)  # noqa: E731
+    outs = [torch.func.jvp(f, prims, tuple(t[i] for t in tans)) for i in range(tans[0].shape[0])]
+    return outs[0][0], torch.stack([o[1] for o in outs])
+
+
+def _padding_mask(B, Tq, Tk, kind):
+    keep = torch.ones(B, 1, Tq, Tk, dtype=torch.bool)
+    keep[-1, ..., max(1, Tk - 5):] = False  # last batch row: right padding (keeps >= 1 key)
+    if kind == "bool":
+        return keep
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+CASES = [
+    # (T, D, Hq, Hkv, causal, mask)
+    (1, 32, 4, 4, False, None),
+    (1, 64, 4, 2, True, None),
+    (17, 32, 4, 1, True, None),
+    (17, 64, 6, 2, False, "bool"),
+    (17, 80, 4, 4, False, "float"),
+    (129, 32, 4, 2, True, None),
+    (129, 64, 2, 2, False, "bool"),
+    (129, 80, 4, 2, False, "float"),
+]
+
+
+@pytest.mark.parametrize("T,D,Hq,Hkv,causal,mask", CASES)
+def test_dual_attention_matches_forward_ad(T, D, Hq, Hkv, causal, mask):
+    B, K = 2, 3
+    prims, tans = _inputs(B, Hq, Hkv, T, T, D, K, seed=T * D + Hq)
+    am = _padding_mask(B, T, T, mask) if mask else None
+    ref_o, ref_t = _ref_jvp(prims, tans, attn_mask=am, is_causal=causal)
+    o, ot = dual_attention(*prims, *tans, attn_mask=am, is_causal=causal, chunk=64)
+    torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ot, ref_t, rtol=1e-4, atol=1e-4)
+    # Primal also equals torch's own SDPA (GQA via enable_gqa).
+    sd = F.scaled_dot_product_attention(*prims, attn_mask=am, is_causal=causal, enable_gqa=Hq != Hkv)
+    torch.testing.assert_close(o, sd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 2)])
+def test_dual_attention_partial_tangents(which):
+    # Absent tangents (None) are zero: e.g. LoRA on q,v of the first layer leaves k without a tangent.
+    B, Hq, Hkv, T, D, K = 1, 4, 2, 17, 32, 2
+    prims, tans = _inputs(B, Hq, Hkv, T, T, D, K, seed=7)
+    tans_used = tuple(t if i in which else None for i, t in enumerate(tans))
+    tans_zero = tuple(t if i in which else torch.zeros_like(t) for i, t in enumerate(tans))
+    ref_o, ref_t = _ref_jvp(prims, tans_zero, is_causal=True)
+    o, ot = dual_attention(*prims, *tans_used, is_causal=True, chunk=8)
+    torch.testing.assert_close(ot, ref_t, rtol=1e-4, atol=1e-4)
+    o2, none = dual_attention(*prims, None, None, None, is_causal=True)
+    assert none is None
+    torch.testing.assert_close(o2, ref_o, rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_rows_give_zero():
+    B, H, T, D, K = 1, 2, 5, 32, 2
+    prims, tans = _inputs(B, H, H, T, T, D, K, seed=3)
+    keep = torch.ones(B, 1, T, T, dtype=torch.bool)
+    keep[..., 1, :] = False  # query row 1 sees no key
+    o, ot = dual_attention(*prims, *tans, attn_mask=keep)
+    assert torch.all(o[:, :, 1] == 0) and torch.all(ot[:, :, :, 1] == 0)
+    ref_o, ref_t = _ref_jvp(prims, tans, attn_mask=keep)
+    rows = [0, 2, 3, 4]
+    torch.testing.assert_close(o[:, :, rows], ref_o[:, :, rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ot[:, :, :, rows], ref_t[:, :, :, rows], rtol=1e-4, atol=1e-4)
+
+
+def test_cross_lengths_and_bf16():
+    # Tq != Tk (no causal), then a bf16 run against the fp32 result.
+    prims, tans = _inputs(2, 4, 2, 3, 17, 64, 2, seed=11)
+    ref_o, ref_t = _ref_jvp(prims, tans)
+    o, ot = dual_attention(*prims, *tans, chunk=16)
+    torch.testing.assert_close(ot, ref_t, rtol=1e-4, atol=1e-4)
+    ob, otb = dual_attention(*(p.bfloat16() for p in prims), *(t.bfloat16() for t in tans))
+    assert ob.dtype == torch.bfloat16 and otb.dtype == torch.bfloat16
+    torch.testing.assert_close(otb.float(), ref_t, rtol=5e-2, atol=5e-2)
+
+
+def test_sdpa_on_dual_tensors_dispatches_to_dual_attention():
+    prims, tans = _inputs(1, 4, 2, 17, 17, 32, 2, seed=5)
+    q, k, v = (Dual(p, t) for p, t in zip(prims, tans))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert isinstance(out, Dual)
+    ref_o, ref_t = _ref_jvp(prims, tans, is_causal=True)
+    torch.testing.assert_close(out.tangent, ref_t, rtol=1e-4, atol=1e-4)
+    with pytest.raises(NoTangentRule, match="dropout_p"):
+        F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, enable_gqa=True)
+
+
+# ----------------------------------------------------------------------------- Triton (interpreter on CPU)
+
+TRITON_CASES = [
+    (1, 64, 2, 1, False, None),
+    (17, 32, 4, 2, True, None),
+    (17, 80, 2, 2, False, "bool"),
+    (129, 64, 2, 1, False, "float"),
+]
+
+
+def _triton_ok():
+    import os
+
+    from fwdkern import backends
+
+    return backends.has_triton() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="needs triton (GPU, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("T,D,Hq,Hkv,causal,mask", TRITON_CASES)
+def test_triton_dual_attention_matches_forward_ad(T, D, Hq, Hkv, causal, mask):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    B, K = 1, 2
+    prims, tans = _inputs(B, Hq, Hkv, T, T, D, K, seed=T + D)
+    am = _padding_mask(B + 1, T, T, mask)[1:] if mask else None  # the last row is the padded one
+    ref_o, ref_t = _ref_jvp(prims, tans, attn_mask=am, is_causal=causal)
+    to = lambda t: t.to(dev) if t is not None else None  # noqa: E731
+    o, ot = dual_attention(*map(to, prims), *map(to, tans), attn_mask=to(am), is_causal=causal, backend="triton")
+    torch.testing.assert_close(o.cpu(), ref_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ot.cpu(), ref_t, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="needs triton (GPU, or TRITON_INTERPRET=1 on CPU)")
+def test_triton_dual_attention_partial_tangents_fp16():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prims, tans = _inputs(1, 2, 1, 17, 17, 32, 2, seed=9)
+    ref_o, ref_t = _ref_jvp(prims, (torch.zeros_like(tans[0]), tans[1], torch.zeros_like(tans[2])), is_causal=True)
+    h = lambda t: t.to(dev, torch.float16)  # noqa: E731
+    o, ot = dual_attention(*map(h, prims), None, h(tans[1]), None, is_causal=True, backend="triton")
+    assert ot.dtype == torch.float16
+    torch.testing.assert_close(ot.float().cpu(), ref_t, rtol=2e-2, atol=2e-2)
+    _, none = dual_attention(*map(h, prims), None, None, None, backend="triton")
+    assert none is None

@@ -1,0 +1,384 @@
+"""Whole-model forward gradients (fwdkern.patch / jvp / perturbed_loss / adapters).
+
+Reference: autograd through the patched model (plain forward), then ``∇L · v_k`` with the
+materialized perturbation ``fwdkern.perturbation`` of each trainable tensor.
+Tiny randomly initialised configs only (no downloads), default attention (sdpa).
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fwdkern  # noqa: E402
+from fwdkern.dual import NoTangentRule  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+V, T, NL = 100, 9, 3
+RTOL = 1e-4
+
+
+def _config(family):
+    T_ = transformers
+    common = dict(vocab_size=V, max_position_embeddings=64)
+    if family == "bert":
+        return T_.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             num_labels=NL, **common)
+    if family == "roberta":
+        return T_.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                num_labels=NL, pad_token_id=1, **common)
+    if family == "distilbert":
+        return T_.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=NL, **common)
+    if family == "albert":
+        return T_.AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, num_labels=NL, **common)
+    if family == "gpt2":
+        return T_.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, **common)
+    return {"llama": T_.LlamaConfig, "qwen2": T_.Qwen2Config, "mistral": T_.MistralConfig}[family](**kw)
+
+
+CLS = ["bert", "roberta", "distilbert", "albert"]
+LM = ["gpt2", "llama", "qwen2", "mistral"]
+
+
+def _model(family, seed=0):
+    torch.manual_seed(seed)
+    cfg = _config(family)
+    cls = transformers.AutoModelForSequenceClassification if family in CLS else transformers.AutoModelForCausalLM
+    return cls.from_config(cfg).eval()
+
+
+def _randomize(model, seed=1):
+    """Non-zero LoRA B (B = 0 would make every A-derivative vanish) and a non-trivial head."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, p in fwdkern.trainable(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _batch(family, left_pad=False):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, V, (3, T), generator=g)
+    am = torch.ones(3, T, dtype=torch.long)
+    if left_pad:
+        am[1, :3] = 0
+        am[2, :1] = 0
+    else:
+        am[1, 6:] = 0
+        am[2, 8:] = 0
+    b = {"input_ids": ids, "attention_mask": am}
+    if family in CLS:
+        b["labels"] = torch.tensor([0, 2, 1])
+    return b
+
+
+def _autograd_loss(model, family, batch, label_smoothing=0.0):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    if family in CLS:
+        return F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+    y = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+
+
+def _reference(model, family, batch, seed, ks, dist="rademacher", params=None, label_smoothing=0.0):
+    model.zero_grad(set_to_none=True)
+    loss = _autograd_loss(model, family, batch, label_smoothing)
+    loss.backward()
+    out = []
+    for k in ks:
+        s = torch.zeros((), dtype=torch.float64)
+        for name, pid, p in fwdkern.trainable(model):
+            if params is not None and name not in params:
+                continue
+            v = fwdkern.perturbation(p.shape, seed, pid, k, dist)
+            s += (p.grad.double() * v.double()).sum()
+        out.append(s)
+    return loss.detach(), torch.stack(out)
+
+
+def _check(jv, ref):
+    scale = ref.abs().max().clamp_min(1e-3)
+    assert torch.allclose(jv.double(), ref, rtol=RTOL, atol=RTOL * float(scale)), (jv, ref)
+
+
+@pytest.mark.parametrize("family", CLS + LM)
+def test_jvp_matches_autograd(family):
+    model = fwdkern.patch(_model(family))
+    assert model.config._attn_implementation == "sdpa"
+    _randomize(model)
+    batch = _batch(family)
+    names = [n for n, _, _ in fwdkern.trainable(model)]
+    # K = 4, all trainable tensors.
+    L, jv = fwdkern.jvp(model, batch, seed=11, ks=[0, 1, 5, 9])
+    L_ref, ref = _reference(model, family, batch, 11, [0, 1, 5, 9])
+    assert jv.shape == (4,) and jv.dtype == torch.float32
+    assert torch.allclose(L, L_ref, rtol=1e-5)
+    _check(jv, ref)
+    # K = 1, a subset given by names (SPRY splitting): every other tensor, so some layers have
+    # an incoming tangent but no own perturbation (and vice versa).
+    sub = names[1::2]
+    L2, jv2 = fwdkern.jvp(model, batch, seed=11, ks=[3], params=sub)
+    _, ref2 = _reference(model, family, batch, 11, [3], params=set(sub))
+    _check(jv2, ref2)
+    assert torch.equal(L2, L)
+
+
+def test_trainable_and_ids():
+    model = fwdkern.patch(_model("bert"))
+    tr = fwdkern.trainable(model)
+    names = [n for n, _, _ in tr]
+    assert names[0] == "bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    assert "classifier.weight" in names and "classifier.bias" in names
+    assert not any("key" in n for n in names)
+    assert all(pid == fwdkern.nn.param_id(n) for n, pid, _ in tr)
+    # Only trainable tensors require grad.
+    assert sum(p.requires_grad for p in model.parameters()) == len(tr)
+    # Subset by param id equals subset by name.
+    _randomize(model)
+    b = _batch("bert")
+    sel = [tr[0][0], tr[-1][0]]
+    _, a = fwdkern.jvp(model, b, 1, [0, 1], params=sel)
+    _, c = fwdkern.jvp(model, b, 1, [0, 1], params=[tr[0][1], tr[-1][1]])
+    assert torch.equal(a, c)
+    with pytest.raises(ValueError, match="params"):
+        fwdkern.jvp(model, b, 1, [0], params=["bert.embeddings.word_embeddings.weight"])
+
+
+def test_jvp_left_padding_gaussian_llama():
+    # Left padding makes query rows whose every key is masked (they must give 0, not NaN).
+    model = fwdkern.patch(_model("llama"), r=2, alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    _randomize(model)
+    batch = _batch("llama", left_pad=True)
+    L, jv = fwdkern.jvp(model, batch, seed=2**40 + 3, ks=[0, 7], dist="gaussian")
+    _, ref = _reference(model, "llama", batch, 2**40 + 3, [0, 7], dist="gaussian")
+    assert torch.isfinite(L) and torch.isfinite(jv).all()
+    _check(jv, ref)
+
+
+def test_jvp_label_smoothing_and_explicit_labels():
+    model = fwdkern.patch(_model("distilbert"))
+    _randomize(model)
+    batch = _batch("distilbert")
+    L, jv = fwdkern.jvp(model, batch, seed=4, ks=[2, 3], label_smoothing=0.1)
+    L_ref, ref = _reference(model, "distilbert", batch, 4, [2, 3], label_smoothing=0.1)
+    assert torch.allclose(L, L_ref, rtol=1e-5)
+    _check(jv, ref)
+    # Causal LM with explicit labels (-100 ignored) equals the padding-derived labels.
+    lm = fwdkern.patch(_model("qwen2"))
+    _randomize(lm)
+    b = _batch("qwen2")
+    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    L1, j1 = fwdkern.jvp(lm, b, 0, [0, 1])
+    L2, j2 = fwdkern.jvp(lm, {**b, "labels": labels}, 0, [0, 1])
+    assert torch.equal(L1, L2) and torch.equal(j1, j2)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_perturbed_matches_jvp(family):
+    model = fwdkern.patch(_model(family))
+    _randomize(model)
+    batch = _batch(family)
+    ks = [0, 1, 2]
+    L, jv = fwdkern.jvp(model, batch, seed=9, ks=ks)
+    before = [p.detach().clone() for _, _, p in fwdkern.trainable(model)]
+    errs = []
+    for eps in (4e-2, 1e-2, 2.5e-3):
+        lp, lm = fwdkern.perturbed_loss(model, batch, seed=9, ks=ks, eps=eps)
+        fd = (lp.double() - lm.double()) / (2 * eps)
+        errs.append((fd - jv.double()).abs().max().item())
+    # Restored exactly.
+    assert all(torch.equal(a, p) for a, (_, _, p) in zip(before, fwdkern.trainable(model)))
+    scale = jv.abs().max().item()
+    # Central differences: error O(eps²), ~16x smaller at eps/4 while above fp32 rounding
+    # (measured: bert 2.0e-3 -> 1.3e-4, llama 3.8e-2 -> 2.3e-3), then small.
+    assert errs[0] / errs[1] > 8
+    assert errs[2] < 1e-3 * scale
+
+
+def test_peft_roundtrip(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _model("roberta")
+    base_copy = _model("roberta")  # same seed: identical base weights
+    model = fwdkern.patch(base, r=4, alpha=8)
+    _randomize(model)
+    batch = _batch("roberta")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours = model(**inputs).logits
+    fwdkern.save_adapter(model, str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(base_copy, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = pm(**inputs).logits
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
+    # A PeftModel converts to fwdkern keeping its weights: same outputs, same jvps as ours.
+    conv = fwdkern.patch(pm)
+    with torch.no_grad():
+        assert torch.allclose(conv(**inputs).logits, ours, atol=1e-6, rtol=1e-5)
+    assert [n for n, _, _ in fwdkern.trainable(conv)] == [n for n, _, _ in fwdkern.trainable(model)]
+    _, j1 = fwdkern.jvp(model, batch, 3, [0, 1])
+    _, j2 = fwdkern.jvp(conv, batch, 3, [0, 1])
+    assert torch.allclose(j1, j2, rtol=1e-5, atol=1e-6)
+    # load_adapter into a fresh unpatched model.
+    fresh = fwdkern.load_adapter(_model("roberta"), str(tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(fresh(**inputs).logits, ours, atol=1e-6, rtol=1e-5)
+
+
+def test_peft_roundtrip_gpt2_conv1d(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = fwdkern.patch(_model("gpt2"), r=4, alpha=8)
+    assert model.config.model_type == "gpt2" and fwdkern.trainable(model)[0][0].endswith("c_attn.lora_A.weight")
+    _randomize(model)
+    ids = _batch("gpt2")["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    fwdkern.save_adapter(model, str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(_model("gpt2"), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(pm(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+class _ZetaAct(torch.nn.Module):
+    def forward(self, x):
+        return torch.special.zeta(x * x + 2.0, 3.0)  # no forward-mode AD formula w.r.t. x
+
+
+def test_missing_tangent_rule_names_op_and_module():
+    model = fwdkern.patch(_model("llama"))
+    model.model.layers[1].mlp.act_fn = _ZetaAct()
+    _randomize(model)
+    with pytest.raises(NoTangentRule, match=r"zeta.*model\.layers\.1\.mlp\.act_fn \(_ZetaAct\)"):
+        fwdkern.jvp(model, _batch("llama"), 0, [0])
+
+
+def test_training_mode_restored_and_errors():
+    model = fwdkern.patch(_model("bert"))
+    model.train()
+    fwdkern.jvp(model, _batch("bert"), 0, [0])
+    assert model.training
+    with pytest.raises(ValueError, match="not patched"):
+        fwdkern.jvp(_model("bert"), _batch("bert"), 0, [0])
+    with pytest.raises(ValueError, match="labels"):
+        b = _batch("bert")
+        del b["labels"]
+        fwdkern.jvp(model, b, 0, [0])
+
+
+# ----------------------------------------------------------------------------- Dual op rules
+
+from fwdkern.dual import Dual  # noqa: E402
+
+_x = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+RULE_CASES = {
+    "linear": (lambda x, w: F.linear(x, w, torch.ones(5, dtype=torch.float64)), [(2, 3, 4), (5, 4)]),
+    "matmul_bcast": (lambda a, b: a @ b, [(2, 3, 4), (4, 6)]),
+    "bmm": (torch.bmm, [(2, 3, 4), (2, 4, 5)]),
+    "addmm": (lambda b, x, w: torch.addmm(b, x, w), [(5,), (3, 4), (4, 5)]),
+    "add_sub_bcast": (lambda a, b: (a + b) - 2.0 * b + torch.sub(a, b, alpha=3), [(2, 3, 4), (4,)]),
+    "mul_div_rsub": (lambda a, b: a * b / (b * b + 1) + (1 - a) / 2, [(3, 4), (3, 1)]),
+    "pow_rsqrt_mean": (lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), [(3, 5)]),
+    "sum_sqrt_exp_tanh_sigmoid": (lambda x: torch.sqrt(x.exp().sum((0, -1))) + torch.tanh(x).sigmoid().sum(1),
+                                  [(3, 4)]),
+    "softmax": (lambda x: F.softmax(x, dim=-1) + x.softmax(1), [(2, 3, 4)]),
+    "silu_relu_gelu": (lambda x: F.silu(x) + F.relu(x) + F.gelu(x) + F.gelu(x, approximate="tanh"), [(3, 7)]),
+    "layer_norm": (lambda x: F.layer_norm(x, (6,), torch.linspace(0.5, 2, 6, dtype=torch.float64),
+                                          torch.ones(6, dtype=torch.float64)), [(2, 3, 6)]),
+    "shapes": (lambda x: x.view(2, 12).reshape(4, 6).transpose(0, 1).permute(1, 0).unsqueeze(1).flatten(1)
+               .unflatten(1, (2, 3)).squeeze(0).contiguous().expand(2, 4, 2, 3)[..., 1:].to(torch.float64),
+               [(2, 3, 4)]),
+    "getitem_adv": (lambda x: x[:, torch.tensor([2, 0])][torch.tensor([True, False, True])]
+                    + x[torch.tensor([True, False, True])][:, :2], [(3, 4)]),
+    "cat_stack_split": (lambda a, b: torch.cat([a, b], -1).split(2, dim=1)[1] + torch.stack([a, b], 1).chunk(2, 1)[0]
+                        .squeeze(1)[:, :2] + sum(torch.unbind(a, 1))[:, None], [(3, 2), (3, 2)]),
+    "generic_fallback": (lambda x: torch.cumsum(torch.special.erf(x), 1) + torch.logsumexp(x, -1, keepdim=True),
+                         [(3, 4)]),
+    "properties_factories": (lambda a, b: a.mT @ b.T + torch.zeros_like(a).sum() + a.new_ones(()), [(4, 3), (2, 4)]),
+    "masked_fill_inplace": (lambda x: x.clone().masked_fill_(torch.eye(3, 4, dtype=torch.bool), 0).add_(x), [(3, 4)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_dual_rules_match_forward_ad(name):
+    torch.manual_seed(0)
+    f, shapes = RULE_CASES[name]
+    prims = [_x(*s) for s in shapes]
+    tans = [_x(3, *s) for s in shapes]
+    out = f(*[Dual(p, t) for p, t in zip(prims, tans)])
+    ref_p, ref_t = torch.func.vmap(lambda *t: torch.func.jvp(f, tuple(prims), t), out_dims=(None, 0))(*tans)
+    assert isinstance(out, Dual)
+    torch.testing.assert_close(out._primal, ref_p)
+    torch.testing.assert_close(out.tangent, ref_t)
+
+
+def test_dual_setitem_copies_shared_tangent():
+    a = Dual(_x(3, 4), _x(2, 3, 4))
+    y = a + _x(3, 4)  # y.tangent is a's tangent (broadcast, shared)
+    before = a.tangent.clone()
+    y[1] = Dual(_x(4), _x(2, 4))
+    assert torch.equal(a.tangent, before)
+    torch.testing.assert_close(y.tangent[:, 0], before[:, 0])
+
+
+def test_dual_inplace_on_view_and_into_plain_raise():
+    d = Dual(_x(3, 4), _x(2, 3, 4))
+    with pytest.raises(NoTangentRule, match="view"):
+        d[0].add_(1.0)
+    with pytest.raises(NoTangentRule, match="plain tensor"):
+        _x(3, 4).add_(d)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_bf16_model_close_to_fp32(family):
+    model = fwdkern.patch(_model(family))
+    _randomize(model)
+    batch = _batch(family)
+    L, jv = fwdkern.jvp(model, batch, 9, [0, 1, 2, 3])
+    model.to(torch.bfloat16)
+    Lb, jvb = fwdkern.jvp(model, batch, 9, [0, 1, 2, 3])
+    assert jvb.dtype == torch.float32
+    # bf16 has 8 mantissa bits; measured deviation ~1e-3 absolute on jvps of size ~0.3.
+    assert abs(Lb - L) < 2e-2 * abs(L)
+    assert (jvb - jv).abs().max() < 2e-2 * jv.abs().max()
+
+
+def test_peft_causal_lm_conversion_jvp():
+    peft = pytest.importorskip("peft")
+    base = _model("mistral")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                   task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    batch = _batch("mistral")
+    with torch.no_grad():
+        ref_logits = pm(**batch).logits
+    model = fwdkern.patch(pm)
+    assert isinstance(model, transformers.MistralForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref_logits, rtol=1e-5, atol=1e-5)
+    names = [n for n, _, _ in fwdkern.trainable(model)]
+    assert len(names) == 2 * 3 * 2 and names[0] == "model.layers.0.self_attn.q_proj.lora_A.weight"
+    _, jv = fwdkern.jvp(model, batch, 5, [0, 1, 2])
+    _, ref = _reference(model, "mistral", batch, 5, [0, 1, 2])
+    _check(jv, ref)
+
+
+def test_perturbed_lm_head_is_refused_not_dropped():
+    # The LM head gets no tangent: perturbing it (directly, or through GPT-2's tied embedding) is refused,
+    # never silently dropped.
+    tied = fwdkern.patch(_model("gpt2"), modules_to_save=["wte"])
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    lm = fwdkern.patch(_model("qwen2"), modules_to_save=["lm_head"])
+    for m, fam in ((tied, "gpt2"), (lm, "qwen2")):
+        with pytest.raises(ValueError, match="LM head"):
+            fwdkern.jvp(m, _batch(fam), 0, [0])
+    # Excluding it with params= works.
+    names = [n for n, _, _ in fwdkern.trainable(lm) if "lm_head" not in n]
+    fwdkern.jvp(lm, _batch("qwen2"), 0, [0], params=names)
