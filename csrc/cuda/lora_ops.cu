@@ -12,37 +12,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "fwdkern/cuda_common.cuh"
 #include "fwdkern/lora_cuda.h"
 
 namespace fwdkern {
 namespace cuda {
 namespace {
-
-#define FK_LORA_CUDA_CHECK(expr)                                                       \
-  do {                                                                                 \
-    cudaError_t fk_err_ = (expr);                                                      \
-    if (fk_err_ != cudaSuccess)                                                        \
-      throw std::runtime_error(std::string("fwdkern CUDA error: ") +                   \
-                               cudaGetErrorString(fk_err_) + " at " #expr);            \
-  } while (0)
-
-template <int DT>
-struct LoadElem;
-template <>
-struct LoadElem<kF32> {
-  using T = float;
-  static __device__ __forceinline__ float load(const T* p) { return *p; }
-};
-template <>
-struct LoadElem<kF16> {
-  using T = __half;
-  static __device__ __forceinline__ float load(const T* p) { return __half2float(*p); }
-};
-template <>
-struct LoadElem<kBF16> {
-  using T = __nv_bfloat16;
-  static __device__ __forceinline__ float load(const T* p) { return __bfloat162float(*p); }
-};
 
 // Block tile: kBM rows of X times kBN rows of v, walked over D in 128-column units
 // (one Philox call per v row and unit for Rademacher). 256 threads = 8 warps; warp w
@@ -61,7 +36,7 @@ __global__ void __launch_bounds__(kMMThreads)
     seeded_matmul_kernel(View2D x, int64_t x_stride_k, uint64_t seed, uint32_t pid,
                          const int64_t* __restrict__ ks, int dist, int64_t N, float* __restrict__ out,
                          int64_t osk, int64_t osm, int64_t osn, float alpha, bool accumulate) {
-  using E = LoadElem<DT>;
+  using E = Elem<DT>;
   // +1 column of padding: lane l reads vs[l][c], bank (l + c) % 32, conflict-free.
   __shared__ float xs[kBM][kUnitCols + 1];
   __shared__ float vs[kBN][kUnitCols + 1];
@@ -162,7 +137,7 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
   FK_LORA_DISPATCH_DTYPE(x.dtype, seeded_matmul_kernel<DTV><<<grid, kMMThreads, 0, st>>>(
                                       x, x_stride_k, seed, param_id, ks, dist, N, out, out_stride_k,
                                       out_stride_m, out_stride_n, alpha, accumulate));
-  FK_LORA_CUDA_CHECK(cudaGetLastError());
+  FK_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace cuda

@@ -145,8 +145,9 @@ def _cpu_perturbed(x2, W, b, A, B, s, seed, pids, ks, eps, code, pA, pB, pb):
             Hs = torch.add(h, g, alpha=sign * eps)  # [K, M, r]
             Y.view(K * M, out_f).addmm_(Hs.view(K * M, r), B32.t(), alpha=s)
         if pB and K:
-            _seeded_mm(Hs if g is None else Hs.view(K * M, r)[:M], seed, pids[1], ks, code, out_f, Y,
-                       sign * eps * s, True, x_stride_k=0 if g is None else M * r)
+            # X_k = H±_k (one [M, r] slab per k, stride M·r) or the shared h.
+            _seeded_mm(Hs if g is None else Hs[0], seed, pids[1], ks, code, out_f, Y, sign * eps * s, True,
+                       x_stride_k=0 if g is None else M * r)
         if db is not None:
             Y.add_(db.unsqueeze(1), alpha=sign * eps)
         outs.append(Y.to(dt))
@@ -333,7 +334,9 @@ def _check_layer(x, weight, bias, lora_A, lora_B, scaling):
         raise ValueError(f"lora_B: expected [{out_f}, {r}] (out_features, r), got shape {tuple(lora_B.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
         raise ValueError(f"bias: expected [{out_f}], got shape {tuple(bias.shape)}")
-    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
     for name, t in named:
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from x.dtype {x.dtype} (cast it first)")
