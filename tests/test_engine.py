@@ -382,3 +382,33 @@ def test_perturbed_lm_head_is_refused_not_dropped():
     # Excluding it with params= works.
     names = [n for n, _, _ in fwdkern.trainable(lm) if "lm_head" not in n]
     fwdkern.jvp(lm, _batch("qwen2"), 0, [0], params=names)
+
+
+def _other(name):
+    T_ = transformers
+    lm = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+    torch.manual_seed(0)
+    if name == "llama_eager":
+        return T_.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="eager"), "llama"
+    if name == "electra":
+        cfg = T_.ElectraConfig(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_labels=NL)
+        return T_.AutoModelForSequenceClassification.from_config(cfg), "bert"
+    cfg = {"qwen3": lambda: T_.Qwen3Config(head_dim=8, **lm), "gemma": lambda: T_.GemmaConfig(head_dim=8, **lm),
+           "phi3": lambda: T_.Phi3Config(pad_token_id=0, **lm),
+           "opt": lambda: T_.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                       num_attention_heads=4, word_embed_proj_dim=32)}[name]()
+    return T_.AutoModelForCausalLM.from_config(cfg), "llama"
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma", "phi3", "opt", "electra", "llama_eager"])
+def test_other_architectures(name):
+    # Beyond the families: default targets from DEFAULT_TARGETS, and eager attention.
+    model, fam = _other(name)
+    model = fwdkern.patch(model.eval())
+    _randomize(model)
+    batch = _batch(fam)
+    _, jv = fwdkern.jvp(model, batch, 3, [0, 1, 2])
+    _, ref = _reference(model, fam, batch, 3, [0, 1, 2])
+    _check(jv, ref)
