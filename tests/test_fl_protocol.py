@@ -116,10 +116,16 @@ def test_duplicate_and_outlier_updates_rejected():
     assert server.submit(good)
     assert not server.submit(good)
     assert "duplicate" in server.rejections[-1]["reason"]
-    poisoned = client_update(server, plans["c1"], target, noise=1e6)
-    assert not server.submit(poisoned)
-    assert "robust bound" in server.rejections[-1]["reason"]
-    assert server.finish_round()["stepped"]
+    plans = server.plan_round(["c0", "c1", "c2", "c3"])
+    for c in ("c0", "c1", "c2"):
+        assert server.submit(client_update(server, plans[c], target))
+    assert server.submit(client_update(server, plans["c3"], target, noise=1e6))  # well-formed but poisoned
+    before = {n: p.clone() for n, p in server.params.items()}
+    info = server.finish_round()
+    assert info["stepped"] and info["accepted"] == 3
+    assert "robust bound" in server.rejections[-1]["reason"] and server.rejections[-1]["client"] == "c3"
+    # The step used only the honest updates: it moved the tensors by a sane amount.
+    assert max(float((server.params[n] - before[n]).abs().max()) for n in before) < 10.0
 
 
 def test_stragglers_and_dropouts():

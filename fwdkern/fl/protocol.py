@@ -111,11 +111,12 @@ def validate_update(update: Update, plan: Optional[RoundPlan], *, current_round:
         raise UpdateRejected(f"jvp magnitude above the robust bound {jvp_bound:.3g}")
 
 
-def robust_bound(values: Sequence[float], factor: float = 10.0, floor: float = 1e-12) -> Optional[float]:
-    """|x| bound from a history of accepted |jvp|s: median + factor * MAD (None until 8 values)."""
+def robust_bound(values: Sequence[float], factor: float = 10.0, floor: float = 1e-12,
+                 min_count: int = 8) -> Optional[float]:
+    """|x| bound: median + factor * max(MAD, median / 2) of |values| (None below min_count values)."""
     vals = sorted(abs(v) for v in values)
-    if len(vals) < 8:
+    if len(vals) < min_count:
         return None
     med = vals[len(vals) // 2]
     mad = sorted(abs(v - med) for v in vals)[len(vals) // 2]
-    return med + factor * max(mad, floor, 0.1 * med)
+    return med + factor * max(mad, floor, 0.5 * med)

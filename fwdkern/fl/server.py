@@ -169,9 +169,8 @@ class Server:
             cid = getattr(update, "client_id", None)
             if any(u.client_id == cid for u in self.accepted):
                 raise UpdateRejected(f"duplicate update from {cid!r}")
-            bound = robust_bound(self.jvp_history, self.robust_factor)
             validate_update(update, self.plans.get(cid), current_round=self.round,
-                            model_version=self.model_version, jvp_bound=bound)
+                            model_version=self.model_version)
         except UpdateRejected as e:
             self.rejections.append({"round": self.round, "client": getattr(update, "client_id", None), "reason": str(e)})
             log.warning("rejected update: %s", e)
@@ -180,6 +179,30 @@ class Server:
         return True
 
     # ------------------------------------------------------------------ aggregation
+    def _drop_outliers(self):
+        """Reject updates whose jvp magnitude is far outside this round's robust spread.
+
+        The bound (median + factor * MAD of the per-update max |jvp|) is taken over the
+        current round's updates, since jvp scales drift as training moves; with fewer
+        than 3 updates, the history of accepted rounds provides it.
+        """
+        mags = [max((abs(j) for j in u.jvps), default=0.0) for u in self.accepted]
+        if len(mags) >= 3:
+            bound = robust_bound(mags, self.robust_factor, min_count=3)
+        else:
+            bound = robust_bound(self.jvp_history, self.robust_factor * 10)
+        if bound is None:
+            return
+        keep = []
+        for u, m in zip(self.accepted, mags):
+            if m > bound:
+                self.rejections.append({"round": self.round, "client": u.client_id,
+                                        "reason": f"jvp magnitude {m:.3g} above the robust bound {bound:.3g}"})
+                log.warning("rejected update from %s: outlier jvp %.3g > %.3g", u.client_id, m, bound)
+            else:
+                keep.append(u)
+        self.accepted = keep
+
     def _estimate(self, attempts) -> tuple:
         """(gradient dict, variance, perturbations) from [(plans, updates), ...]."""
         grads = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
@@ -230,6 +253,7 @@ class Server:
 
     def finish_round(self) -> dict:
         """Aggregate the accepted updates; step or (pacing) ask for more. Returns round info."""
+        self._drop_outliers()
         info = {"round": self.round, "attempt": self.attempt, "accepted": len(self.accepted),
                 "rejected": sum(1 for r in self.rejections if r["round"] == self.round)}
         if not self.accepted and not self.cache:
