@@ -1,8 +1,10 @@
 """Command line: ``python -m fwdkern <command>`` (also installed as ``fwdkern``).
 
 Commands:
-  demo          the README's main job. Until the federated runner lands it runs the
-                seeded-ops benchmark below (a real measurement on this machine).
+  demo          the README's main job: federated forward-gradient fine-tuning of the
+                bundled all-MiniLM-L6-v2 on BBC News (100 simulated clients, 10 per
+                round) on this machine's CPU; a few minutes, progress bar, final accuracy.
+  train         the same runner with every option (see `fwdkern train --help`).
   bench-seeded  time seeded_axpy_ / seeded_dot against the materializing reference.
   info          backends available here.
 """
@@ -61,7 +63,7 @@ def bench_seeded(n: int, ks_list, device: str, reps: int) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fwdkern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("demo", "bench-seeded"):
+    for name in ("bench-seeded",):
         p = sub.add_parser(name)
         p.add_argument("--n", type=int, default=1 << 20, help="elements (default 1M)")
         p.add_argument("--K", type=int, nargs="+", default=[1, 16, 64], help="perturbations per call")
@@ -70,10 +72,13 @@ def main(argv=None) -> int:
     sub.add_parser("info")
     tr = sub.add_parser("train", help="federated forward-gradient fine-tuning (embedded simulation)")
     _add_run_args(tr)
+    demo = sub.add_parser("demo", help="the bundled federated demo (MiniLM + BBC News)")
+    _add_run_args(demo)
+    demo.set_defaults(**DEMO_DEFAULTS)
     args = ap.parse_args(argv)
-    if args.cmd == "train":
+    if args.cmd in ("train", "demo"):
         return train(args)
-    if args.cmd in ("demo", "bench-seeded"):
+    if args.cmd == "bench-seeded":
         return bench_seeded(args.n, args.K, args.device, args.reps)
     if args.cmd == "info":
         import fwdkern
@@ -83,6 +88,16 @@ def main(argv=None) -> int:
                 print(f"{dev:5} {b:10} {'yes' if fwdkern.backends.available(b, dev) else 'no'}")
         return 0
     return 2
+
+
+# NOTE: tuned on the 2-core CPU machine (2026-11-22): LoRA on the last layer's query/value
+# keeps the dual pass short (the tangent starts there) so K=32 per client is affordable;
+# measured test accuracy (chance 0.2): SGD lr 0.02: 0.235 / 0.425 / 0.45 after 10 / 20 / 40 steps
+# (312 s); lr 0.1: 0.135 / 0.47 / 0.46 after 10 / 20 / 30 steps (224 s).
+DEMO_DEFAULTS = dict(model="all-minilm-l6-v2", data="bbc_news", clients=100, clients_per_round=10, rounds=30,
+                     perturbations=32, lr=0.1, pacing="off", max_length=64, max_test=200, eval_every=10,
+                     target_modules=["layer.5.attention.self.query", "layer.5.attention.self.value"],
+                     out="runs/demo")
 
 
 def _add_run_args(p):
