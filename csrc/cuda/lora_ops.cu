@@ -109,13 +109,6 @@ __global__ void __launch_bounds__(kMMThreads)
   }
 }
 
-#define FK_LORA_DISPATCH_DTYPE(dt, ...)                              \
-  switch (dt) {                                                      \
-    case kF32: { constexpr int DTV = kF32; __VA_ARGS__; } break;     \
-    case kF16: { constexpr int DTV = kF16; __VA_ARGS__; } break;     \
-    case kBF16: { constexpr int DTV = kBF16; __VA_ARGS__; } break;   \
-    default: FK_CHECK(false, "unsupported dtype code " << dt);        \
-  }
 
 }  // namespace
 
@@ -134,7 +127,7 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
   FK_CHECK(grid_n <= 65535, "N: at most " << 65535 * kBN << " rows of the perturbation, got " << N);
   const dim3 grid(static_cast<unsigned>(grid_m), static_cast<unsigned>(grid_n), static_cast<unsigned>(K));
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  FK_LORA_DISPATCH_DTYPE(x.dtype, seeded_matmul_kernel<DTV><<<grid, kMMThreads, 0, st>>>(
+  FK_DISPATCH_DTYPE(x.dtype, seeded_matmul_kernel<DTV><<<grid, kMMThreads, 0, st>>>(
                                       x, x_stride_k, seed, param_id, ks, dist, N, out, out_stride_k,
                                       out_stride_m, out_stride_n, alpha, accumulate));
   FK_CUDA_CHECK(cudaGetLastError());

@@ -175,13 +175,6 @@ int64_t unit_blocks(int64_t rows, int64_t cols) {
   return b < 1 ? 1 : (b > 2048 ? 2048 : b);
 }
 
-#define FK_DISPATCH_DTYPE(dt, ...)                                   \
-  switch (dt) {                                                      \
-    case kF32: { constexpr int DTV = kF32; __VA_ARGS__; } break;     \
-    case kF16: { constexpr int DTV = kF16; __VA_ARGS__; } break;     \
-    case kBF16: { constexpr int DTV = kBF16; __VA_ARGS__; } break;   \
-    default: FK_CHECK(false, "unsupported dtype code " << dt);        \
-  }
 
 }  // namespace
 

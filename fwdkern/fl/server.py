@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -130,11 +129,9 @@ class Server:
         # Discriminative sampling: score candidates by |cos(v_k, g_prev)| via seeded_dot.
         cands = list(range(offset * self.candidates, (offset + count) * self.candidates))
         score = torch.zeros(len(cands), dtype=torch.float64)
-        n = 0
         for pid in pids:
             g = self.prev_grad[self.names_by_id[pid]]
             score += seeded_dot(g, seed, pid, cands, self.dist, check_finite=False).double()
-            n += g.numel()
         top = torch.topk(score.abs(), count).indices.sort().values
         return [cands[i] for i in top.tolist()]
 
@@ -203,31 +200,29 @@ class Server:
                 keep.append(u)
         self.accepted = keep
 
-    def _estimate(self, attempts) -> tuple:
-        """(gradient dict, variance, perturbations) from [(plans, updates), ...]."""
-        grads = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
-        halves = [{n: torch.zeros_like(g) for n, g in grads.items()} for _ in range(2)]
+    def _weights(self, attempts) -> dict:
+        """Per tensor: total samples of the updates that perturbed it (W_T in the module docstring)."""
         weight = {n: 0.0 for n in self.params}
-        count = 0
         for plans, updates in attempts:
             for u in updates:
                 for pid in plans[u.client_id].param_ids:
                     weight[self.names_by_id[pid]] += u.num_samples
-        per_half = [0, 0]
+        return weight
+
+    def _estimate(self, attempts) -> tuple:
+        """(gradient dict, variance, perturbations) from [(plans, updates), ...]."""
+        grads = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        halves = [{n: torch.zeros_like(g) for n, g in grads.items()} for _ in range(2)]
+        weight = self._weights(attempts)
         # Which half each (update, j) belongs to: alternate in arrival order.
-        idx = 0
-        entries = []
-        for plans, updates in attempts:
-            for u in updates:
-                plan = plans[u.client_id]
-                for j, (k, jv) in enumerate(zip(u.ks, u.jvps)):
-                    entries.append((plan, u, k, jv, idx % 2))
-                    per_half[idx % 2] += 1
-                    idx += 1
-                    count += 1
+        entries = [(plans[u.client_id], u, k, jv) for plans, updates in attempts for u in updates
+                   for k, jv in zip(u.ks, u.jvps)]
+        count = len(entries)
+        per_half = [(count + 1) // 2, count // 2]
         # One seeded_axpy_ per (tensor, seed): ks/coeffs of all its perturbations at once.
         batches = {}
-        for plan, u, k, jv, h in entries:
+        for i, (plan, u, k, jv) in enumerate(entries):
+            h = i % 2
             for pid in plan.param_ids:
                 name = self.names_by_id[pid]
                 w = u.num_samples / weight[name] / len(u.ks)
@@ -295,11 +290,7 @@ class Server:
 
     def _replay_record(self, attempts, lr) -> dict:
         """(seed, pid, ks, coeffs) list that reproduces this SGD step on a client: KBs, not weights."""
-        weight = {n: 0.0 for n in self.params}
-        for plans, updates in attempts:
-            for u in updates:
-                for pid in plans[u.client_id].param_ids:
-                    weight[self.names_by_id[pid]] += u.num_samples
+        weight = self._weights(attempts)
         ops = []
         for plans, updates in attempts:
             for u in updates:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -115,13 +114,10 @@ class Simulation:
         self.trainable = fwdkern.trainable(model)
         params = {n: t for n, _, t in self.trainable}
         ids = {n: pid for n, pid, _ in self.trainable}
-        groups = None
-        if cfg.split:
-            groups, shared = _layer_groups(list(params)), []
+        groups, shared = None, []
+        if cfg.split:  # LoRA pairs are dealt out; everything else (the head) is shared
+            groups = _layer_groups(list(params))
             shared = [n for n in params if not any(n in g for g in groups)]
-            groups = [g for g in groups if g]
-        else:
-            shared = []
         self.server = Server(params, ids, _optimizer(cfg), seed=cfg.seed, perturbations_per_client=cfg.perturbations,
                              dist="gaussian" if cfg.method == "fwdllm" else cfg.dist, groups=groups, shared=shared,
                              pacing=_pacing(cfg), candidates=cfg.candidates)

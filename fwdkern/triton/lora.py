@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import stream_words
+from .philox import box_muller, stream_words
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -92,21 +92,10 @@ def _elem_values(seed_lo, seed_hi, param_id, k, row, col, DIST: tl.constexpr):
         v = 1.0 - 2.0 * bit.to(tl.float32)
     else:
         r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, col >> 2)
-        v = _box_muller(r0, r1, r2, r3, col & 3)
+        v = box_muller(r0, r1, r2, r3, col & 3)
     return v
 
 
-@triton.jit
-def _box_muller(r0, r1, r2, r3, e):
-    """Element e (0..3) of the 4 Gaussian values of one Philox call (as philox.unit_values)."""
-    wu = tl.where(e < 2, r0, r2)
-    wa = tl.where(e < 2, r1, r3)
-    inv: tl.constexpr = 5.9604644775390625e-08  # 2^-24
-    u = ((wu >> 8) + 1).to(tl.float32) * inv
-    a = (wa >> 8).to(tl.float32) * inv
-    rad = tl.sqrt(-2.0 * tl.log(u))
-    ang = 6.283185307179586 * a
-    return tl.where((e & 1) == 0, rad * tl.cos(ang), rad * tl.sin(ang))
 
 
 # ---------------------------------------------------------------------------

@@ -40,6 +40,21 @@ def stream_words(seed_lo, seed_hi, param_id, k, row, chunk):
 
 
 @triton.jit
+def box_muller(r0, r1, r2, r3, e):
+    """Element e (0..3) of the four N(0,1) values of one Philox output (docs/perturbations.md)."""
+    wu = tl.where(e < 2, r0, r2)
+    wa = tl.where(e < 2, r1, r3)
+    inv: tl.constexpr = 5.9604644775390625e-08  # 2^-24
+    u = ((wu >> 8) + 1).to(tl.float32) * inv
+    a = (wa >> 8).to(tl.float32) * inv
+    rad = tl.sqrt(-2.0 * tl.log(u))
+    # cos(2 pi a) = -cos(2 pi (a - 1/2)): evaluating at |angle| <= pi keeps GPU
+    # approximate sin/cos inside the range where their error bound holds.
+    ang = 6.283185307179586 * (a - 0.5)
+    return -tl.where((e & 1) == 0, rad * tl.cos(ang), rad * tl.sin(ang))
+
+
+@triton.jit
 def unit_values(seed_lo, seed_hi, param_id, k, row, unit, DIST: tl.constexpr):
     """fp32 values [BU, 128] of 128-element units `unit` [BU] of rows `row` [BU].
 
@@ -57,17 +72,7 @@ def unit_values(seed_lo, seed_hi, param_id, k, row, unit, DIST: tl.constexpr):
         chunk = unit.to(tl.uint32)[:, None] * 32 + (lane >> 2).to(tl.uint32)[None, :]
         rowb = row.to(tl.uint32)[:, None] + chunk * 0
         r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, rowb, chunk)
-        e = (lane & 3)[None, :]
-        wu = tl.where(e < 2, r0, r2)
-        wa = tl.where(e < 2, r1, r3)
-        inv: tl.constexpr = 5.9604644775390625e-08  # 2^-24
-        u = ((wu >> 8) + 1).to(tl.float32) * inv
-        a = (wa >> 8).to(tl.float32) * inv
-        rad = tl.sqrt(-2.0 * tl.log(u))
-        # cos(2 pi a) = -cos(2 pi (a - 1/2)): evaluating at |angle| <= pi keeps GPU
-        # approximate sin/cos inside the range where their error bound holds.
-        ang = 6.283185307179586 * (a - 0.5)
-        v = -tl.where((e & 1) == 0, rad * tl.cos(ang), rad * tl.sin(ang))
+        v = box_muller(r0, r1, r2, r3, (lane & 3)[None, :])
     return v
 
 
