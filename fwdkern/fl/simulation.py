@@ -70,6 +70,8 @@ class RunConfig:
     dropout: float = 0.0  # fraction of sampled clients that never answer
     num_threads: int = 0
     local_lr: float = 0.05  # backprop baseline: client SGD learning rate
+    task: str = "auto"  # auto (classification if labelled, else causal LM) | classification | prompt | causal_lm
+    prompt_template: str = "{text}\nTopic:"  # task=prompt: the label word follows this prompt
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -122,11 +124,22 @@ class Simulation:
                              dist="gaussian" if cfg.method == "fwdllm" else cfg.dist, groups=groups, shared=shared,
                              pacing=_pacing(cfg), candidates=cfg.candidates)
         self.n_trainable = sum(t.numel() for t in params.values())
+        self.prompt = None
+        if task == "prompt":  # causal LM predicting the label word (fwdkern.fl.prompt)
+            from .prompt import PromptTask
+
+            self.prompt = PromptTask(tokenizer, dataset.label_names, cfg.prompt_template, cfg.max_length)
         self.metrics: list = []
         self.wall = 0.0
+        self.cpu = 0.0  # process CPU seconds: comparable across runs on a shared machine
+        # Transport of a seed-and-scalar round: callable({client index: RoundPlan}) -> [Update, ...];
+        # None = embedded (`_local_exchange`). fwdkern.fl.flower_app plugs Flower in here.
+        self.exchange: Optional[Callable] = None
 
     # ------------------------------------------------------------------ batches
     def _batch(self, texts, labels):
+        if self.prompt is not None:
+            return self.prompt.batch(texts, labels)
         enc = self.tok(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
         batch = dict(enc)
         if self.task == "classification":
@@ -173,9 +186,15 @@ class Simulation:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        if self.task != "classification" or not self.test.labels:
+        if self.task not in ("classification", "prompt") or not self.test.labels:
             return {}
         correct, tot = 0, 0
+        if self.prompt is not None:
+            for i in range(0, len(self.test), 16):
+                pred = self.prompt.predict(self.model, self.test.texts[i:i + 16])
+                correct += int((pred == torch.tensor(self.test.labels[i:i + 16])).sum())
+                tot += len(pred)
+            return {"accuracy": correct / max(1, tot)}
         for i in range(0, len(self.test), 32):
             b = self._batch(self.test.texts[i:i + 32], self.test.labels[i:i + 32])
             labels = b.pop("labels")
@@ -189,7 +208,7 @@ class Simulation:
         """LoRA FedAvg: clients start from the global adapter, take local SGD steps with
         autograd and upload their full trainable tensors; the server averages."""
         cfg, srv = self.cfg, self.server
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rng = np.random.default_rng(derive_seed(cfg.seed, srv.round, 0, 1) % (2**63))
         chosen = sorted(rng.choice(cfg.clients, size=min(cfg.clients_per_round, cfg.clients), replace=False).tolist())
         params = srv.params
@@ -214,7 +233,7 @@ class Simulation:
                         if g is not None:
                             p.sub_(cfg.local_lr * g)
                 bs = int(batch["input_ids"].shape[0])
-                loss_tot += float(out.loss) * bs
+                loss_tot += float(out.loss.detach()) * bs
                 n_c += bs
             with torch.no_grad():
                 for n, p in params.items():
@@ -227,6 +246,7 @@ class Simulation:
         srv.model_version += 1
         srv.round += 1
         self.wall += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
         upload = 4 * self.n_trainable
         row = {"round": srv.round - 1, "attempt": 0, "stepped": answered > 0, "loss": loss_tot / max(1, n_tot),
                "perturbations": 0, "variance": None, "threshold": None, "bytes_up_per_client": upload,
@@ -234,25 +254,43 @@ class Simulation:
         if cfg.eval_every and srv.model_version % cfg.eval_every == 0:
             row.update(self.evaluate())
         row["wall_time_s"] = round(self.wall, 3)
+        row["cpu_time_s"] = round(self.cpu, 3)
         return row
+
+    def _choose_clients(self) -> tuple:
+        """(sampled, answering) client indices of the current round/attempt, both sorted.
+
+        `answering` drops the simulated dropouts (``cfg.dropout``); the draws are the
+        same ones the embedded loop always made, so every runner samples identically.
+        """
+        cfg, srv = self.cfg, self.server
+        rng = np.random.default_rng(derive_seed(cfg.seed, srv.round, srv.attempt, 1) % (2**63))
+        chosen = sorted(rng.choice(cfg.clients, size=min(cfg.clients_per_round, cfg.clients), replace=False).tolist())
+        answering = [c for c in chosen if not (cfg.dropout and rng.random() < cfg.dropout)]
+        return chosen, answering
+
+    def _local_exchange(self, plans: dict) -> list:
+        """Embedded transport: every client evaluates the shared model in this process."""
+        return [self.client_update(c, plan) for c, plan in plans.items()]
 
     def run_round(self) -> dict:
         if self.cfg.method == "backprop":
             return self._run_round_backprop()
         cfg, srv = self.cfg, self.server
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(derive_seed(cfg.seed, srv.round, srv.attempt, 1) % (2**63))
-        chosen = sorted(rng.choice(cfg.clients, size=min(cfg.clients_per_round, cfg.clients), replace=False).tolist())
+        t0, c0 = time.perf_counter(), time.process_time()
+        chosen, answering = self._choose_clients()
         plans = srv.plan_round([f"client{c}" for c in chosen])
+        # The exchange gets {client index: plan} in sorted client order and returns the
+        # updates that arrived (an Update or its bytes each), in that same order, so the
+        # aggregation is identical whatever the transport (`exchange`, e.g. Flower).
+        exchange = self.exchange or self._local_exchange
         up = []
-        for c in chosen:
-            if cfg.dropout and rng.random() < cfg.dropout:
-                continue  # dropped out: the round proceeds without it
-            upd = self.client_update(c, plans[f"client{c}"])
+        for upd in exchange({c: plans[f"client{c}"] for c in answering}):
             srv.submit(upd)
-            up.append(upd.nbytes)
+            up.append(upd.nbytes if isinstance(upd, Update) else len(upd))
         info = srv.finish_round()
         self.wall += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
         if cfg.method == "fwdllm":  # as released: clients upload full trainable-size gradients
             up = [4 * self.n_trainable for _ in up]
         row = {"round": info["round"], "attempt": info["attempt"], "stepped": info.get("stepped", False),
@@ -264,6 +302,7 @@ class Simulation:
         if info.get("stepped") and cfg.eval_every and (srv.model_version % cfg.eval_every == 0):
             row.update(self.evaluate())
         row["wall_time_s"] = round(self.wall, 3)
+        row["cpu_time_s"] = round(self.cpu, 3)
         return row
 
     def _bytes_down(self, plans) -> int:
@@ -286,7 +325,7 @@ class Simulation:
             if sd.get("config") != cfg.to_json():
                 raise ValueError(f"{cfg.out} holds a run with a different configuration; use another --out")
             self.server.load_state_dict(sd["server"])
-            self.metrics, self.wall = sd["metrics"], sd["wall"]
+            self.metrics, self.wall, self.cpu = sd["metrics"], sd["wall"], sd.get("cpu", 0.0)
             self.log(f"resumed from {ckpt} at round {self.server.round}")
         with open(mpath, "w") as f:  # rewrite: rows after the checkpoint are recomputed
             for row in self.metrics:
@@ -302,7 +341,7 @@ class Simulation:
         self.save(ckpt)
         final = self.evaluate()
         summary = {"config": cfg.to_json(), "final": final, "rounds": self.server.model_version,
-                   "perturbation_schedule": self.server.schedule, "wall_time_s": self.wall,
+                   "perturbation_schedule": self.server.schedule, "wall_time_s": self.wall, "cpu_time_s": self.cpu,
                    "trainable_params": self.n_trainable,
                    "mean_bytes_up_per_client": float(np.mean([m["bytes_up_per_client"] for m in self.metrics])),
                    "rejections": len(self.server.rejections)}
@@ -313,7 +352,7 @@ class Simulation:
 
     def save(self, path):
         sd = {"config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": self.metrics,
-              "wall": self.wall}
+              "wall": self.wall, "cpu": self.cpu}
         tmp = path + ".tmp"
         torch.save(sd, tmp)
         os.replace(tmp, path)
