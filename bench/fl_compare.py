@@ -38,6 +38,8 @@ SUITES = {
                     target_modules=MINILM_QV),
         methods={
             "fwdkern": dict(method="fwdkern", perturbations=32, lr=0.1, pacing="auto", max_pacing_attempts=2),
+            "fwdkern_adam": dict(method="fwdkern", perturbations=32, optimizer="fedadam", lr=0.02, pacing="auto",
+                                 max_pacing_attempts=2),
             "backprop": dict(method="backprop", local_lr=0.5),
             "fwdllm": dict(method="fwdllm", perturbations=32, lr=0.1, dist="gaussian"),
             "mezo": dict(method="mezo", perturbations=4, lr=0.1),
@@ -47,17 +49,18 @@ SUITES = {
                     target_modules=MINILM_QV),
         methods={
             "fwdkern": dict(method="fwdkern", perturbations=32, lr=0.1, pacing="auto", max_pacing_attempts=2),
+            "fwdkern_adam": dict(method="fwdkern", perturbations=32, optimizer="fedadam", lr=0.02, pacing="off"),
             "backprop": dict(method="backprop", local_lr=0.5),
             "fwdllm": dict(method="fwdllm", perturbations=32, lr=0.1, dist="gaussian"),
             "mezo": dict(method="mezo", perturbations=4, lr=0.1),
         }),
     # Causal-LM prompt classification: the label word is the next token after the prompt.
     "smollm2": dict(
-        common=dict(model="smollm2-135m", data="bbc_news", task="prompt", max_length=64, rounds=20,
-                    clients_per_round=5, eval_every=5, max_test=100,
+        common=dict(model="smollm2-135m", data="bbc_news", task="prompt", max_length=64, rounds=8,
+                    clients_per_round=5, eval_every=4, max_test=100,
                     target_modules=["layers.29.self_attn.q_proj", "layers.29.self_attn.v_proj"]),
         methods={
-            "fwdkern": dict(method="fwdkern", perturbations=16, lr=0.05),
+            "fwdkern_adam": dict(method="fwdkern", perturbations=16, optimizer="fedadam", lr=0.02, pacing="off"),
             "backprop": dict(method="backprop", local_lr=0.1),
         }),
 }
@@ -76,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--rounds", type=int, default=None, help="override the suite's round count")
+    ap.add_argument("--method-rounds", nargs="*", default=[], metavar="METHOD=N",
+                    help="per-method round count (e.g. fwdllm=10 where a method is too slow for the budget)")
     ap.add_argument("--fresh", action="store_true", help="delete earlier results instead of resuming")
     args = ap.parse_args(argv)
 
@@ -93,9 +98,17 @@ def main(argv=None):
         kw.update(suite["methods"][name])
         if args.rounds:
             kw["rounds"] = args.rounds
+        for mr in args.method_rounds:
+            m, n = mr.split("=")
+            if m == name:
+                kw["rounds"] = int(n)
         kw["out"] = os.path.join(args.out, name)
         if args.fresh:
             shutil.rmtree(kw["out"], ignore_errors=True)
+        done = _finished(kw["out"], RunConfig(**kw).to_json())
+        if done is not None:  # finished earlier with this exact config: reuse, do not rerun
+            results[name] = done
+            continue
         sim = build(RunConfig(**kw), log=lambda s: print(f"[{name}] {s}", flush=True))
         summary = sim.run()
         results[name] = {"summary": summary, "metrics": sim.metrics}
@@ -106,6 +119,17 @@ def main(argv=None):
         except OSError:
             pass
     report(args, suite, results)
+
+
+def _finished(out, config):
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f]
+    except (OSError, ValueError):
+        return None
+    return {"summary": summary, "metrics": metrics} if summary.get("config") == config else None
 
 
 def report(args, suite, results):
