@@ -32,6 +32,7 @@ from fwdkern.fl.simulation import RunConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(REPO, "examples", "flower")
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(fa.__file__))))  # holds fwdkern/
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(30)]
 
 
@@ -400,7 +401,9 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
     overrides.write_text(f"run-config = '{json.dumps(cfg.to_json())}'\nround-timeout = 60.0\n"
                          "node-timeout = 60.0\npoll-interval = 0.1\n")
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               # The fwdkern this test imported (the repo in development, site-packages under CI, where
+               # the clone has no compiled _C), so server and clients run the same code as the test.
+               PYTHONPATH=os.pathsep.join([PKG_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                OMP_NUM_THREADS="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
     bindir = os.path.dirname(sys.executable)
 
