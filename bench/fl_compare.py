@@ -135,6 +135,25 @@ def _finished(out, config):
     return {"summary": summary, "metrics": metrics} if summary.get("config") == config else None
 
 
+def markdown(out) -> str:
+    env = out["environment"]
+    rows = out["methods"]
+    bp_up = rows.get("backprop", {}).get("mean_bytes_up_per_client")
+    lines = [f"{out['suite']}: {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, {env['date']}", "",
+             "| method | steps | final acc | best acc | wall s | CPU s | up B/client/round | down B/client/round "
+             "| upload vs backprop |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        ratio = f"{bp_up / r['mean_bytes_up_per_client']:.0f}x less" if bp_up and m != "backprop" else "-"
+        lines.append(f"| {m} | {r['steps']} | {r['final_accuracy']} | {r['best_accuracy']} | {r['wall_time_s']} | "
+                     f"{r['cpu_time_s']} | {r['mean_bytes_up_per_client']} | {r['mean_bytes_down_per_client']} | {ratio} |")
+    lines += ["", "| time to accuracy | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for t, per in out["time_to_accuracy"].items():
+        cells = [f"{v['cpu_s']:.0f} CPU s (round {v['round']})" if v["round"] is not None else "not reached"
+                 for v in per.values()]
+        lines.append(f"| >= {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(args, suite, results):
     from bench.common import environment
 
@@ -165,6 +184,8 @@ def report(args, suite, results):
                                         for m in rows} for t in sorted(marks)}
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
         json.dump(out, f, indent=1)
+    with open(os.path.join(args.out, "comparison.md"), "w") as f:
+        f.write(markdown(out))
     print(json.dumps({m: {k: v for k, v in r.items() if k != "curve"} for m, r in rows.items()}, indent=1))
     print(json.dumps(out["time_to_accuracy"], indent=1))
     try:
