@@ -161,3 +161,18 @@ def test_accuracy_rises_end_to_end(learnable, tmp_path):
     assert after >= 0.75 and after >= before + 0.2, (before, accs, after)
     losses = [r["loss"] for r in sim.metrics if r["loss"] is not None]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10  # training loss falls too
+
+
+def test_demo_replaces_a_stale_demo_run_but_train_refuses(tiny, tmp_path):
+    from fwdkern.cli import _drop_stale_demo
+
+    out = tmp_path / "demo"
+    build(_cfg(tiny, out, rounds=2), log=lambda *a: None).run()
+    same = _cfg(tiny, out, rounds=2)
+    _drop_stale_demo(same)  # same settings: kept (it resumes)
+    assert (out / "checkpoint.pt").exists()
+    other = _cfg(tiny, out, rounds=2, lr=0.5)
+    with pytest.raises(ValueError, match="different configuration"):
+        build(other, log=lambda *a: None).run()  # train: refuses
+    _drop_stale_demo(other)  # demo: replaced
+    assert not out.exists()
