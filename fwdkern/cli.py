@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 # K=32 per client is affordable. Server SGD barely moves (lr 0.1: loss 1.61 -> 1.59, accuracy
 # 0.17-0.34 over 40 steps); FedAdam lr 0.02 normalizes the noisy estimate per coordinate:
 # accuracy 0.315 / 0.365 / 0.56 / 0.51 after 5 / 10 / 15 / 20 steps, loss 1.61 -> 1.33
-# (403 s on one contended core).
+# (133 s on the quiet 2-core machine; the same numbers on one contended core, deterministic).
 DEMO_DEFAULTS = dict(model="all-minilm-l6-v2", data="bbc_news", clients=100, clients_per_round=10, rounds=20,
                      perturbations=32, optimizer="fedadam", lr=0.02, pacing="off", max_length=64, max_test=200,
                      eval_every=5, target_modules=["layer.5.attention.self.query", "layer.5.attention.self.value"],
