@@ -2,7 +2,6 @@
 mapping, parity with the embedded runner through an in-process Grid, and one real deployment
 (flower-superlink + 2 flower-supernode processes + `flwr run`) compared with the embedded runner.
 """
-import csv
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from fwdkern.fl import flower_app as fa  # noqa: E402
 from fwdkern.fl.protocol import RoundPlan, Update, UpdateRejected  # noqa: E402
 from fwdkern.fl.runner import build  # noqa: E402
 from fwdkern.fl.simulation import RunConfig  # noqa: E402
+from _tiny_models import save_tiny_bert, write_csv  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(REPO, "examples", "flower")
@@ -39,26 +39,25 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in ra
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random BERT classifier and a CSV data set, saved to a folder (no downloads)."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny_flower")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (d / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=2, initializer_range=0.3)
-    BertForSequenceClassification(cfg).save_pretrained(str(d))
+    d = save_tiny_bert(tmp_path_factory.mktemp("tiny_flower"), WORDS, layers=1, max_positions=32)
     rng = random.Random(0)
-    with open(d / "data.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sentence", "sentiment"])
-        for _ in range(120):
-            lab = rng.randrange(2)
-            toks = [rng.choice(WORDS[6:]) for _ in range(rng.randrange(2, 6))]
-            toks.insert(0, rng.choice(WORDS[:3] if lab else WORDS[3:6]))
-            w.writerow([" ".join(toks), "pos" if lab else "neg"])
+    rows = []
+    for _ in range(120):
+        lab = rng.randrange(2)
+        toks = [rng.choice(WORDS[6:]) for _ in range(rng.randrange(2, 6))]
+        toks.insert(0, rng.choice(WORDS[:3] if lab else WORDS[3:6]))
+        rows.append([" ".join(toks), "pos" if lab else "neg"])
+    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
     return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    # _cfg pins one thread (the Flower processes run with OMP_NUM_THREADS=1, and bitwise parity
+    # needs the same reduction order); build() sets it process-wide, so give it back afterwards.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _cfg(tiny, out, **kw):

@@ -1,5 +1,4 @@
 """Embedded federated simulation end to end on a tiny random BERT (no downloads)."""
-import csv
 import json
 import os
 import random
@@ -11,31 +10,22 @@ pytest.importorskip("transformers")
 
 from fwdkern.fl.runner import build  # noqa: E402
 from fwdkern.fl.simulation import RunConfig, Simulation  # noqa: E402
+from _tiny_models import save_tiny_bert, write_csv  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (d / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.3)
-    BertForSequenceClassification(cfg).save_pretrained(str(d))
+    d = save_tiny_bert(tmp_path_factory.mktemp("tiny"), WORDS)
     rng = random.Random(0)
-    with open(d / "data.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sentence", "sentiment"])
-        for _ in range(200):
-            lab = rng.randrange(2)
-            toks = [rng.choice(WORDS[6:]) for _ in range(rng.randrange(2, 6))]
-            toks.insert(0, rng.choice(WORDS[:3] if lab else WORDS[3:6]))
-            w.writerow([" ".join(toks), "pos" if lab else "neg"])
+    rows = []
+    for _ in range(200):
+        lab = rng.randrange(2)
+        toks = [rng.choice(WORDS[6:]) for _ in range(rng.randrange(2, 6))]
+        toks.insert(0, rng.choice(WORDS[:3] if lab else WORDS[3:6]))
+        rows.append([" ".join(toks), "pos" if lab else "neg"])
+    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
     return d
 
 
@@ -123,26 +113,16 @@ def learnable(tmp_path_factory):
     """A tiny random BERT whose pooled features separate the classes (linear probe ~98%):
     sentences are mostly polarity words, and initializer_range 0.1 keeps the pooler out of
     tanh saturation. (The `tiny` fixture's features are near-constant: nothing can learn there.)"""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("learnable")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (d / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.1)
-    BertForSequenceClassification(cfg).save_pretrained(str(d))
+    d = save_tiny_bert(tmp_path_factory.mktemp("learnable"), WORDS, initializer_range=0.1)
     rng = random.Random(0)
-    with open(d / "data.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sentence", "sentiment"])
-        for _ in range(240):
-            lab = rng.randrange(2)
-            toks = [rng.choice(WORDS[:3] if lab else WORDS[3:6]) for _ in range(rng.randrange(2, 5))]
-            toks += [rng.choice(WORDS[6:]) for _ in range(rng.randrange(0, 3))]
-            rng.shuffle(toks)
-            w.writerow([" ".join(toks), "pos" if lab else "neg"])
+    rows = []
+    for _ in range(240):
+        lab = rng.randrange(2)
+        toks = [rng.choice(WORDS[:3] if lab else WORDS[3:6]) for _ in range(rng.randrange(2, 5))]
+        toks += [rng.choice(WORDS[6:]) for _ in range(rng.randrange(0, 3))]
+        rng.shuffle(toks)
+        rows.append([" ".join(toks), "pos" if lab else "neg"])
+    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
     return d
 
 

@@ -1,0 +1,26 @@
+"""Tiny randomly initialised models and data sets saved to folders (no downloads), shared by the FL tests."""
+import csv
+
+import torch
+
+
+def save_tiny_bert(d, words, *, layers=2, max_positions=64, initializer_range=0.3, num_labels=2):
+    """A BertForSequenceClassification + word-level tokenizer over `words`, saved to folder `d`."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
+    (d / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=max_positions, num_labels=num_labels,
+                     initializer_range=initializer_range)
+    BertForSequenceClassification(cfg).save_pretrained(str(d))
+    return d
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
