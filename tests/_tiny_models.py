@@ -24,3 +24,17 @@ def write_csv(path, header, rows):
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+
+
+def sentiment_rows(words, n, seed=0):
+    """[sentence, pos|neg] rows: one polarity word (words[:3] pos, words[3:6] neg) + 2-5 fillers."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        lab = rng.randrange(2)
+        toks = [rng.choice(words[6:]) for _ in range(rng.randrange(2, 6))]
+        toks.insert(0, rng.choice(words[:3] if lab else words[3:6]))
+        rows.append([" ".join(toks), "pos" if lab else "neg"])
+    return rows

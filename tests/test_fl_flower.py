@@ -28,7 +28,7 @@ from fwdkern.fl import flower_app as fa  # noqa: E402
 from fwdkern.fl.protocol import RoundPlan, Update, UpdateRejected  # noqa: E402
 from fwdkern.fl.runner import build  # noqa: E402
 from fwdkern.fl.simulation import RunConfig  # noqa: E402
-from _tiny_models import save_tiny_bert, write_csv  # noqa: E402
+from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(REPO, "examples", "flower")
@@ -40,14 +40,7 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in ra
 def tiny(tmp_path_factory):
     """A tiny random BERT classifier and a CSV data set, saved to a folder (no downloads)."""
     d = save_tiny_bert(tmp_path_factory.mktemp("tiny_flower"), WORDS, layers=1, max_positions=32)
-    rng = random.Random(0)
-    rows = []
-    for _ in range(120):
-        lab = rng.randrange(2)
-        toks = [rng.choice(WORDS[6:]) for _ in range(rng.randrange(2, 6))]
-        toks.insert(0, rng.choice(WORDS[:3] if lab else WORDS[3:6]))
-        rows.append([" ".join(toks), "pos" if lab else "neg"])
-    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
+    write_csv(d / "data.csv", ["sentence", "sentiment"], sentiment_rows(WORDS, 120))
     return d
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from fwdkern.fl.runner import build  # noqa: E402
 from fwdkern.fl.simulation import RunConfig, Simulation  # noqa: E402
-from _tiny_models import save_tiny_bert, write_csv  # noqa: E402
+from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
 
@@ -18,14 +18,7 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in ra
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = save_tiny_bert(tmp_path_factory.mktemp("tiny"), WORDS)
-    rng = random.Random(0)
-    rows = []
-    for _ in range(200):
-        lab = rng.randrange(2)
-        toks = [rng.choice(WORDS[6:]) for _ in range(rng.randrange(2, 6))]
-        toks.insert(0, rng.choice(WORDS[:3] if lab else WORDS[3:6]))
-        rows.append([" ".join(toks), "pos" if lab else "neg"])
-    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
+    write_csv(d / "data.csv", ["sentence", "sentiment"], sentiment_rows(WORDS, 200))
     return d
 
 
