@@ -87,7 +87,6 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="delete earlier results instead of resuming")
     args = ap.parse_args(argv)
 
-    from bench.common import environment
     from fwdkern.fl.runner import build
     from fwdkern.fl.simulation import RunConfig
 

@@ -130,33 +130,13 @@ def train(args) -> int:
     if isinstance(kw["label_column"], str) and kw["label_column"].lower() == "none":
         kw["label_column"] = None
     cfg = RunConfig(**kw)
-    if args.cmd == "demo":
-        _drop_stale_demo(cfg)
     sim = build(cfg)
-    summary = sim.run()
+    # The demo is a canned job: an earlier demo run with other settings (e.g. from an older
+    # fwdkern) is replaced; `train` keeps refusing to mix configurations in one --out.
+    summary = sim.run(replace_other_run=args.cmd == "demo")
     print(f"done: {summary['rounds']} steps, final {summary['final']}, wall {summary['wall_time_s']:.1f}s, "
           f"mean upload {summary['mean_bytes_up_per_client']:.0f} B/client/round -> {cfg.out}")
     return 0
-
-
-def _drop_stale_demo(cfg) -> None:
-    """The demo is a canned job: an earlier demo run with other settings (e.g. from an older
-    fwdkern) is replaced instead of refused; `train` keeps refusing to mix configurations."""
-    import os
-    import shutil
-
-    import torch
-
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
-    if not os.path.exists(ckpt):
-        return
-    try:
-        same = torch.load(ckpt, weights_only=False).get("config") == cfg.to_json()
-    except Exception:  # unreadable (e.g. killed mid-write by an old version): start over
-        same = False
-    if not same:
-        print(f"{cfg.out} holds a demo run with other settings; starting a fresh one")
-        shutil.rmtree(cfg.out)
 
 
 def _cuda() -> bool:

@@ -337,30 +337,27 @@ def _binary_parts(a, b):
     return primal(a), primal(b), tangent(a), tangent(b)
 
 
-@_register(torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
-def _add(a, b, *, alpha=1, out=None):
+def _add_sub(op, sign, a, b, alpha, out):
+    """a + sign * alpha * b: tangent ȧ + sign * alpha * ḃ."""
     if out is not None:
         return NotImplemented
     ap, bp, at, bt = _binary_parts(a, b)
-    y = _plain(torch.add, ap, bp, alpha=alpha) if alpha != 1 else _plain(torch.add, ap, bp)
+    y = _plain(op, ap, bp, alpha=alpha) if alpha != 1 else _plain(op, ap, bp)
     n = y.dim()
-    if bt is not None and alpha != 1:
-        bt = bt * alpha
+    if bt is not None and sign * alpha != 1:
+        bt = bt * (sign * alpha)
     t = _align(at, n) if bt is None else (_align(bt, n) if at is None else _align(at, n) + _align(bt, n))
     return _fix(y, t)
+
+
+@_register(torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+def _add(a, b, *, alpha=1, out=None):
+    return _add_sub(torch.add, 1, a, b, alpha, out)
 
 
 @_register(torch.sub, torch.Tensor.sub, torch.Tensor.__sub__)
 def _sub(a, b, *, alpha=1, out=None):
-    if out is not None:
-        return NotImplemented
-    ap, bp, at, bt = _binary_parts(a, b)
-    y = _plain(torch.sub, ap, bp, alpha=alpha) if alpha != 1 else _plain(torch.sub, ap, bp)
-    n = y.dim()
-    if bt is not None:
-        bt = -bt * alpha
-    t = _align(at, n) if bt is None else (_align(bt, n) if at is None else _align(at, n) + _align(bt, n))
-    return _fix(y, t)
+    return _add_sub(torch.sub, -1, a, b, alpha, out)
 
 
 @_register(torch.Tensor.__rsub__)

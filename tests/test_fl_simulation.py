@@ -137,15 +137,13 @@ def test_accuracy_rises_end_to_end(learnable, tmp_path):
 
 
 def test_demo_replaces_a_stale_demo_run_but_train_refuses(tiny, tmp_path):
-    from fwdkern.cli import _drop_stale_demo
-
     out = tmp_path / "demo"
     build(_cfg(tiny, out, rounds=2), log=lambda *a: None).run()
-    same = _cfg(tiny, out, rounds=2)
-    _drop_stale_demo(same)  # same settings: kept (it resumes)
-    assert (out / "checkpoint.pt").exists()
+    logs = []
+    build(_cfg(tiny, out, rounds=2), log=logs.append).run(replace_other_run=True)
+    assert any("resumed" in m for m in logs)  # same settings: kept (it resumes)
     other = _cfg(tiny, out, rounds=2, lr=0.5)
     with pytest.raises(ValueError, match="different configuration"):
         build(other, log=lambda *a: None).run()  # train: refuses
-    _drop_stale_demo(other)  # demo: replaced
-    assert not out.exists()
+    build(other, log=lambda *a: None).run(replace_other_run=True)  # demo: replaced
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"] == other.to_json()

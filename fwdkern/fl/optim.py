@@ -52,6 +52,18 @@ class _Opt:
         self.t = sd["t"]
         self.state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in sd["state"].items()}
 
+    @torch.no_grad()
+    def step(self, params: dict, grads: dict):
+        """One server step: every named tensor moves by _delta (computed in float32)."""
+        lr = self.schedule(self.t)
+        for name, g in grads.items():
+            p = params[name]
+            p.copy_((p.float() - self._delta(name, p, g.float(), lr)).to(p.dtype))
+        self.t += 1
+
+    def _delta(self, name, p, g, lr):
+        raise NotImplementedError
+
 
 class SGD(_Opt):
     linear = True
@@ -60,21 +72,15 @@ class SGD(_Opt):
         super().__init__(lr)
         self.momentum, self.weight_decay = momentum, weight_decay
 
-    @torch.no_grad()
-    def step(self, params: dict, grads: dict):
-        lr = self.schedule(self.t)
-        for name, g in grads.items():
-            p = params[name]
-            g = g.float()
-            if self.weight_decay:
-                g = g + self.weight_decay * p.float()
-            if self.momentum:
-                buf = self.state.setdefault(name, {}).get("m")
-                buf = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
-                self.state[name]["m"] = buf
-                g = buf
-            p.copy_((p.float() - lr * g).to(p.dtype))
-        self.t += 1
+    def _delta(self, name, p, g, lr):
+        if self.weight_decay:
+            g = g + self.weight_decay * p.float()
+        if self.momentum:
+            buf = self.state.setdefault(name, {}).get("m")
+            buf = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
+            self.state[name]["m"] = buf
+            g = buf
+        return lr * g
 
 
 class _Adaptive(_Opt):
@@ -88,20 +94,14 @@ class _Adaptive(_Opt):
     def _second(self, v, g2):
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, params: dict, grads: dict):
-        lr = self.schedule(self.t)
-        for name, g in grads.items():
-            p = params[name]
-            g = g.float()
-            st = self.state.setdefault(name, {})
-            m = st.get("m", torch.zeros_like(g))
-            v = st.get("v", torch.full_like(g, self.tau**2))
-            m.mul_(self.b1).add_((1 - self.b1) * g)
-            v = self._second(v, g * g)
-            st["m"], st["v"] = m, v
-            p.copy_((p.float() - lr * m / (v.sqrt() + self.tau)).to(p.dtype))
-        self.t += 1
+    def _delta(self, name, p, g, lr):
+        st = self.state.setdefault(name, {})
+        m = st.get("m", torch.zeros_like(g))
+        v = st.get("v", torch.full_like(g, self.tau**2))
+        m.mul_(self.b1).add_((1 - self.b1) * g)
+        v = self._second(v, g * g)
+        st["m"], st["v"] = m, v
+        return lr * m / (v.sqrt() + self.tau)
 
 
 class FedAdam(_Adaptive):

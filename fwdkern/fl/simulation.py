@@ -189,35 +189,31 @@ class Simulation:
         if self.task not in ("classification", "prompt") or not self.test.labels:
             return {}
         correct, tot = 0, 0
-        if self.prompt is not None:
-            for i in range(0, len(self.test), 16):
-                pred = self.prompt.predict(self.model, self.test.texts[i:i + 16])
-                correct += int((pred == torch.tensor(self.test.labels[i:i + 16])).sum())
-                tot += len(pred)
-            return {"accuracy": correct / max(1, tot)}
-        for i in range(0, len(self.test), 32):
-            b = self._batch(self.test.texts[i:i + 32], self.test.labels[i:i + 32])
-            labels = b.pop("labels")
-            logits = self.model(**b).logits
-            correct += int((logits.argmax(-1) == labels).sum())
+        step = 16 if self.prompt is not None else 32
+        for i in range(0, len(self.test), step):
+            texts, labels = self.test.texts[i:i + step], torch.tensor(self.test.labels[i:i + step])
+            correct += int((self._predict(texts, labels) == labels).sum())
             tot += len(labels)
         return {"accuracy": correct / max(1, tot)}
+
+    def _predict(self, texts, labels) -> torch.Tensor:
+        if self.prompt is not None:  # label-word logits at the last prompt position
+            return self.prompt.predict(self.model, texts)
+        b = self._batch(texts, labels.tolist())
+        b.pop("labels")
+        return self.model(**b).logits.argmax(-1)
 
     # ------------------------------------------------------------------ rounds
     def _run_round_backprop(self) -> dict:
         """LoRA FedAvg: clients start from the global adapter, take local SGD steps with
         autograd and upload their full trainable tensors; the server averages."""
         cfg, srv = self.cfg, self.server
-        t0, c0 = time.perf_counter(), time.process_time()
-        rng = np.random.default_rng(derive_seed(cfg.seed, srv.round, 0, 1) % (2**63))
-        chosen = sorted(rng.choice(cfg.clients, size=min(cfg.clients_per_round, cfg.clients), replace=False).tolist())
+        _, answering = self._choose_clients()
         params = srv.params
         start = {n: p.detach().clone() for n, p in params.items()}
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         n_tot, loss_tot, answered = 0, 0.0, 0
-        for c in chosen:
-            if cfg.dropout and rng.random() < cfg.dropout:
-                continue
+        for c in answering:
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(start[n])
@@ -245,17 +241,10 @@ class Simulation:
                 p.copy_(start[n] + (total[n] / max(1, n_tot)).to(p.dtype))
         srv.model_version += 1
         srv.round += 1
-        self.wall += time.perf_counter() - t0
-        self.cpu += time.process_time() - c0
         upload = 4 * self.n_trainable
-        row = {"round": srv.round - 1, "attempt": 0, "stepped": answered > 0, "loss": loss_tot / max(1, n_tot),
-               "perturbations": 0, "variance": None, "threshold": None, "bytes_up_per_client": upload,
-               "bytes_down_per_client": upload, "accepted": answered, "rejected": 0}
-        if cfg.eval_every and srv.model_version % cfg.eval_every == 0:
-            row.update(self.evaluate())
-        row["wall_time_s"] = round(self.wall, 3)
-        row["cpu_time_s"] = round(self.cpu, 3)
-        return row
+        return {"round": srv.round - 1, "attempt": 0, "stepped": answered > 0, "loss": loss_tot / max(1, n_tot),
+                "perturbations": 0, "variance": None, "threshold": None, "bytes_up_per_client": upload,
+                "bytes_down_per_client": upload, "accepted": answered, "rejected": 0}
 
     def _choose_clients(self) -> tuple:
         """(sampled, answering) client indices of the current round/attempt, both sorted.
@@ -274,10 +263,23 @@ class Simulation:
         return [self.client_update(c, plan) for c, plan in plans.items()]
 
     def run_round(self) -> dict:
-        if self.cfg.method == "backprop":
-            return self._run_round_backprop()
-        cfg, srv = self.cfg, self.server
+        """One round (or pacing attempt): its metrics row, with an evaluation when the model
+        version advanced onto a multiple of eval_every; evaluation is not counted in the times."""
         t0, c0 = time.perf_counter(), time.process_time()
+        version = self.server.model_version
+        row = self._run_round_backprop() if self.cfg.method == "backprop" else self._run_round_seeded()
+        self.wall += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
+        v, every = self.server.model_version, self.cfg.eval_every
+        if every and v != version and v % every == 0:
+            row.update(self.evaluate())
+        row["wall_time_s"] = round(self.wall, 3)
+        row["cpu_time_s"] = round(self.cpu, 3)
+        return row
+
+    def _run_round_seeded(self) -> dict:
+        """Seed-and-scalar round (fwdkern, mezo, fwdllm): plans out, scalar updates back."""
+        cfg, srv = self.cfg, self.server
         chosen, answering = self._choose_clients()
         plans = srv.plan_round([f"client{c}" for c in chosen])
         # The exchange gets {client index: plan} in sorted client order and returns the
@@ -289,21 +291,14 @@ class Simulation:
             srv.submit(upd)
             up.append(upd.nbytes if isinstance(upd, Update) else len(upd))
         info = srv.finish_round()
-        self.wall += time.perf_counter() - t0
-        self.cpu += time.process_time() - c0
         if cfg.method == "fwdllm":  # as released: clients upload full trainable-size gradients
             up = [4 * self.n_trainable for _ in up]
-        row = {"round": info["round"], "attempt": info["attempt"], "stepped": info.get("stepped", False),
-               "loss": info.get("loss"), "perturbations": info.get("perturbations", 0),
-               "variance": info.get("variance"), "threshold": info.get("threshold"),
-               "bytes_up_per_client": int(np.mean(up)) if up else 0,
-               "bytes_down_per_client": self._bytes_down(plans), "accepted": info["accepted"],
-               "rejected": info["rejected"]}
-        if info.get("stepped") and cfg.eval_every and (srv.model_version % cfg.eval_every == 0):
-            row.update(self.evaluate())
-        row["wall_time_s"] = round(self.wall, 3)
-        row["cpu_time_s"] = round(self.cpu, 3)
-        return row
+        return {"round": info["round"], "attempt": info["attempt"], "stepped": info.get("stepped", False),
+                "loss": info.get("loss"), "perturbations": info.get("perturbations", 0),
+                "variance": info.get("variance"), "threshold": info.get("threshold"),
+                "bytes_up_per_client": int(np.mean(up)) if up else 0,
+                "bytes_down_per_client": self._bytes_down(plans), "accepted": info["accepted"],
+                "rejected": info["rejected"]}
 
     def _bytes_down(self, plans) -> int:
         # Clients holding the previous version replay (seed, ks, coeffs) when the server optimizer is
@@ -315,15 +310,26 @@ class Simulation:
         return plan_bytes + 4 * self.n_trainable
 
     # ------------------------------------------------------------------ driver
-    def run(self) -> dict:
+    def run(self, replace_other_run: bool = False) -> dict:
+        """Run (or resume from `out`'s checkpoint) to `rounds` steps. A checkpoint of another
+        configuration is refused, or with `replace_other_run` (the canned demo) started over."""
         cfg = self.cfg
         os.makedirs(cfg.out, exist_ok=True)
         ckpt = os.path.join(cfg.out, "checkpoint.pt")
         mpath = os.path.join(cfg.out, "metrics.jsonl")
+        sd = None
         if os.path.exists(ckpt):
-            sd = torch.load(ckpt, weights_only=False)
-            if sd.get("config") != cfg.to_json():
-                raise ValueError(f"{cfg.out} holds a run with a different configuration; use another --out")
+            try:
+                sd = torch.load(ckpt, weights_only=False)
+            except Exception:  # unreadable (e.g. written by an older version)
+                if not replace_other_run:
+                    raise
+            if sd is None or sd.get("config") != cfg.to_json():
+                if not replace_other_run:
+                    raise ValueError(f"{cfg.out} holds a run with a different configuration; use another --out")
+                self.log(f"{cfg.out} holds a run with other settings; starting a fresh one")
+                sd = None
+        if sd is not None:
             self.server.load_state_dict(sd["server"])
             self.metrics, self.wall, self.cpu = sd["metrics"], sd["wall"], sd.get("cpu", 0.0)
             self.log(f"resumed from {ckpt} at round {self.server.round}")
