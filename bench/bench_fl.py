@@ -32,8 +32,8 @@ PROVIDERS = {"fwdkern": 32, "fwdllm": 32, "mezo": 4, "backprop": 0}
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    from fwdkern.fl.runner import build
-    from fwdkern.fl.simulation import RunConfig
+    from fwdkern.fl.simulation import build
+    from fwdkern.fl.config import RunConfig
 
     cfg = RunConfig(model="all-minilm-l6-v2", data="bbc_news", max_length=64, target_modules=MINILM_QV,
                     out=str(tmp_path_factory.mktemp("fl")), pacing="off")
@@ -43,10 +43,10 @@ def sim(tmp_path_factory):
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_client_round(benchmark, sim, provider):
     K = PROVIDERS[provider]
-    batch = sim.client_batches(3, 0)[0]
-    names = [p for _, p, _ in sim.trainable]
+    batch = sim.task.client_batches(3, 0)[0]
+    names = [p for _, p, _ in sim.task.trainable]
     dist = "gaussian" if provider == "fwdllm" else "rademacher"
-    params = [t for _, _, t in sim.trainable]
+    params = [t for _, _, t in sim.task.trainable]
 
     if provider == "fwdkern":
         def step():

@@ -87,8 +87,8 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="delete earlier results instead of resuming")
     args = ap.parse_args(argv)
 
-    from fwdkern.fl.runner import build
-    from fwdkern.fl.simulation import RunConfig
+    from fwdkern.fl.simulation import build
+    from fwdkern.fl.config import RunConfig
 
     suite = SUITES[args.suite]
     methods = args.methods or list(suite["methods"])

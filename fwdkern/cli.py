@@ -105,7 +105,7 @@ DEMO_DEFAULTS = dict(model="all-minilm-l6-v2", data="bbc_news", clients=100, cli
 def _add_run_args(p):
     import dataclasses
 
-    from .fl.simulation import RunConfig
+    from .fl.config import RunConfig
 
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -123,8 +123,8 @@ def _add_run_args(p):
 def train(args) -> int:
     import dataclasses
 
-    from .fl.runner import build
-    from .fl.simulation import RunConfig
+    from .fl.simulation import build
+    from .fl.config import RunConfig
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     if isinstance(kw["label_column"], str) and kw["label_column"].lower() == "none":

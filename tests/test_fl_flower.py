@@ -17,6 +17,8 @@ import urllib.request
 import pytest
 import torch
 
+import fwdkern
+
 pytest.importorskip("flwr", reason="flwr is not installed (pip install flwr==1.41.0)")
 pytest.importorskip("transformers")
 
@@ -24,15 +26,15 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.common.serde import (context_from_proto, context_to_proto, recorddict_from_proto,  # noqa: E402
                                recorddict_to_proto)
 
-from fwdkern.fl import flower_app as fa  # noqa: E402
+from fwdkern.fl import flower as fa  # noqa: E402
 from fwdkern.fl.protocol import RoundPlan, Update, UpdateRejected  # noqa: E402
-from fwdkern.fl.runner import build  # noqa: E402
-from fwdkern.fl.simulation import RunConfig  # noqa: E402
+from fwdkern.fl.simulation import build  # noqa: E402
+from fwdkern.fl.config import RunConfig  # noqa: E402
 from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(REPO, "examples", "flower")
-PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(fa.__file__))))  # holds fwdkern/
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fwdkern.__file__)))  # holds fwdkern/
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(30)]
 
 

@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from fwdkern.fl.prompt import PromptTask  # noqa: E402
-from fwdkern.fl.runner import build  # noqa: E402
-from fwdkern.fl.simulation import RunConfig  # noqa: E402
+from fwdkern.fl.simulation import build  # noqa: E402
+from fwdkern.fl.config import RunConfig  # noqa: E402
 
 WORDS = ["good", "great", "bad", "awful", "pos", "neg", "Topic:", "x"] + [f"w{i}" for i in range(20)]
 

@@ -10,7 +10,9 @@ import torch
 
 import fwdkern
 from fwdkern.fl import SGD, FedAdam, FedYogi, LRSchedule, RoundPlan, Server, Update, split_groups
-from fwdkern.fl.server import VariancePacing, apply_replay, derive_seed
+from fwdkern.fl.pacing import VariancePacing
+from fwdkern.fl.server import derive_seed
+from fwdkern.fl.task import apply_replay
 
 SHAPES = {"a": (16, 8), "b": (8, 16), "head": (5,)}
 

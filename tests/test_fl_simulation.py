@@ -8,8 +8,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from fwdkern.fl.runner import build  # noqa: E402
-from fwdkern.fl.simulation import RunConfig, Simulation  # noqa: E402
+from fwdkern.fl.simulation import build  # noqa: E402
+from fwdkern.fl.config import RunConfig  # noqa: E402
+from fwdkern.fl.simulation import Simulation  # noqa: E402
 from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]

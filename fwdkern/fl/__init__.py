@@ -9,4 +9,5 @@ seeds and scalars crosses the wire.
 from .protocol import RoundPlan, Update, UpdateRejected, validate_update  # noqa: F401
 from .optim import SGD, FedAdam, FedYogi, LRSchedule  # noqa: F401
 from .server import Server  # noqa: F401
+from .config import RunConfig  # noqa: F401
 from .splitting import split_groups  # noqa: F401

@@ -113,6 +113,15 @@ def train_test_split(n: int, test_fraction: float, seed: int):
     return sorted(perm[n_test:].tolist()), perm[:n_test].tolist()
 
 
+def federated_split(dataset: TextDataset, cfg) -> tuple:
+    """(train, test, client partitions of train) for a run: the same on every participant."""
+    train_idx, test_idx = train_test_split(len(dataset), cfg.test_fraction, cfg.seed)
+    train = dataset.subset(train_idx)
+    test = dataset.subset(test_idx[: cfg.max_test])
+    labels = train.labels if train.labels is not None else [0] * len(train)
+    return train, test, partition(labels, cfg.clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed)
+
+
 def partition(labels, num_clients: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
               min_size: int = 1) -> list:
     """Split example indices among clients: "iid", "dirichlet" (label skew, Dir(alpha) per class)

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
+from .._seed import join_seed, split_seed
+
 
 class UpdateRejected(ValueError):
     """A client update that must not be applied (the reason names the problem)."""
@@ -36,14 +38,14 @@ class RoundPlan:
         d["ks"] = list(self.ks)
         d["param_ids"] = list(self.param_ids)
         # ConfigRecord ints are signed 64-bit: ship the seed as two 32-bit halves.
-        d["seed_lo"], d["seed_hi"] = self.seed & 0xFFFFFFFF, self.seed >> 32
+        d["seed_lo"], d["seed_hi"] = split_seed(self.seed)
         del d["seed"]
         return d
 
     @classmethod
     def from_config(cls, d: dict) -> "RoundPlan":
         return cls(client_id=str(d["client_id"]), round=int(d["round"]), model_version=int(d["model_version"]),
-                   seed=int(d["seed_lo"]) | (int(d["seed_hi"]) << 32), ks=tuple(int(k) for k in d["ks"]),
+                   seed=join_seed(d["seed_lo"], d["seed_hi"]), ks=tuple(int(k) for k in d["ks"]),
                    param_ids=tuple(int(p) for p in d["param_ids"]), num_batches=int(d["num_batches"]),
                    dist=str(d["dist"]))
 

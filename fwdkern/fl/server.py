@@ -8,24 +8,27 @@ optimizer. The gradient estimate for tensor T is
 
     g_T = sum_{u perturbing T} w_u / W_T * (1 / K_u) * sum_j jvp_{u,j} * v(seed, pid_T, k_{u,j})
 
-rebuilt with ``seeded_axpy_`` (no perturbation is materialized).
+rebuilt with ``seeded_axpy_`` (no perturbation is materialized). Transports and
+baselines reach the server only through its public methods: ``plan_round``,
+``submit``, ``reject``, ``finish_round``, ``advance``, ``replay_chain``.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from ..ops import seeded_axpy_, seeded_dot
+from .pacing import VariancePacing
+from .checkpoint import load_checkpoint, save_checkpoint
 from .protocol import RoundPlan, Update, UpdateRejected, robust_bound, validate_update
 from .splitting import split_groups
 
 log = logging.getLogger("fwdkern.fl")
+
+__all__ = ["Server", "VariancePacing", "derive_seed"]
 
 
 def derive_seed(base: int, *parts: int) -> int:
@@ -36,40 +39,9 @@ def derive_seed(base: int, *parts: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-@dataclass
-class VariancePacing:
-    """FwdLLM's variance-controlled pacing.
-
-    The per-perturbation gradient estimates of a round are split into two halves;
-    the element-wise variance of the two half-means, averaged over all trainable
-    elements, is ``||m1 - m2||^2 / (4 n)``. Above ``threshold`` the server does not
-    step: it keeps the round's estimates and asks for more perturbations at the
-    same model version (a fresh seed), then averages cached + new.
-
-    ``threshold=None`` is automatic: during the first ``calibrate`` steps it
-    records the variance and then uses ``auto_factor`` x their median, so no
-    per-model hand tuning is needed (FwdLLM hand-tunes 0.1-0.2 per model).
-    """
-
-    threshold: Optional[float] = None
-    auto_factor: float = 1.0
-    calibrate: int = 3
-    max_attempts: int = 4
-    history: list = field(default_factory=list)
-
-    def current_threshold(self) -> Optional[float]:
-        if self.threshold is not None:
-            return self.threshold
-        if len(self.history) < self.calibrate:
-            return None
-        calib = sorted(self.history[: self.calibrate])
-        return self.auto_factor * calib[len(calib) // 2]
-
-    def state_dict(self):
-        return {"threshold": self.threshold, "history": list(self.history)}
-
-    def load_state_dict(self, sd):
-        self.threshold, self.history = sd["threshold"], list(sd["history"])
+def _tensor_weight(u: Update, total: float) -> float:
+    """Weight of one of `u`'s jvps in the estimate of a tensor whose updates hold `total` samples."""
+    return u.num_samples / total / len(u.ks)
 
 
 class Server:
@@ -169,11 +141,15 @@ class Server:
             validate_update(update, self.plans.get(cid), current_round=self.round,
                             model_version=self.model_version)
         except UpdateRejected as e:
-            self.rejections.append({"round": self.round, "client": getattr(update, "client_id", None), "reason": str(e)})
-            log.warning("rejected update: %s", e)
+            self.reject(getattr(update, "client_id", None), str(e))
             return False
         self.accepted.append(update)
         return True
+
+    def reject(self, client, reason: str):
+        """Record a rejected update (or reply) of the current round; nothing of it is applied."""
+        self.rejections.append({"round": self.round, "client": client, "reason": reason})
+        log.warning("rejected update from %s: %s", client, reason)
 
     # ------------------------------------------------------------------ aggregation
     def _drop_outliers(self):
@@ -193,9 +169,7 @@ class Server:
         keep = []
         for u, m in zip(self.accepted, mags):
             if m > bound:
-                self.rejections.append({"round": self.round, "client": u.client_id,
-                                        "reason": f"jvp magnitude {m:.3g} above the robust bound {bound:.3g}"})
-                log.warning("rejected update from %s: outlier jvp %.3g > %.3g", u.client_id, m, bound)
+                self.reject(u.client_id, f"jvp magnitude {m:.3g} above the robust bound {bound:.3g}")
             else:
                 keep.append(u)
         self.accepted = keep
@@ -225,7 +199,7 @@ class Server:
             h = i % 2
             for pid in plan.param_ids:
                 name = self.names_by_id[pid]
-                w = u.num_samples / weight[name] / len(u.ks)
+                w = _tensor_weight(u, weight[name])
                 b = batches.setdefault((name, plan.seed, pid), ([], [], {0: ([], []), 1: ([], [])}))
                 b[0].append(k)
                 b[1].append(w * jv)
@@ -275,7 +249,7 @@ class Server:
         for u in self.accepted:
             self.jvp_history.extend(abs(j) for j in u.jvps)
         self.jvp_history = self.jvp_history[-4096:]
-        if self.optimizer.linear and not getattr(self.optimizer, "momentum", 0.0):
+        if self.replayable:
             lr = self.optimizer.schedule(self.optimizer.t)
             self.replay_log.append(self._replay_record(attempts, lr))
         self.optimizer.step(self.params, grads)
@@ -296,10 +270,28 @@ class Server:
             for u in updates:
                 plan = plans[u.client_id]
                 for pid in plan.param_ids:
-                    name = self.names_by_id[pid]
-                    w = u.num_samples / weight[name] / len(u.ks)
+                    w = _tensor_weight(u, weight[self.names_by_id[pid]])
                     ops.append((plan.seed, pid, list(u.ks), [-lr * w * j for j in u.jvps]))
         return {"from_version": self.model_version, "ops": ops}
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a client can rebuild each step from (seed, ks, coefficients): plain SGD only."""
+        return bool(self.optimizer.linear and not getattr(self.optimizer, "momentum", 0.0))
+
+    def replay_chain(self, start: int, stop: int) -> Optional[list]:
+        """The replay records taking model version `start` to `stop`, or None when some step has none."""
+        if not self.replayable:
+            return None
+        by_version = {rec["from_version"]: rec for rec in self.replay_log}
+        chain = [by_version.get(v) for v in range(start, stop)]
+        return None if any(r is None for r in chain) else chain
+
+    def advance(self):
+        """Close a round whose step was applied outside the seed protocol (the backprop baseline)."""
+        self.model_version += 1
+        self.round += 1
+        self.attempt = 0
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -326,23 +318,7 @@ class Server:
         self.rejections = list(sd["rejections"])
 
     def save(self, path: str):
-        """Atomic checkpoint: write a temp file in the same folder, then rename over."""
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix="tmp-ckpt-", suffix=".pt")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_checkpoint(path, self.state_dict())
 
     def load(self, path: str):
-        self.load_state_dict(torch.load(path, weights_only=False))
-
-
-def apply_replay(params: dict, names_by_id: dict, record: dict, dist: str = "rademacher"):
-    """Client side: reproduce a server SGD step from its replay record."""
-    for seed, pid, ks, coeffs in record["ops"]:
-        seeded_axpy_(params[names_by_id[pid]], seed, pid, ks, coeffs, dist)
+        self.load_state_dict(load_checkpoint(path))

