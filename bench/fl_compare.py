@@ -117,7 +117,7 @@ def main(argv=None):
         # The checkpoint holds a full copy of the trainable tensors and optimizer state; keep
         # results small enough to commit.
         try:
-            os.remove(os.path.join(kw["out"], "checkpoint.pt"))
+            os.remove(os.path.join(kw["out"], "checkpoint.safetensors"))
         except OSError:
             pass
     report(args, suite, results)

@@ -29,6 +29,7 @@ from flwr.common.serde import (context_from_proto, context_to_proto, recorddict_
 from fwdkern.fl import flower as fa  # noqa: E402
 from fwdkern.fl.protocol import RoundPlan, Update, UpdateRejected  # noqa: E402
 from fwdkern.fl.simulation import build  # noqa: E402
+from fwdkern.fl.checkpoint import load_checkpoint  # noqa: E402
 from fwdkern.fl.config import RunConfig  # noqa: E402
 from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
@@ -434,7 +435,7 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
                                     "--port", str(_free_port()), "--node-config", f"partition-id={c}"])
         run = start("flwr_run", [exe("flwr"), "run", PROJECT, "e2e", "--stream", "--run-config", str(overrides)])
         summary = tmp_path / "flower" / "summary.json"
-        while True:  # summary.json is written last (after checkpoint.pt and metrics.jsonl)
+        while True:  # summary.json is written last (after the checkpoint and metrics.jsonl)
             try:
                 json.loads(summary.read_text())
                 break
@@ -463,7 +464,7 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
     # each SGD step as a per-update sum of seeded_axpy_ calls while the server sums per tensor then
     # steps, so clients evaluate at weights within float32 rounding of the server's: not bitwise,
     # hence rtol 1e-5 / atol 1e-6 (sync="weights" is bit-identical, see the in-process test).
-    got = torch.load(tmp_path / "flower" / "checkpoint.pt", weights_only=False)["server"]["params"]
+    got = load_checkpoint(tmp_path / "flower" / "checkpoint.safetensors")["server"]["params"]
     exp = _params(ref)
     assert set(got) == set(exp)
     for n in exp:

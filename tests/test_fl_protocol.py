@@ -69,7 +69,7 @@ def test_gradient_estimate_is_unbiased_direction():
     plans = server.plan_round(["c0", "c1"])
     for plan in plans.values():
         server.submit(client_update(server, plan, target))
-    grads, var, count = server._estimate([(plans, server.accepted)])
+    grads, var, _, count = server._estimate([(plans, server.accepted)])
     assert count == 128 and var is not None and var > 0
     g = torch.cat([grads[n].flatten() for n in SHAPES])
     true = torch.cat([(server.params[n] - target[n]).flatten() for n in SHAPES])
@@ -174,7 +174,7 @@ def test_pacing_requests_more_perturbations():
 
 
 def test_pacing_auto_threshold():
-    pacing = VariancePacing(threshold=None, calibrate=2, auto_factor=1.0)
+    pacing = VariancePacing(threshold=None)
     server, target = make(perturbations_per_client=2, pacing=pacing)
     run_rounds(server, target, 8)
     assert pacing.current_threshold() is not None and pacing.current_threshold() > 0
@@ -209,12 +209,12 @@ def test_replay_reproduces_sgd_step():
 
 
 def test_checkpoint_resume_is_bit_identical(tmp_path):
-    ref, target = make(perturbations_per_client=2, optimizer=FedYogi(0.05), pacing=VariancePacing(None, calibrate=2))
+    ref, target = make(perturbations_per_client=2, optimizer=FedYogi(0.05), pacing=VariancePacing(None))
     run_rounds(ref, target, 6)
-    s1, _ = make(perturbations_per_client=2, optimizer=FedYogi(0.05), pacing=VariancePacing(None, calibrate=2))
+    s1, _ = make(perturbations_per_client=2, optimizer=FedYogi(0.05), pacing=VariancePacing(None))
     run_rounds(s1, target, 3)
     s1.save(str(tmp_path / "ckpt.pt"))
-    s2, _ = make(perturbations_per_client=2, optimizer=FedYogi(0.05), pacing=VariancePacing(None, calibrate=2))
+    s2, _ = make(perturbations_per_client=2, optimizer=FedYogi(0.05), pacing=VariancePacing(None))
     s2.load(str(tmp_path / "ckpt.pt"))
     run_rounds(s2, target, 3)
     for n in SHAPES:

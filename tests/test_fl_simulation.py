@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 from fwdkern.fl.simulation import build  # noqa: E402
+from fwdkern.fl.checkpoint import load_checkpoint  # noqa: E402
 from fwdkern.fl.config import RunConfig  # noqa: E402
 from fwdkern.fl.simulation import Simulation  # noqa: E402
 from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
@@ -46,7 +47,7 @@ def test_run_writes_metrics_and_summary(tiny, tmp_path):
     # Seeds and scalars only: a few hundred bytes per client per round.
     assert all(0 < r["bytes_up_per_client"] < 1024 for r in rows if r["accepted"])
     assert summary["perturbation_schedule"] and all(k > 0 for k in summary["perturbation_schedule"])
-    assert os.path.exists(tmp_path / "run" / "summary.json") and os.path.exists(tmp_path / "run" / "checkpoint.pt")
+    assert os.path.exists(tmp_path / "run" / "summary.json") and os.path.exists(tmp_path / "run" / "checkpoint.safetensors")
 
 
 def test_kill_and_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
@@ -147,4 +148,4 @@ def test_demo_replaces_a_stale_demo_run_but_train_refuses(tiny, tmp_path):
     with pytest.raises(ValueError, match="different configuration"):
         build(other, log=lambda *a: None).run()  # train: refuses
     build(other, log=lambda *a: None).run(replace_other_run=True)  # demo: replaced
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"] == other.to_json()
+    assert load_checkpoint(out / "checkpoint.safetensors")["config"] == other.to_json()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,6 +15,14 @@ def _opt(default, help: str, choices=None, **extra):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting (the message names the option and what it accepts)."""
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 METHODS = ("fwdkern", "mezo", "fwdllm", "backprop")
@@ -68,9 +77,85 @@ class RunConfig:
     task: str = _opt("auto", "auto (classification if labelled, else causal LM), classification, prompt "
                      "(causal LM predicts the label word) or causal_lm", TASKS)
     prompt_template: str = _opt("{text}\nTopic:", "task=prompt: the label word follows this prompt")
+    wire: str = _opt("fp32", "encoding of the clients' uploads: fp32 / fp16 binary, sign (1 bit per value, "
+                     "FeedSign style) or json", ("fp32", "fp16", "sign", "json"))
+    max_failed_rounds: int = _opt(10, "stop with an error after this many consecutive rounds without a valid update")
 
     def to_json(self):
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown RunConfig fields {unknown}")
+        return cls(**d)
+
+    def validate(self) -> "RunConfig":
+        """Refuse impossible settings up front (ConfigError naming the field and what is allowed)."""
+        for f, meta in fields_help():
+            v = getattr(self, f.name)
+            if "choices" in meta and v not in meta["choices"]:
+                raise ConfigError(f"--{_flag(f.name)}: {v!r} is not one of {', '.join(map(str, meta['choices']))}")
+            if f.type in ("int", "float") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"--{_flag(f.name)}: expected a number, got {v!r}")
+            if f.type == "float" and not math.isfinite(v):
+                raise ConfigError(f"--{_flag(f.name)}: {v} is not finite")
+
+        def need(ok, flag, what):
+            if not ok:
+                raise ConfigError(f"--{flag}: {what}")
+
+        need(self.clients >= 1, "clients", f"needs at least 1 client, got {self.clients}")
+        need(1 <= self.clients_per_round <= self.clients, "clients-per-round",
+             f"must be between 1 and --clients ({self.clients}), got {self.clients_per_round}")
+        need(self.rounds >= 1, "rounds", f"must be at least 1, got {self.rounds}")
+        need(self.batch_size >= 1, "batch-size", f"must be at least 1, got {self.batch_size}")
+        need(self.local_batches >= 1, "local-batches", f"must be at least 1, got {self.local_batches}")
+        need(self.max_length >= 2, "max-length", f"must be at least 2 tokens, got {self.max_length}")
+        need(self.max_test >= 1, "max-test", f"must be at least 1, got {self.max_test}")
+        need(0.0 < self.test_fraction < 1.0, "test-fraction", f"must be in (0, 1), got {self.test_fraction}")
+        need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1) (1 = no client ever answers), got {self.dropout}")
+        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(self.local_lr > 0, "local-lr", f"must be positive, got {self.local_lr}")
+        need(self.eps > 0, "eps", f"must be positive, got {self.eps}")
+        need(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        need(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+        need(self.perturbations >= 1, "perturbations", f"must be at least 1, got {self.perturbations}")
+        need(self.perturbations <= 4096, "perturbations", f"at most 4096 per client, got {self.perturbations}")
+        need(self.max_pacing_attempts >= 1, "max-pacing-attempts", f"must be at least 1, got {self.max_pacing_attempts}")
+        need(self.candidates >= 1, "candidates", f"must be at least 1, got {self.candidates}")
+        need(self.r >= 1, "r", f"LoRA rank must be at least 1, got {self.r}")
+        need(self.dirichlet_alpha > 0, "dirichlet-alpha", f"must be positive, got {self.dirichlet_alpha}")
+        need(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval-every/--checkpoint-every", "must be >= 0")
+        need(self.num_threads >= 0, "num-threads", f"must be >= 0, got {self.num_threads}")
+        need(self.max_failed_rounds >= 1, "max-failed-rounds", f"must be at least 1, got {self.max_failed_rounds}")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.pacing not in ("off", "auto"):
+            try:
+                thr = float(self.pacing)
+            except ValueError:
+                raise ConfigError(f"--pacing: expected off, auto or a positive number, got {self.pacing!r}") from None
+            need(thr > 0 and math.isfinite(thr), "pacing", f"a threshold must be positive, got {self.pacing}")
+        need("{text}" in self.prompt_template, "prompt-template", "must contain {text}")
+        if self.target_modules is not None:
+            need(isinstance(self.target_modules, list) and self.target_modules
+                 and all(isinstance(t, str) and t for t in self.target_modules), "target-modules",
+                 "expected one or more module names")
+        return self
+
+    def resume_differences(self, saved: dict) -> list:
+        """Fields of a saved run's config that this config may not change on resume ([] = compatible).
+
+        Extending --rounds is allowed (unless a decaying lr schedule spans the old total), as are
+        the evaluation/checkpoint cadence, the thread count and the failure limit."""
+        mine = self.to_json()
+        free = {"rounds", "eval_every", "checkpoint_every", "num_threads", "max_failed_rounds", "out"}
+        if self.decay != "constant":  # the schedule's length is --rounds
+            free.discard("rounds")
+        keys = sorted(set(mine) | set(saved))
+        return [k for k in keys if k not in free and mine.get(k) != saved.get(k)]
 
 
 def fields_help():

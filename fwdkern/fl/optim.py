@@ -52,6 +52,10 @@ class _Opt:
         self.t = sd["t"]
         self.state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in sd["state"].items()}
 
+    def finite(self) -> bool:
+        """Whether every state tensor is finite (the server rolls a step back otherwise)."""
+        return all(bool(torch.isfinite(t).all()) for st in self.state.values() for t in st.values())
+
     @torch.no_grad()
     def step(self, params: dict, grads: dict):
         """One server step: every named tensor moves by _delta (computed in float32)."""
@@ -84,12 +88,18 @@ class SGD(_Opt):
 
 
 class _Adaptive(_Opt):
-    """FedOpt family (Reddi et al.): server-side Adam/Yogi on the pseudo-gradient."""
+    """FedOpt family (Reddi et al.): server-side Adam/Yogi on the pseudo-gradient.
 
-    def __init__(self, lr=1e-2, betas=(0.9, 0.99), tau=1e-3):
+    With ``bias_correction`` (default) the moments are divided by 1 - beta^t as in Adam, so the
+    first steps are not shrunk (m) or inflated (v) by the zero initialisation; FedOpt as published
+    (and Flower's strategies) omit it: ``bias_correction=False``.
+    """
+
+    def __init__(self, lr=1e-2, betas=(0.9, 0.99), tau=1e-3, bias_correction: bool = True):
         super().__init__(lr)
         self.b1, self.b2 = betas
         self.tau = tau
+        self.bias_correction = bool(bias_correction)
 
     def _second(self, v, g2):
         raise NotImplementedError
@@ -101,6 +111,9 @@ class _Adaptive(_Opt):
         m.mul_(self.b1).add_((1 - self.b1) * g)
         v = self._second(v, g * g)
         st["m"], st["v"] = m, v
+        if self.bias_correction:
+            t = self.t + 1
+            return lr * (m / (1 - self.b1 ** t)) / ((v / (1 - self.b2 ** t)).sqrt() + self.tau)
         return lr * m / (v.sqrt() + self.tau)
 
 

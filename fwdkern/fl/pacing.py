@@ -8,35 +8,42 @@ from typing import Optional
 
 @dataclass
 class VariancePacing:
-    """FwdLLM's variance-controlled pacing.
+    """Variance-controlled pacing.
 
-    The per-perturbation gradient estimates of a round are split into two halves;
-    the element-wise variance of the two half-means, averaged over all trainable
-    elements, is ``||m1 - m2||^2 / (4 n)``. Above ``threshold`` the server does not
-    step: it keeps the round's estimates and asks for more perturbations at the
-    same model version (a fresh seed), then averages cached + new.
+    The round's updates are split by client into two halves (alternating in client order),
+    each half gives its own (sample-weighted, per-tensor normalised) gradient estimate m1, m2,
+    so the spread between them holds the client-to-client noise as well as the perturbation
+    noise. Two measures are recorded every round:
 
-    ``threshold=None`` is automatic: during the first ``calibrate`` steps it
-    records the variance and then uses ``auto_factor`` x their median, so no
-    per-model hand tuning is needed (FwdLLM hand-tunes 0.1-0.2 per model).
+    * ``variance`` = ``||m1 - m2||^2 / (4 n)``: FwdLLM's element-wise variance of the half
+      means (absolute, model dependent: FwdLLM hand-tunes 0.1-0.2 per model);
+    * ``noise_ratio`` = ``||m1 - m2||^2 / ||m1 + m2||^2``: the estimate's noise energy over its
+      signal energy (scale-free: it follows the gradient's size as training moves).
+
+    ``threshold=None`` (``--pacing auto``) compares ``noise_ratio`` with ``relative``; a number
+    (``--pacing 0.1``) compares FwdLLM's ``variance`` with it. Above the threshold the server
+    does not step: it keeps the round's updates and asks for another attempt (a fresh seed, a
+    client round) at the same model version, then estimates from cached + new, up to
+    ``max_attempts`` client rounds per step.
     """
 
     threshold: Optional[float] = None
-    auto_factor: float = 1.0
-    calibrate: int = 3
+    relative: float = 1.0
     max_attempts: int = 4
     history: list = field(default_factory=list)
 
-    def current_threshold(self) -> Optional[float]:
+    def exceeded(self, variance: Optional[float], noise_ratio: Optional[float]) -> Optional[bool]:
+        """Whether the estimate is too noisy (None when the round gives no measure)."""
         if self.threshold is not None:
-            return self.threshold
-        if len(self.history) < self.calibrate:
-            return None
-        calib = sorted(self.history[: self.calibrate])
-        return self.auto_factor * calib[len(calib) // 2]
+            return None if variance is None else variance > self.threshold
+        return None if noise_ratio is None else noise_ratio > self.relative
+
+    def current_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else self.relative
 
     def state_dict(self):
-        return {"threshold": self.threshold, "history": list(self.history)}
+        return {"threshold": self.threshold, "relative": self.relative, "history": list(self.history)}
 
     def load_state_dict(self, sd):
         self.threshold, self.history = sd["threshold"], list(sd["history"])
+        self.relative = sd.get("relative", self.relative)

@@ -1,16 +1,108 @@
-"""Messages of the seed-and-scalar protocol and their validation."""
+"""Messages of the seed-and-scalar protocol, their wire formats and their validation.
+
+A :class:`RoundPlan` tells a client what to compute; its :class:`Update` answers with scalars
+only. Two blocks of perturbation indices may be planned:
+
+* ``ks`` over the tensors ``param_ids``: the client returns one directional derivative
+  (jvp) of its loss per index -- forward gradients through the body of the model;
+* ``head_ks`` over the tensors ``head_ids`` (optional): the client returns the projection of
+  its exact head pseudo-gradient on each seeded direction (the head's gradient needs no pass
+  through the body, see :mod:`fwdkern.fl.task`).
+
+Updates travel as a compact binary record (:data:`ENCODINGS`: ``fp32``, ``fp16`` with one fp32
+scale per block, or ``sign``: 1 bit per value plus one fp32 scale, FeedSign style) or as JSON
+(debugging; ~27 B per value). Whatever arrives is parsed strictly: types, sizes and ranges
+are checked at the boundary and anything invalid is an :class:`UpdateRejected`, never another
+exception.
+"""
 from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
+
 from .._seed import join_seed, split_seed
+
+U32 = 1 << 32
+MAX_UPDATE_BYTES = 64 * 1024  # an update is scalars: anything larger is refused before parsing
+MAX_VALUES = 16384  # scalars per block
+MAX_CLIENT_ID = 128  # characters
+MAX_SAMPLES = (1 << 31) - 1
+# |jvp| above this is refused outright: the estimate's squares (FedAdam's second moment)
+# must stay finite in float32 whatever the weights and the number of terms.
+MAX_ABS_VALUE = 1e15
+MAX_EXTRA_KEYS = 16
+ENCODINGS = ("fp32", "fp16", "sign", "json")
 
 
 class UpdateRejected(ValueError):
     """A client update that must not be applied (the reason names the problem)."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    if not _is_int(value):
+        raise UpdateRejected(f"malformed update: {name} is {type(value).__name__}, not int")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise UpdateRejected(f"{name} {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _ints(values, name: str, limit: int = MAX_VALUES) -> tuple:
+    if not isinstance(values, (list, tuple)):
+        raise UpdateRejected(f"malformed update: {name} is {type(values).__name__}, not a list of ints")
+    if len(values) > limit:
+        raise UpdateRejected(f"{name}: {len(values)} entries (at most {limit})")
+    return tuple(_int(v, f"{name} entry", 0, U32 - 1) for v in values)
+
+
+def _floats(values, name: str) -> tuple:
+    if not isinstance(values, (list, tuple)):
+        raise UpdateRejected(f"malformed update: {name} is {type(values).__name__}, not a list of floats")
+    if len(values) > MAX_VALUES:
+        raise UpdateRejected(f"{name}: {len(values)} entries (at most {MAX_VALUES})")
+    out = []
+    for v in values:
+        if not _is_num(v):
+            raise UpdateRejected(f"malformed update: {name} entry is {type(v).__name__}, not float")
+        v = float(v)
+        if not math.isfinite(v):
+            raise UpdateRejected(f"non-finite {name[:-1] if name.endswith('s') else name} (NaN/Inf)")
+        if abs(v) > MAX_ABS_VALUE:
+            raise UpdateRejected(f"{name} entry {v:.3g} exceeds {MAX_ABS_VALUE:.0e} in magnitude")
+        out.append(v)
+    return tuple(out)
+
+
+def _client_id(value) -> str:
+    if not isinstance(value, str):
+        raise UpdateRejected(f"malformed update: client_id is {type(value).__name__}, not str")
+    if not 0 < len(value) <= MAX_CLIENT_ID:
+        raise UpdateRejected(f"client_id: length {len(value)} (1 to {MAX_CLIENT_ID} characters)")
+    return value
+
+
+def _extra(value) -> dict:
+    if not isinstance(value, dict):
+        raise UpdateRejected(f"malformed update: extra is {type(value).__name__}, not a dict")
+    if len(value) > MAX_EXTRA_KEYS:
+        raise UpdateRejected(f"extra: {len(value)} keys (at most {MAX_EXTRA_KEYS})")
+    for k, v in value.items():
+        if not isinstance(k, str) or not (v is None or isinstance(v, (str, bool, int, float))):
+            raise UpdateRejected("malformed update: extra holds only str keys and scalar values")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -21,6 +113,8 @@ class RoundPlan:
     seed: uint64 perturbation seed. ks: perturbation indices to evaluate.
     param_ids: ids of the tensors to perturb (SPRY splitting; all trainable
     tensors when the split is off). num_batches: local batches to average over.
+    max_samples: most samples an update may claim (0: no cap).
+    head_ks / head_ids: indices and tensors of the projected exact head pseudo-gradient (optional).
     """
 
     client_id: str
@@ -31,28 +125,48 @@ class RoundPlan:
     param_ids: tuple
     num_batches: int = 1
     dist: str = "rademacher"
+    max_samples: int = 0
+    head_ks: tuple = ()
+    head_ids: tuple = ()
 
     def to_config(self) -> dict:
         """Flat dict of ints/strings/int lists (fits a Flower ConfigRecord)."""
         d = asdict(self)
-        d["ks"] = list(self.ks)
-        d["param_ids"] = list(self.param_ids)
+        for k in ("ks", "param_ids", "head_ks", "head_ids"):
+            d[k] = list(getattr(self, k))
         # ConfigRecord ints are signed 64-bit: ship the seed as two 32-bit halves.
         d["seed_lo"], d["seed_hi"] = split_seed(self.seed)
         del d["seed"]
+        for k in ("head_ks", "head_ids"):  # Flower cannot size an empty list; absent means empty
+            if not d[k]:
+                del d[k]
         return d
 
     @classmethod
     def from_config(cls, d: dict) -> "RoundPlan":
-        return cls(client_id=str(d["client_id"]), round=int(d["round"]), model_version=int(d["model_version"]),
-                   seed=join_seed(d["seed_lo"], d["seed_hi"]), ks=tuple(int(k) for k in d["ks"]),
-                   param_ids=tuple(int(p) for p in d["param_ids"]), num_batches=int(d["num_batches"]),
-                   dist=str(d["dist"]))
+        """Inverse of :meth:`to_config`; ValueError naming the field when it is malformed."""
+        try:
+            dist = d.get("dist", "rademacher")
+            if dist not in ("rademacher", "gaussian"):
+                raise UpdateRejected(f"dist {dist!r}")
+            return cls(client_id=_client_id(d["client_id"]), round=_int(d["round"], "round", 0, U32 - 1),
+                       model_version=_int(d["model_version"], "model_version", 0, U32 - 1),
+                       seed=join_seed(_int(d["seed_lo"], "seed_lo", 0, U32 - 1), _int(d["seed_hi"], "seed_hi", 0, U32 - 1)),
+                       ks=_ints(d["ks"], "ks"), param_ids=_ints(d["param_ids"], "param_ids"),
+                       num_batches=_int(d.get("num_batches", 1), "num_batches", 1, MAX_SAMPLES), dist=dist,
+                       max_samples=_int(d.get("max_samples", 0), "max_samples", 0, MAX_SAMPLES),
+                       head_ks=_ints(list(d.get("head_ks", [])), "head_ks"),
+                       head_ids=_ints(list(d.get("head_ids", [])), "head_ids"))
+        except KeyError as e:
+            raise ValueError(f"malformed plan: no {e}") from None
+        except UpdateRejected as e:
+            raise ValueError(f"malformed plan: {e}") from None
 
 
 @dataclass(frozen=True)
 class Update:
-    """A client's answer: one directional derivative per planned perturbation."""
+    """A client's answer: one directional derivative per planned perturbation (and one head
+    projection per planned head index)."""
 
     client_id: str
     round: int
@@ -62,33 +176,181 @@ class Update:
     num_samples: int
     loss: float
     extra: dict = field(default_factory=dict)
+    head: tuple = ()
 
-    def to_bytes(self) -> bytes:
+    # ------------------------------------------------------------------ encodings
+    def to_bytes(self, encoding: str = "json") -> bytes:
+        """The wire record (see the module docstring); ``encoding`` in :data:`ENCODINGS`. The
+        default, JSON, round-trips every float exactly; the binary encodings are what transports send."""
+        if encoding == "json":
+            return self.to_json()
+        if encoding not in _ENC_CODE:
+            raise ValueError(f"encoding: {encoding!r} is not one of {', '.join(ENCODINGS)}")
+        cid = self.client_id.encode("utf-8")
+        extra = json.dumps(self.extra, separators=(",", ":")).encode() if self.extra else b""
+        parts = [_MAGIC, struct.pack("<BBIIIfB", _VERSION, _ENC_CODE[encoding], self.round, self.model_version,
+                                     self.num_samples, self.loss, len(cid)), cid,
+                 _pack_ks(self.ks), _pack_values(self.jvps, encoding), struct.pack("<H", len(self.head)),
+                 _pack_values(self.head, encoding) if self.head else b"", struct.pack("<H", len(extra)), extra]
+        return b"".join(parts)
+
+    def as_sent(self, encoding: str) -> "Update":
+        """This update with its values as the receiver decodes them from `encoding` (fp32/fp16/sign
+        round them), so every transport hands the server the same numbers."""
+        return self if encoding == "json" else Update.from_bytes(self.to_bytes(encoding))
+
+    def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, b: bytes) -> "Update":
+        """Parse a binary or JSON record strictly; UpdateRejected (only) when it is malformed."""
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise UpdateRejected(f"malformed update: {type(b).__name__}, not bytes")
+        b = bytes(b)
+        if len(b) > MAX_UPDATE_BYTES:
+            raise UpdateRejected(f"oversized update ({len(b)} bytes > {MAX_UPDATE_BYTES})")
         try:
-            d = json.loads(b.decode())
-            return cls(client_id=str(d["client_id"]), round=int(d["round"]), model_version=int(d["model_version"]),
-                       ks=tuple(int(k) for k in d["ks"]), jvps=tuple(float(j) for j in d["jvps"]),
-                       num_samples=int(d["num_samples"]), loss=float(d["loss"]), extra=dict(d.get("extra", {})))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise UpdateRejected(f"malformed update: {e}") from None
+            if b[:2] == _MAGIC:
+                return _unpack(b)
+            d = json.loads(b.decode("utf-8"))
+        except UpdateRejected:
+            raise
+        except (ValueError, UnicodeDecodeError, RecursionError, struct.error, OverflowError, TypeError) as e:
+            raise UpdateRejected(f"malformed update: {type(e).__name__}: {str(e)[:120]}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d) -> "Update":
+        if not isinstance(d, dict):
+            raise UpdateRejected(f"malformed update: {type(d).__name__}, not an object")
+        allowed = {"client_id", "round", "model_version", "ks", "jvps", "num_samples", "loss", "extra", "head"}
+        unknown = sorted(str(k)[:40] for k in d if k not in allowed)
+        if unknown:
+            raise UpdateRejected(f"malformed update: unknown fields {unknown[:5]}")
+        missing = sorted({"client_id", "round", "model_version", "ks", "jvps", "num_samples", "loss"} - set(d))
+        if missing:
+            raise UpdateRejected(f"malformed update: missing fields {missing}")
+        u = cls(client_id=d["client_id"], round=d["round"], model_version=d["model_version"], ks=d["ks"],
+                jvps=d["jvps"], num_samples=d["num_samples"], loss=d["loss"], extra=d.get("extra", {}),
+                head=d.get("head", ()))
+        return u.checked()
+
+    def checked(self) -> "Update":
+        """This update with every field type-, size- and range-checked (UpdateRejected otherwise)."""
+        if not _is_num(self.loss) or not math.isfinite(float(self.loss)):
+            if not _is_num(self.loss):
+                raise UpdateRejected(f"malformed update: loss is {type(self.loss).__name__}, not float")
+            raise UpdateRejected("non-finite loss")
+        return Update(client_id=_client_id(self.client_id),
+                      round=_int(self.round, "late or early update: round", 0, U32 - 1),
+                      model_version=_int(self.model_version, "model_version", 0, U32 - 1),
+                      ks=_ints(self.ks, "ks"), jvps=_floats(self.jvps, "jvps"),
+                      num_samples=_int(self.num_samples, "num_samples", 1, MAX_SAMPLES), loss=float(self.loss),
+                      extra=_extra(self.extra), head=_floats(self.head, "head"))
 
     @property
     def nbytes(self) -> int:
+        """Size of the JSON record (``len(u.to_bytes(encoding))`` for another encoding)."""
         return len(self.to_bytes())
 
 
-MAX_UPDATE_BYTES = 64 * 1024
+# ---------------------------------------------------------------------- binary record
+_MAGIC = b"FK"
+_VERSION = 1
+_ENC_CODE = {"fp32": 0, "fp16": 1, "sign": 2}
+_ENC_NAME = {v: k for k, v in _ENC_CODE.items()}
 
 
+def _pack_ks(ks) -> bytes:
+    """A contiguous run (the usual plan) as (start, count); otherwise the explicit list."""
+    ks = [int(k) for k in ks]
+    if ks and ks == list(range(ks[0], ks[0] + len(ks))):
+        return struct.pack("<BIH", 0, ks[0], len(ks))
+    return struct.pack("<BH", 1, len(ks)) + np.asarray(ks, dtype="<u4").tobytes()
+
+
+def _pack_values(values, encoding: str) -> bytes:
+    v = np.asarray(values, dtype=np.float64)
+    if encoding == "fp32":
+        return v.astype("<f4").tobytes()
+    scale = float(np.abs(v).max()) if v.size else 0.0
+    if encoding == "fp16":  # one fp32 scale: no fp16 overflow, ~1e-3 relative precision
+        q = v / scale if scale > 0 else v
+        return struct.pack("<f", scale) + q.astype("<f2").tobytes()
+    # sign: 1 bit per value (1 = negative) and the mean magnitude as the common scale
+    mag = float(np.abs(v).mean()) if v.size else 0.0
+    return struct.pack("<f", mag) + np.packbits(v < 0, bitorder="little").tobytes()
+
+
+class _Reader:
+    def __init__(self, b: bytes):
+        self.b, self.i = b, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.i + n > len(self.b):
+            raise UpdateRejected("malformed update: truncated record")
+        out = self.b[self.i:self.i + n]
+        self.i += n
+        return out
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+
+def _read_ks(r: _Reader) -> tuple:
+    mode, = r.unpack("<B")
+    if mode == 0:
+        start, count = r.unpack("<IH")
+        if start + count > U32:
+            raise UpdateRejected("ks: range beyond 2^32")
+        return tuple(range(start, start + count))
+    if mode == 1:
+        count, = r.unpack("<H")
+        return tuple(int(k) for k in np.frombuffer(r.take(4 * count), dtype="<u4"))
+    raise UpdateRejected(f"malformed update: unknown ks mode {mode}")
+
+
+def _read_values(r: _Reader, count: int, encoding: str) -> tuple:
+    if encoding == "fp32":
+        return tuple(float(x) for x in np.frombuffer(r.take(4 * count), dtype="<f4"))
+    scale, = r.unpack("<f")
+    if encoding == "fp16":
+        q = np.frombuffer(r.take(2 * count), dtype="<f2").astype(np.float64)
+        return tuple(float(x) for x in (q * scale if scale > 0 else q))
+    bits = np.unpackbits(np.frombuffer(r.take((count + 7) // 8), dtype=np.uint8), bitorder="little")[:count]
+    return tuple(float(x) for x in np.where(bits == 1, -scale, scale))
+
+
+def _unpack(b: bytes) -> Update:
+    r = _Reader(b)
+    r.take(2)
+    version, enc, rnd, mv, n, loss, idlen = r.unpack("<BBIIIfB")
+    if version != _VERSION or enc not in _ENC_NAME:
+        raise UpdateRejected(f"malformed update: record version {version} / encoding {enc} not understood")
+    encoding = _ENC_NAME[enc]
+    cid = r.take(idlen).decode("utf-8")
+    ks = _read_ks(r)
+    jvps = _read_values(r, len(ks), encoding)
+    n_head, = r.unpack("<H")
+    head = _read_values(r, n_head, encoding) if n_head else ()
+    n_extra, = r.unpack("<H")
+    extra = json.loads(r.take(n_extra).decode("utf-8")) if n_extra else {}
+    if r.i != len(b):
+        raise UpdateRejected(f"malformed update: {len(b) - r.i} trailing bytes")
+    return Update(cid, rnd, mv, ks, jvps, n, loss, extra, head).checked()
+
+
+# ---------------------------------------------------------------------- validation
 def validate_update(update: Update, plan: Optional[RoundPlan], *, current_round: int, model_version: int,
-                    jvp_bound: Optional[float] = None) -> None:
-    """Raise UpdateRejected unless `update` answers `plan` exactly and sanely."""
+                    jvp_bound: Optional[float] = None) -> Update:
+    """The checked `update` when it answers `plan` exactly and sanely; UpdateRejected otherwise."""
     if not isinstance(update, Update):
         raise UpdateRejected(f"not an Update: {type(update).__name__}")
+    update = update.checked()
+    size = update.nbytes
+    if size > MAX_UPDATE_BYTES:
+        raise UpdateRejected(f"oversized update ({size} bytes > {MAX_UPDATE_BYTES})")
     if plan is None:
         raise UpdateRejected(f"client {update.client_id!r} was not sampled this round")
     if update.client_id != plan.client_id:
@@ -101,16 +363,13 @@ def validate_update(update: Update, plan: Optional[RoundPlan], *, current_round:
         raise UpdateRejected("ks differ from the plan")
     if len(update.jvps) != len(plan.ks):
         raise UpdateRejected(f"{len(update.jvps)} jvps for {len(plan.ks)} planned perturbations")
-    if update.nbytes > MAX_UPDATE_BYTES:
-        raise UpdateRejected(f"oversized update ({update.nbytes} bytes > {MAX_UPDATE_BYTES})")
-    if not all(isinstance(j, float) and math.isfinite(j) for j in update.jvps):
-        raise UpdateRejected("non-finite jvp (NaN/Inf)")
-    if not (isinstance(update.loss, float) and math.isfinite(update.loss)):
-        raise UpdateRejected("non-finite loss")
-    if not isinstance(update.num_samples, int) or update.num_samples <= 0:
-        raise UpdateRejected(f"num_samples must be a positive int, got {update.num_samples!r}")
+    if len(update.head) != len(plan.head_ks):
+        raise UpdateRejected(f"{len(update.head)} head values for {len(plan.head_ks)} planned head directions")
+    if plan.max_samples and update.num_samples > plan.max_samples:
+        raise UpdateRejected(f"num_samples {update.num_samples} above the plan's {plan.max_samples}")
     if jvp_bound is not None and any(abs(j) > jvp_bound for j in update.jvps):
         raise UpdateRejected(f"jvp magnitude above the robust bound {jvp_bound:.3g}")
+    return update
 
 
 def robust_bound(values: Sequence[float], factor: float = 10.0, floor: float = 1e-12,

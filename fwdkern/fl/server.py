@@ -3,17 +3,27 @@
 Per round: ``plan_round(clients)`` -> RoundPlans; ``submit(update)`` for each
 arriving update (validated; rejected ones are logged, never applied);
 ``finish_round()`` aggregates what arrived (dropouts and stragglers simply
-contribute nothing), applies FwdLLM's variance-controlled pacing, and steps the
+contribute nothing), applies variance-controlled pacing, and steps the
 optimizer. The gradient estimate for tensor T is
 
-    g_T = sum_{u perturbing T} w_u / W_T * (1 / K_u) * sum_j jvp_{u,j} * v(seed, pid_T, k_{u,j})
+    g_T = sum_{u, block b of u holding T} w_u / W_T * (1 / K_b) * sum_j value_{u,b,j} * v(seed, pid_T, k_{b,j})
 
-rebuilt with ``seeded_axpy_`` (no perturbation is materialized). Transports and
-baselines reach the server only through its public methods: ``plan_round``,
-``submit``, ``reject``, ``finish_round``, ``advance``, ``replay_chain``.
+(w_u: the update's clipped sample count, W_T: their sum over the updates that cover T;
+blocks: the jvp block ``ks`` and the optional head block ``head_ks``), rebuilt with
+``seeded_axpy_`` (no perturbation is materialized). Transports and baselines reach the
+server only through its public methods: ``plan_round``, ``submit``, ``reject``,
+``finish_round``, ``advance``, ``replay_chain``.
+
+Robustness: every update is parsed strictly (:mod:`fwdkern.fl.protocol`); within a round an
+update whose values are far outside the round's own spread is rejected (the bound needs no
+history: median + 10·max(MAD, median/2) of the per-update magnitudes, or of the smaller one
+when two arrived), sample counts are clipped to the plan's cap and to twice the round's
+median claim, and a step that would leave a weight or the optimizer state non-finite is
+rolled back (the round counts as failed).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from typing import Optional, Sequence
@@ -21,14 +31,18 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops import seeded_axpy_, seeded_dot
-from .pacing import VariancePacing
 from .checkpoint import load_checkpoint, save_checkpoint
+from .pacing import VariancePacing
 from .protocol import RoundPlan, Update, UpdateRejected, robust_bound, validate_update
 from .splitting import split_groups
 
 log = logging.getLogger("fwdkern.fl")
 
 __all__ = ["Server", "VariancePacing", "derive_seed"]
+
+MAX_REJECTIONS_KEPT = 1000  # the rejection log keeps the latest ones (the count is kept in full)
+MAX_WARNINGS_PER_ROUND = 20
+HEAD_K_OFFSET = 1 << 30  # head-block indices: disjoint from the jvp block's
 
 
 def derive_seed(base: int, *parts: int) -> int:
@@ -39,9 +53,17 @@ def derive_seed(base: int, *parts: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def _tensor_weight(u: Update, total: float) -> float:
-    """Weight of one of `u`'s jvps in the estimate of a tensor whose updates hold `total` samples."""
-    return u.num_samples / total / len(u.ks)
+def _lower_median(vals):
+    vals = sorted(vals)
+    return vals[(len(vals) - 1) // 2]
+
+
+def _blocks(plan: RoundPlan, u: Update):
+    """(param ids, ks, values) of each non-empty block of `u` answering `plan`."""
+    out = [(plan.param_ids, u.ks, u.jvps)]
+    if plan.head_ks:
+        out.append((plan.head_ids, plan.head_ks, u.head))
+    return [b for b in out if b[1]]
 
 
 class Server:
@@ -57,15 +79,24 @@ class Server:
         shared: names every client perturbs (e.g. a classifier head).
         pacing: VariancePacing or None.
         candidates: discriminative sampling: draw candidates x K indices, keep the
-            K most aligned (|cosine|) with the previous global gradient (1 = off).
+            K most aligned (|cosine|) with the smoothed previous estimates (1 = off).
+        head: names of the tensors whose exact pseudo-gradient clients project (the head
+            block; they leave the jvp block). head_directions: projections per client.
+        max_samples: the most samples one update may claim (0: no cap).
+        replay_window: replay records kept (clients further behind download weights).
     """
 
     def __init__(self, params: dict, param_ids: dict, optimizer, *, seed: int = 0, perturbations_per_client: int = 1,
                  dist: str = "rademacher", groups: Optional[Sequence[Sequence[str]]] = None, shared: Sequence[str] = (),
-                 pacing: Optional[VariancePacing] = None, candidates: int = 1, robust_factor: float = 10.0):
+                 pacing: Optional[VariancePacing] = None, candidates: int = 1, robust_factor: float = 10.0,
+                 head: Sequence[str] = (), head_directions: int = 0, max_samples: int = 0, replay_window: int = 100,
+                 smoothing: float = 0.9):
         missing = [n for n in params if n not in param_ids]
         if missing:
             raise ValueError(f"param_ids: no id for {missing}")
+        unknown = [n for n in head if n not in params]
+        if unknown:
+            raise ValueError(f"head: {unknown} are not trainable tensors")
         self.params = params
         self.param_ids = dict(param_ids)
         self.names_by_id = {v: k for k, v in self.param_ids.items()}
@@ -73,20 +104,27 @@ class Server:
         self.seed = seed
         self.K = int(perturbations_per_client)
         self.dist = dist
+        self.head = [n for n in params if n in set(head)] if head_directions else []
+        self.M = int(head_directions) if self.head else 0
         self.groups = [list(g) for g in groups] if groups else None
-        self.shared = list(shared)
+        self.shared = [n for n in shared if n not in self.head]
         self.pacing = pacing
         self.candidates = max(1, int(candidates))
         self.robust_factor = robust_factor
+        self.max_samples = int(max_samples)
+        self.replay_window = int(replay_window)
+        self.smoothing = float(smoothing)
         self.round = 0
         self.model_version = 0
         self.attempt = 0
         self.plans: dict = {}
         self.accepted: list = []  # updates of the current attempt
-        self.cache: list = []  # (seed, updates) of attempts rolled back by pacing
+        self.cache: list = []  # (plans, updates) of attempts held back by pacing
         self.rejections: list = []
+        self.rejected_total = 0
+        self._round_rejected = 0
         self.jvp_history: list = []
-        self.prev_grad: Optional[dict] = None
+        self.prev_grad: Optional[dict] = None  # smoothed (EMA) estimate: discriminative sampling ranks against it
         self.schedule: list = []  # perturbations per optimizer step
         self.replay_log: list = []
 
@@ -98,12 +136,13 @@ class Server:
         base = list(range(offset, offset + count))
         if self.candidates <= 1 or self.prev_grad is None:
             return base
-        # Discriminative sampling: score candidates by |cos(v_k, g_prev)| via seeded_dot.
+        # Discriminative sampling: score candidates by |cos(v_k, g_smoothed)| via seeded_dot.
         cands = list(range(offset * self.candidates, (offset + count) * self.candidates))
         score = torch.zeros(len(cands), dtype=torch.float64)
         for pid in pids:
-            g = self.prev_grad[self.names_by_id[pid]]
-            score += seeded_dot(g, seed, pid, cands, self.dist, check_finite=False).double()
+            g = self.prev_grad.get(self.names_by_id[pid])
+            if g is not None:
+                score += seeded_dot(g, seed, pid, cands, self.dist, check_finite=False).double()
         top = torch.topk(score.abs(), count).indices.sort().values
         return [cands[i] for i in top.tolist()]
 
@@ -112,167 +151,238 @@ class Server:
         if len(set(clients)) != len(clients):
             raise ValueError("clients: duplicate client ids")
         seed = self.round_seed()
-        all_ids = tuple(self.param_ids[n] for n in self.params)
+        body = [n for n in self.params if n not in self.head]
+        all_ids = tuple(self.param_ids[n] for n in body)
+        head_ids = tuple(self.param_ids[n] for n in self.head)
         if self.groups:
-            gids = [[self.param_ids[n] for n in g] for g in self.groups]
-            assign = split_groups(gids, list(clients), self.round + self.attempt,
+            gids = [[self.param_ids[n] for n in g if n not in self.head] for g in self.groups]
+            assign = split_groups([g for g in gids if g], list(clients), self.round + self.attempt,
                                   shared=[self.param_ids[n] for n in self.shared])
         else:
             assign = {c: all_ids for c in clients}
         self.plans = {}
         offset = 0
-        for c in clients:
-            ks = self._select_ks(seed, self.K, assign[c], offset)
+        for i, c in enumerate(clients):
+            ks = self._select_ks(seed, self.K, assign[c], offset) if assign[c] else []
             offset += self.K
+            head_ks = tuple(range(HEAD_K_OFFSET + i * self.M, HEAD_K_OFFSET + (i + 1) * self.M)) if self.M else ()
             self.plans[c] = RoundPlan(client_id=c, round=self.round, model_version=self.model_version, seed=seed,
-                                      ks=tuple(ks), param_ids=tuple(assign[c]), dist=self.dist)
+                                      ks=tuple(ks), param_ids=tuple(assign[c]), dist=self.dist,
+                                      max_samples=self.max_samples, head_ks=head_ks,
+                                      head_ids=head_ids if self.M else ())
         self.accepted = []
         return dict(self.plans)
 
     # ------------------------------------------------------------------ updates
     def submit(self, update) -> bool:
-        """Validate and keep an update; False (and a logged reason) when rejected."""
+        """Validate and keep an update; False (and a logged reason) when rejected. Never raises:
+        whatever a client sends costs the server nothing but a line in the rejection log."""
+        cid = None
         try:
-            if isinstance(update, (bytes, bytearray)):
-                update = Update.from_bytes(bytes(update))
+            if isinstance(update, (bytes, bytearray, memoryview)):
+                update = Update.from_bytes(update)
             cid = getattr(update, "client_id", None)
-            if any(u.client_id == cid for u in self.accepted):
-                raise UpdateRejected(f"duplicate update from {cid!r}")
-            validate_update(update, self.plans.get(cid), current_round=self.round,
-                            model_version=self.model_version)
+            plan = self.plans.get(cid) if isinstance(cid, str) else None
+            update = validate_update(update, plan, current_round=self.round, model_version=self.model_version)
+            if any(u.client_id == update.client_id for u in self.accepted):
+                raise UpdateRejected(f"duplicate update from {update.client_id!r}")
         except UpdateRejected as e:
-            self.reject(getattr(update, "client_id", None), str(e))
+            self.reject(cid, str(e))
+            return False
+        except Exception as e:  # noqa: BLE001 -- a hostile object (e.g. a property that raises)
+            self.reject(cid, f"malformed update: {type(e).__name__}")
             return False
         self.accepted.append(update)
         return True
 
     def reject(self, client, reason: str):
         """Record a rejected update (or reply) of the current round; nothing of it is applied."""
+        if not (isinstance(client, str) and len(client) <= 128):
+            client = None if client is None else repr(client)[:64]
+        reason = str(reason)[:300]
         self.rejections.append({"round": self.round, "client": client, "reason": reason})
-        log.warning("rejected update from %s: %s", client, reason)
+        del self.rejections[:-MAX_REJECTIONS_KEPT]
+        self.rejected_total += 1
+        self._round_rejected += 1
+        if self._round_rejected <= MAX_WARNINGS_PER_ROUND:
+            log.warning("rejected update from %s: %s", client, reason)
+        elif self._round_rejected == MAX_WARNINGS_PER_ROUND + 1:
+            log.warning("round %d: more rejections than %d; not logging each", self.round, MAX_WARNINGS_PER_ROUND)
 
     # ------------------------------------------------------------------ aggregation
     def _drop_outliers(self):
-        """Reject updates whose jvp magnitude is far outside this round's robust spread.
+        """Bound each update's influence by this round's robust spread, block by block.
 
-        The bound (median + factor * MAD of the per-update max |jvp|) is taken over the
-        current round's updates, since jvp scales drift as training moves; with fewer
-        than 3 updates, the history of accepted rounds provides it.
+        With three or more updates, one whose max |value| exceeds median + factor * max(MAD,
+        median / 2) of the round's is rejected; with two, the larger is scaled down to that bound
+        taken around the smaller one (a pair cannot say who is the outlier, but neither can move
+        the step by more than a bounded multiple of the other); a lone update is bounded by the
+        history of accepted rounds when there is one. The bound needs no history and follows
+        the scale of the round, which drifts as training moves.
         """
-        mags = [max((abs(j) for j in u.jvps), default=0.0) for u in self.accepted]
-        if len(mags) >= 3:
-            bound = robust_bound(mags, self.robust_factor, min_count=3)
-        else:
-            bound = robust_bound(self.jvp_history, self.robust_factor * 10)
-        if bound is None:
-            return
-        keep = []
-        for u, m in zip(self.accepted, mags):
-            if m > bound:
-                self.reject(u.client_id, f"jvp magnitude {m:.3g} above the robust bound {bound:.3g}")
+        for blk in ("jvps", "head"):
+            mags = [max((abs(j) for j in getattr(u, blk)), default=0.0) for u in self.accepted]
+            if not any(mags):
+                continue
+            clip = len(mags) == 2
+            if len(mags) >= 3:
+                bound = robust_bound(mags, self.robust_factor, min_count=3)
+            elif clip:
+                bound = robust_bound([min(mags)], self.robust_factor, min_count=1)
             else:
-                keep.append(u)
-        self.accepted = keep
+                bound = robust_bound(self.jvp_history, self.robust_factor * 10) if blk == "jvps" else None
+            if bound is None:
+                continue
+            keep = []
+            for u, m in zip(self.accepted, mags):
+                if m <= bound:
+                    keep.append(u)
+                elif clip:
+                    scale = bound / m
+                    keep.append(dataclasses.replace(u, **{blk: tuple(v * scale for v in getattr(u, blk))}))
+                else:
+                    self.reject(u.client_id, f"{'jvp' if blk == 'jvps' else 'head'} magnitude {m:.3g} above the "
+                                             f"robust bound {bound:.3g}")
+            self.accepted = keep
 
-    def _weights(self, attempts) -> dict:
-        """Per tensor: total samples of the updates that perturbed it (W_T in the module docstring)."""
-        weight = {n: 0.0 for n in self.params}
-        for plans, updates in attempts:
-            for u in updates:
-                for pid in plans[u.client_id].param_ids:
-                    weight[self.names_by_id[pid]] += u.num_samples
-        return weight
+    def _sample_weights(self, attempts) -> dict:
+        """client id -> sample weight: its claim, clipped to twice the round's (lower) median claim."""
+        claims = [u.num_samples for _, us in attempts for u in us]
+        cap = 2 * _lower_median(claims) if claims else 0
+        return {u.client_id: min(u.num_samples, cap) for _, us in attempts for u in us}
+
+    def _terms(self, attempts, halves: bool = False):
+        """(name, seed, pid, k, coefficient, half) of every seeded term of the estimate: the
+        coefficient of v(seed, pid, k) in tensor `name`'s estimate (in the estimate of the
+        update's half, normalised within that half, when `halves`)."""
+        weights = self._sample_weights(attempts)
+        members = [(plans[u.client_id], u) for plans, updates in attempts for u in updates]
+        total: dict = {}
+        for i, (plan, u) in enumerate(members):
+            for pids, _, _ in _blocks(plan, u):
+                for pid in pids:
+                    key = (self.names_by_id[pid], i % 2 if halves else 0)
+                    total[key] = total.get(key, 0.0) + weights[u.client_id]
+        for i, (plan, u) in enumerate(members):
+            h = i % 2 if halves else 0
+            w = weights[u.client_id]
+            for pids, ks, vals in _blocks(plan, u):
+                for pid in pids:
+                    name = self.names_by_id[pid]
+                    c = w / total[(name, h)] / len(ks)
+                    for k, v in zip(ks, vals):
+                        yield name, plan.seed, pid, k, c * v, h
+
+    def _accumulate(self, terms, n_out: int) -> list:
+        """[{name: estimate}] x n_out from `_terms` rows: one seeded_axpy_ per (output, tensor, seed, pid)."""
+        outs = [{n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+                for _ in range(n_out)]
+        batches: dict = {}
+        for name, seed, pid, k, c, h in terms:
+            b = batches.setdefault((h, name, seed, pid), ([], []))
+            b[0].append(k)
+            b[1].append(c)
+        for (h, name, seed, pid), (ks, cs) in batches.items():
+            seeded_axpy_(outs[h][name], seed, pid, ks, cs, self.dist)
+        return outs
 
     def _estimate(self, attempts) -> tuple:
-        """(gradient dict, variance, perturbations) from [(plans, updates), ...]."""
-        grads = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
-        halves = [{n: torch.zeros_like(g) for n, g in grads.items()} for _ in range(2)]
-        weight = self._weights(attempts)
-        # Which half each (update, j) belongs to: alternate in arrival order.
-        entries = [(plans[u.client_id], u, k, jv) for plans, updates in attempts for u in updates
-                   for k, jv in zip(u.ks, u.jvps)]
-        count = len(entries)
-        per_half = [(count + 1) // 2, count // 2]
-        # One seeded_axpy_ per (tensor, seed): ks/coeffs of all its perturbations at once.
-        batches = {}
-        for i, (plan, u, k, jv) in enumerate(entries):
-            h = i % 2
-            for pid in plan.param_ids:
-                name = self.names_by_id[pid]
-                w = _tensor_weight(u, weight[name])
-                b = batches.setdefault((name, plan.seed, pid), ([], [], {0: ([], []), 1: ([], [])}))
-                b[0].append(k)
-                b[1].append(w * jv)
-                b[2][h][0].append(k)
-                b[2][h][1].append(jv)
-        for (name, seed, pid), (ks, cs, hv) in batches.items():
-            seeded_axpy_(grads[name], seed, pid, ks, cs, self.dist)
-            for h in (0, 1):
-                if hv[h][0]:
-                    seeded_axpy_(halves[h][name], seed, pid, hv[h][0], hv[h][1], self.dist)
-        var = None
-        if per_half[0] and per_half[1]:
-            tot, n = 0.0, 0
+        """(gradient dict, variance, noise ratio, perturbations) from [(plans, updates), ...]."""
+        grads = self._accumulate(self._terms(attempts), 1)[0]
+        members = [u for _, us in attempts for u in us]
+        count = sum(len(u.ks) for u in members)
+        var = ratio = None
+        if len(members) >= 2:  # client-level halves: the spread holds the client-to-client noise
+            m1, m2 = self._accumulate(self._terms(attempts, halves=True), 2)
+            diff = sig = 0.0
+            n = 0
             for name in grads:
-                d = halves[0][name] / per_half[0] - halves[1][name] / per_half[1]
-                tot += float((d.double() ** 2).sum())
+                d = (m1[name] - m2[name]).double()
+                diff += float((d ** 2).sum())
+                sig += float(((m1[name] + m2[name]).double() ** 2).sum())
                 n += d.numel()
-            var = tot / (4 * max(n, 1))
-        return grads, var, count
+            var = diff / (4 * max(n, 1))
+            ratio = diff / sig if sig > 0 else None
+        return grads, var, ratio, count
+
+    def _step(self, grads) -> bool:
+        """Optimizer step; rolled back (False) when a weight or the optimizer state would go non-finite."""
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        opt_state = self.optimizer.state_dict()
+        if all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            self.optimizer.step(self.params, grads)
+            ok = all(bool(torch.isfinite(p).all()) for p in self.params.values()) and self.optimizer.finite()
+        else:
+            ok = False
+        if not ok:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+            self.optimizer.load_state_dict(opt_state)
+        return ok
+
+    def _close_round(self):
+        self.round += 1
+        self.attempt = 0
+        self.cache = []
+        self._round_rejected = 0
 
     def finish_round(self) -> dict:
         """Aggregate the accepted updates; step or (pacing) ask for more. Returns round info."""
         self._drop_outliers()
         info = {"round": self.round, "attempt": self.attempt, "accepted": len(self.accepted),
-                "rejected": sum(1 for r in self.rejections if r["round"] == self.round)}
+                "rejected": self._round_rejected}
         if not self.accepted and not self.cache:
             info.update(stepped=False, reason="no valid updates")
-            self.round += 1
-            self.attempt = 0
+            self._close_round()
             return info
         attempts = self.cache + [(dict(self.plans), list(self.accepted))]
-        grads, var, count = self._estimate(attempts)
-        info.update(variance=var, perturbations=count,
-                    loss=sum(u.loss * u.num_samples for _, us in attempts for u in us)
-                    / max(1, sum(u.num_samples for _, us in attempts for u in us)))
-        if self.pacing is not None and var is not None:
-            thr = self.pacing.current_threshold()
-            info["threshold"] = thr
-            if thr is not None and var > thr and self.attempt + 1 < self.pacing.max_attempts:
+        grads, var, ratio, count = self._estimate(attempts)
+        weights = self._sample_weights(attempts)
+        info.update(variance=var, noise_ratio=ratio, perturbations=count,
+                    loss=sum(u.loss * weights[u.client_id] for _, us in attempts for u in us)
+                    / max(1, sum(weights.values())))
+        if self.pacing is not None:
+            info["threshold"] = self.pacing.current_threshold()
+            if self.pacing.exceeded(var, ratio) and self.attempt + 1 < self.pacing.max_attempts:
                 self.cache = attempts
                 self.attempt += 1
                 info["stepped"] = False
                 info["reason"] = "variance above threshold: more perturbations requested"
                 return info
-            if thr is None:
-                self.pacing.history.append(var)
+            self.pacing.history.append(ratio if self.pacing.threshold is None else var)
+            del self.pacing.history[:-1000]
+        lr = self.optimizer.schedule(self.optimizer.t)
+        if not self._step(grads):
+            info.update(stepped=False, reason="the step would make weights or optimizer state non-finite")
+            self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
+            self._close_round()
+            return info
         for u in self.accepted:
             self.jvp_history.extend(abs(j) for j in u.jvps)
         self.jvp_history = self.jvp_history[-4096:]
         if self.replayable:
-            lr = self.optimizer.schedule(self.optimizer.t)
             self.replay_log.append(self._replay_record(attempts, lr))
-        self.optimizer.step(self.params, grads)
-        self.prev_grad = grads
+            del self.replay_log[:-self.replay_window]
+        if self.candidates > 1:  # the direction discriminative sampling ranks against: smoothed, not raw
+            a = self.smoothing
+            prev = self.prev_grad
+            self.prev_grad = {n: g.clone() if prev is None else prev[n].mul(a).add_(g, alpha=1 - a)
+                              for n, g in grads.items()}
         self.schedule.append(count)
         self.model_version += 1
-        self.round += 1
-        self.attempt = 0
-        self.cache = []
+        self._close_round()
         info["stepped"] = True
         return info
 
     def _replay_record(self, attempts, lr) -> dict:
         """(seed, pid, ks, coeffs) list that reproduces this SGD step on a client: KBs, not weights."""
-        weight = self._weights(attempts)
-        ops = []
-        for plans, updates in attempts:
-            for u in updates:
-                plan = plans[u.client_id]
-                for pid in plan.param_ids:
-                    w = _tensor_weight(u, weight[self.names_by_id[pid]])
-                    ops.append((plan.seed, pid, list(u.ks), [-lr * w * j for j in u.jvps]))
-        return {"from_version": self.model_version, "ops": ops}
+        ops: dict = {}
+        for name, seed, pid, k, c, _ in self._terms(attempts):
+            op = ops.setdefault((seed, pid), (seed, pid, [], []))
+            op[2].append(k)
+            op[3].append(-lr * c)
+        return {"from_version": self.model_version, "ops": [tuple(op) for op in ops.values()]}
 
     @property
     def replayable(self) -> bool:
@@ -287,22 +397,28 @@ class Server:
         chain = [by_version.get(v) for v in range(start, stop)]
         return None if any(r is None for r in chain) else chain
 
-    def advance(self):
-        """Close a round whose step was applied outside the seed protocol (the backprop baseline)."""
-        self.model_version += 1
-        self.round += 1
-        self.attempt = 0
+    def advance(self, stepped: bool = True):
+        """Close a round whose step was applied outside the seed protocol (the backprop baseline);
+        ``stepped=False``: nothing was applied (no client answered), the model version stays."""
+        self.model_version += int(bool(stepped))
+        self._close_round()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
+        """Everything a resumed server needs, as plain containers and tensors (no pickled objects)."""
         return {
             "params": {n: p.detach().clone() for n, p in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
             "round": self.round, "model_version": self.model_version, "attempt": self.attempt,
-            "cache": self.cache, "jvp_history": list(self.jvp_history),
+            "cache": [{"plans": {c: p.to_config() for c, p in plans.items()},
+                       "updates": [u.to_bytes().decode() for u in updates]} for plans, updates in self.cache],
+            "jvp_history": list(self.jvp_history),
             "prev_grad": self.prev_grad, "schedule": list(self.schedule),
             "pacing": self.pacing.state_dict() if self.pacing else None,
-            "rejections": list(self.rejections),
+            "rejections": list(self.rejections), "rejected_total": self.rejected_total,
+            "round_rejected": self._round_rejected,
+            "replay_log": [{"from_version": r["from_version"], "ops": [list(op) for op in r["ops"]]}
+                           for r in self.replay_log],
         }
 
     def load_state_dict(self, sd: dict):
@@ -311,11 +427,18 @@ class Server:
                 p.copy_(sd["params"][n])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.round, self.model_version, self.attempt = sd["round"], sd["model_version"], sd["attempt"]
-        self.cache, self.jvp_history = sd["cache"], list(sd["jvp_history"])
+        self.cache = [({c: RoundPlan.from_config(p) for c, p in a["plans"].items()},
+                       [Update.from_bytes(u.encode()) for u in a["updates"]]) for a in sd["cache"]]
+        self.jvp_history = list(sd["jvp_history"])
         self.prev_grad, self.schedule = sd["prev_grad"], list(sd["schedule"])
         if self.pacing and sd["pacing"]:
             self.pacing.load_state_dict(sd["pacing"])
         self.rejections = list(sd["rejections"])
+        self.rejected_total = sd.get("rejected_total", len(self.rejections))
+        self._round_rejected = sd.get("round_rejected", 0)
+        self.replay_log = [{"from_version": r["from_version"], "ops": [(int(s), int(p), list(ks), list(cs))
+                                                                       for s, p, ks, cs in r["ops"]]}
+                           for r in sd.get("replay_log", [])]
 
     def save(self, path: str):
         save_checkpoint(path, self.state_dict())

@@ -6,8 +6,8 @@ client computation is :class:`fwdkern.fl.task.ClientTask`'s; this module owns th
 server side and the run loop.
 
 Output in `out`: metrics.jsonl (one JSON object per round), summary.json,
-checkpoint.pt (atomic, every `checkpoint_every` rounds; rerunning the same
-command resumes from it), PNG plots when matplotlib is installed.
+checkpoint.safetensors (atomic and hashed, every `checkpoint_every` steps; rerunning the
+same command resumes from it), curves.png when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CorruptCheckpoint, RunLock, load_checkpoint, save_checkpoint, write_atomic
 from .config import METHODS, RunConfig
 from .metrics import MetricsLog, plots, progress
 from .optim import SGD, FedAdam, FedYogi, LRSchedule
@@ -28,7 +28,13 @@ from .protocol import Update
 from .server import Server, derive_seed
 from .task import ClientTask, load_task
 
-__all__ = ["Simulation", "build", "RunConfig"]
+__all__ = ["Simulation", "build", "RunConfig", "RunFailed"]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class RunFailed(RuntimeError):
+    """A run that cannot make progress (e.g. every client dropped out or was rejected, round after round)."""
 
 
 def _pacing(cfg: RunConfig) -> Optional[VariancePacing]:
@@ -77,9 +83,11 @@ class Simulation:
         self.server = Server(params, task.param_ids, _optimizer(cfg), seed=cfg.seed,
                              perturbations_per_client=cfg.perturbations,
                              dist="gaussian" if cfg.method == "fwdllm" else cfg.dist, groups=groups, shared=shared,
-                             pacing=_pacing(cfg), candidates=cfg.candidates)
+                             pacing=_pacing(cfg), candidates=cfg.candidates,
+                             max_samples=cfg.batch_size * cfg.local_batches)
         self.n_trainable = task.n_trainable
         self.metrics: list = []
+        self.failed = 0  # consecutive rounds without a valid update
         self.wall = 0.0
         self.cpu = 0.0  # process CPU seconds: comparable across runs on a shared machine
         # Transport of a seed-and-scalar round: callable({client index: RoundPlan}) -> [Update, ...];
@@ -118,7 +126,7 @@ class Simulation:
             for n, p in params.items():
                 p.copy_(start[n] + (total[n] / max(1, n_tot)).to(p.dtype))
         rnd = srv.round
-        srv.advance()
+        srv.advance(stepped=answered > 0)
         upload = 4 * self.n_trainable
         return {"round": rnd, "attempt": 0, "stepped": answered > 0, "loss": loss_tot / max(1, n_tot),
                 "perturbations": 0, "variance": None, "threshold": None, "bytes_up_per_client": upload,
@@ -167,7 +175,7 @@ class Simulation:
         up = []
         for upd in exchange({c: plans[f"client{c}"] for c in answering}):
             srv.submit(upd)
-            up.append(upd.nbytes if isinstance(upd, Update) else len(upd))
+            up.append(len(upd.to_bytes(cfg.wire)) if isinstance(upd, Update) else len(upd))
         info = srv.finish_round()
         if cfg.method == "fwdllm":  # as released: clients upload full trainable-size gradients
             up = [4 * self.n_trainable for _ in up]
@@ -176,7 +184,8 @@ class Simulation:
                 "variance": info.get("variance"), "threshold": info.get("threshold"),
                 "bytes_up_per_client": int(np.mean(up)) if up else 0,
                 "bytes_down_per_client": self._bytes_down(plans), "accepted": info["accepted"],
-                "rejected": info["rejected"]}
+                "rejected": info["rejected"], **({"reason": info["reason"]} if "reason" in info else {}),
+                **({"noise_ratio": info["noise_ratio"]} if info.get("noise_ratio") is not None else {})}
 
     def _bytes_down(self, plans) -> int:
         # Clients holding the previous version replay (seed, ks, coeffs) when the server optimizer is
@@ -190,52 +199,86 @@ class Simulation:
     # ------------------------------------------------------------------ driver
     def run(self, replace_other_run: bool = False) -> dict:
         """Run (or resume from `out`'s checkpoint) to `rounds` steps. A checkpoint of another
-        configuration is refused, or with `replace_other_run` (the canned demo) started over."""
+        configuration is refused, or with `replace_other_run` (the canned demo) started over.
+
+        Raises RunFailed after ``max_failed_rounds`` consecutive rounds without a valid update
+        (the checkpoint on disk then holds the last good state), RunLocked when another process
+        runs in `out`, CorruptCheckpoint for a damaged checkpoint."""
         cfg = self.cfg
-        os.makedirs(cfg.out, exist_ok=True)
-        ckpt = os.path.join(cfg.out, "checkpoint.pt")
-        sd = None
-        if os.path.exists(ckpt):
-            try:
-                sd = load_checkpoint(ckpt)
-            except Exception:  # unreadable (e.g. written by an older version)
-                if not replace_other_run:
-                    raise
-            if sd is None or sd.get("config") != cfg.to_json():
-                if not replace_other_run:
-                    raise ValueError(f"{cfg.out} holds a run with a different configuration; use another --out")
-                self.log(f"{cfg.out} holds a run with other settings; starting a fresh one")
-                sd = None
-        if sd is not None:
-            self.server.load_state_dict(sd["server"])
-            self.metrics, self.wall, self.cpu = sd["metrics"], sd["wall"], sd.get("cpu", 0.0)
-            self.log(f"resumed from {ckpt} at round {self.server.round}")
+        with RunLock(cfg.out):
+            return self._run(replace_other_run)
+
+    def _resume(self, ckpt: str, replace_other_run: bool):
+        if not os.path.exists(ckpt):
+            return
+        try:
+            sd = load_checkpoint(ckpt)
+        except CorruptCheckpoint:
+            if not replace_other_run:
+                raise
+            self.log(f"{ckpt} is unreadable; starting a fresh run")
+            return
+        saved = sd.get("config") if isinstance(sd.get("config"), dict) else {}
+        diff = self.cfg.resume_differences(saved)
+        if diff:
+            if not replace_other_run:
+                shown = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(self.cfg, k, None)!r}" for k in diff[:6])
+                raise ValueError(f"{self.cfg.out} holds a run with a different configuration ({shown}); use "
+                                 "another --out, or rerun with the saved settings to resume")
+            self.log(f"{self.cfg.out} holds a run with other settings; starting a fresh one")
+            return
+        self.server.load_state_dict(sd["server"])
+        self.metrics, self.wall, self.cpu = sd["metrics"], sd["wall"], sd.get("cpu", 0.0)
+        self.failed = sd.get("failed", 0)
+        self.log(f"resumed from {ckpt} at round {self.server.round}")
+
+    def _run(self, replace_other_run: bool) -> dict:
+        cfg = self.cfg
+        ckpt = os.path.join(cfg.out, CHECKPOINT)
+        self._resume(ckpt, replace_other_run)
         mlog = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), self.metrics)
         while self.server.model_version < cfg.rounds:
             row = self.run_round()
+            self.failed = 0 if row["stepped"] or row.get("reason", "").startswith("variance") else self.failed + 1
             self.metrics.append(row)
             mlog.append(row)
             self.log(progress(row, cfg.rounds, self.server.model_version))
+            if self.failed >= cfg.max_failed_rounds:
+                self.save(ckpt)
+                raise RunFailed(f"{self.failed} consecutive rounds without a valid update (last: "
+                                f"{row.get('reason', 'no step')}; {row['accepted']} accepted, {row['rejected']} "
+                                f"rejected); state saved in {ckpt}")
             if cfg.checkpoint_every and row["stepped"] and self.server.model_version % cfg.checkpoint_every == 0:
                 self.save(ckpt)
+        final = self.final_evaluation()
         self.save(ckpt)
-        final = self.evaluate()
         summary = {"config": cfg.to_json(), "final": final, "rounds": self.server.model_version,
+                   "client_rounds": len(self.metrics),
                    "perturbation_schedule": self.server.schedule, "wall_time_s": self.wall, "cpu_time_s": self.cpu,
                    "trainable_params": self.n_trainable,
                    "mean_bytes_up_per_client": float(np.mean([m["bytes_up_per_client"] for m in self.metrics])),
-                   "rejections": len(self.server.rejections)}
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+                   "rejections": self.server.rejected_total}
+        write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
         plots(self.metrics, cfg.out)
         return summary
 
+    def final_evaluation(self) -> dict:
+        """The test metrics of the final weights; the last metrics row carries them too, so every run's
+        curve ends with an evaluation of its last round."""
+        final = self.evaluate()
+        if self.metrics and final and "accuracy" not in self.metrics[-1]:
+            self.metrics[-1].update(final)
+            MetricsLog(os.path.join(self.cfg.out, "metrics.jsonl"), self.metrics)
+        return final
+
     def save(self, path):
         save_checkpoint(path, {"config": self.cfg.to_json(), "server": self.server.state_dict(),
-                               "metrics": self.metrics, "wall": self.wall, "cpu": self.cpu})
+                               "metrics": self.metrics, "wall": self.wall, "cpu": self.cpu,
+                               "failed": self.failed})
 
 
 def build(cfg: RunConfig, log=print) -> Simulation:
     """The embedded simulation of `cfg`: data, model, clients and server."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg.validate()
     return Simulation(cfg, load_task(cfg, log=log), log=log)

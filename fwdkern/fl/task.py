@@ -110,7 +110,7 @@ class ClientTask:
             loss += float(l) * bs
             n += bs
         return Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
-                      loss / n)
+                      loss / n).as_sent(self.cfg.wire)
 
     def local_backprop(self, client: int, rnd: int) -> tuple:
         """Backprop baseline: SGD steps (autograd) from the current weights on the client's batches.

@@ -71,11 +71,14 @@ def replay_from_record(rec: ConfigRecord) -> list:
 
 
 def update_to_content(update: Update) -> RecordDict:
+    metrics = {"jvps": [float(j) for j in update.jvps], "loss": float(update.loss),
+               "num_samples": int(update.num_samples)}
+    if update.head:
+        metrics["head"] = [float(h) for h in update.head]
     return RecordDict({
         "update": ConfigRecord({"client_id": update.client_id, "round": int(update.round),
                                 "model_version": int(update.model_version), "ks": [int(k) for k in update.ks]}),
-        "metrics": MetricRecord({"jvps": [float(j) for j in update.jvps], "loss": float(update.loss),
-                                 "num_samples": int(update.num_samples)}),
+        "metrics": MetricRecord(metrics),
     })
 
 
@@ -109,10 +112,11 @@ def update_from_content(content: RecordDict) -> Update:
     if not isinstance(upd, ConfigRecord) or not isinstance(met, MetricRecord):
         raise UpdateRejected("malformed reply: 'update' must be a ConfigRecord and 'metrics' a MetricRecord")
     jvps = _typed(met, "jvps", list_of=(int, float))
+    head = _typed(met, "head", list_of=(int, float)) if "head" in met else []
     return Update(client_id=_typed(upd, "client_id", str), round=_typed(upd, "round", int),
                   model_version=_typed(upd, "model_version", int), ks=tuple(_typed(upd, "ks", list_of=int)),
                   jvps=tuple(float(j) for j in jvps), num_samples=_typed(met, "num_samples", int),
-                  loss=float(_typed(met, "loss", (int, float))))
+                  loss=float(_typed(met, "loss", (int, float))), head=tuple(float(h) for h in head))
 
 
 def nbytes(content: RecordDict) -> int:

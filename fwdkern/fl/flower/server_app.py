@@ -38,7 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..protocol import RoundPlan, UpdateRejected
-from ..simulation import build
+from ..simulation import CHECKPOINT, build
 from .codec import nbytes, plan_to_record, replay_to_record, update_from_content
 from .run_config import FLOWER_DEFAULTS, parse_run_config
 
@@ -215,7 +215,7 @@ def run_server(grid: Grid, context: Context) -> dict:
     sim = built[0]
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "flower.jsonl")
-    if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+    if not os.path.exists(os.path.join(cfg.out, CHECKPOINT)):
         open(path, "w").close()
 
     def record(row):
