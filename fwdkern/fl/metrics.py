@@ -4,20 +4,25 @@ from __future__ import annotations
 import json
 import os
 
+from .checkpoint import failpoint, write_atomic
+
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per client round. On (re)start it is rewritten from the
-    rows the checkpoint holds, so rows computed after the last checkpoint are never duplicated."""
+    """metrics.jsonl: one JSON object per client round. On (re)start it is rewritten (atomically)
+    from the rows the checkpoint holds, so rows computed after the last checkpoint, or a row cut
+    short by a crash, are never kept twice."""
 
     def __init__(self, path: str, rows: list):
         self.path = path
-        with open(path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
     def append(self, row: dict):
+        line = json.dumps(row) + "\n"
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line[: len(line) // 2])
+            f.flush()
+            failpoint("metrics-row")
+            f.write(line[len(line) // 2:])
 
 
 def progress(row, total, version) -> str:
