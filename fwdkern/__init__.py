@@ -16,6 +16,7 @@ __all__ = ["perturbation", "seeded_axpy_", "seeded_dot", "BackendUnavailable", "
 __all__ += ["lora_linear_dual", "lora_linear_perturbed", "seeded_matmul", "LoRALinear", "nn"]
 
 from . import dual  # noqa: F401,E402
-from .engine import jvp, load_adapter, patch, perturbed_loss, save_adapter, trainable  # noqa: F401,E402
+from .engine import (default_targets, jvp, load_adapter, patch, perturbed_loss, save_adapter,  # noqa: F401,E402
+                     trainable)
 
-__all__ += ["patch", "trainable", "jvp", "perturbed_loss", "save_adapter", "load_adapter", "dual"]
+__all__ += ["patch", "trainable", "jvp", "perturbed_loss", "save_adapter", "load_adapter", "default_targets", "dual"]

@@ -189,6 +189,12 @@ class LoRALinear(nn.Module):
     def _default_perturb(self):
         return ("A", "B", "bias") if (self.train_bias and self.base_layer.bias is not None) else ("A", "B")
 
+    def perturbed(self, selected_ids) -> tuple:
+        """Which of this layer's tensors ("A", "B", "bias") get tangents when the ids in
+        `selected_ids` are perturbed: the one rule the engine and the seeded forwards share."""
+        ids = self._ids(None)
+        return tuple(n for n in self._default_perturb() if ids.get(n) in selected_ids)
+
     def forward_dual(self, x: torch.Tensor, x_tangents: Optional[torch.Tensor], seed: int, ks,
                      dist: str = "rademacher", perturb=None, param_ids=None, backend: Optional[str] = None):
         """(y [..., out], y_tangents [K, ..., out]): see :func:`fwdkern.lora_linear_dual`.

@@ -1,0 +1,163 @@
+"""The dual forward through a whole model (`jvp`) and perturbed inference (`perturbed_loss`)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..dual import Dual, make_dual, primal, tangent, track_modules
+from ..nn.lora import LoRALinear
+from ..ops import perturbation, seeded_axpy_
+from .losses import causal_loss, cls_loss, logits_of, loss_kind, primal_loss
+from .patching import aliases, selected_ids, trainable
+
+__all__ = ["jvp", "perturbed_loss"]
+
+
+@contextlib.contextmanager
+def _dual_mode(model, seed, ks, dist, selected):
+    """LoRALinear -> fused dual op; full trainable tensors -> Dual parameters with stacked perturbations.
+
+    A full tensor held by several modules (tied weights) becomes one Dual in every slot, so each
+    use contributes its tangent; where the slot is a LoRALinear's base weight or bias (frozen for
+    the fused op), the layer adds that tangent's term itself."""
+    ks_list = [int(k) for k in ks]
+    K = len(ks_list)
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    base_of = {id(m.base_layer): m for m in lora}
+    base_tangents: dict = {}  # LoRALinear -> {"weight"|"bias": [K, ...] tangent of a trainable base tensor}
+    swapped = []
+    lora_params = {id(p) for m in lora for p in (m.lora_A.weight, m.lora_B.weight) + (
+        (m.base_layer.bias,) if m.train_bias else ()) if p is not None}
+    slots = aliases(model)
+    try:
+        for name, pid, p in trainable(model):
+            if pid not in selected or id(p) in lora_params:
+                continue
+            t = torch.stack([perturbation(p.shape, seed, pid, k, dist, dtype=p.dtype, device=p.device)
+                             for k in ks_list]) if K else p.new_zeros((0, *p.shape))
+            d = Dual(p.detach(), t)
+            for owner, leaf in slots[id(p)]:
+                if id(owner) in base_of:
+                    base_tangents.setdefault(base_of[id(owner)], {})[leaf] = t
+                    continue
+                orig = owner._parameters.pop(leaf)
+                setattr(owner, leaf, d)
+                swapped.append((owner, leaf, orig))
+        for mod in lora:
+            mod.forward = _make_dual_forward(mod, seed, ks_list, dist, mod.perturbed(selected),
+                                             base_tangents.get(mod, {}))
+        yield
+    finally:
+        for mod in lora:
+            mod.__dict__.pop("forward", None)
+        for owner, leaf, orig in reversed(swapped):
+            delattr(owner, leaf)
+            owner._parameters[leaf] = orig
+
+
+def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents):
+    plain_forward = type(mod).forward
+    Wt, bt = base_tangents.get("weight"), base_tangents.get("bias")
+
+    def forward(x):
+        xt = tangent(x)
+        if xt is None and not perturb and Wt is None and bt is None:
+            return plain_forward(mod, x)
+        xp = primal(x)
+        y, yt = mod.forward_dual(xp, xt, seed, ks, dist=dist, perturb=perturb)
+        if Wt is not None:  # a trainable (tied) base weight: + x dW_k^T
+            yt = yt + torch.einsum("...i,koi->k...o", xp.to(Wt.dtype), Wt).to(yt.dtype)
+        if bt is not None:
+            yt = yt + bt.view(bt.shape[0], *([1] * (yt.dim() - 2)), bt.shape[-1]).to(yt.dtype)
+        return make_dual(y, yt)
+    return forward
+
+
+def _unpack(batch):
+    """(model inputs, labels) of a batch: a dict, a tokenizer's BatchEncoding or any Mapping."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch: expected a dict (or a tokenizer's BatchEncoding) with input_ids (attention_mask, "
+                        f"labels optional), got {type(batch).__name__}")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return inputs, batch.get("labels")
+
+
+def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rademacher", loss: str = "auto",
+        params=None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Primal loss and ``jvps[k] = ∇L · v(seed, ·, ks[k])`` in one dual forward.
+
+    Args:
+        model: a model returned by :func:`patch`, or any model holding :class:`fwdkern.LoRALinear`
+            layers (run in eval mode: dropout off). Classification models may return an HF output
+            (``.logits``), a tuple or a logits tensor [B, C].
+        batch: dict / BatchEncoding with ``input_ids`` [B, T] (+ ``attention_mask``, ``labels``; other model
+            kwargs pass through). Classification: ``labels`` [B] required (-100 = ignore). Causal LM: ``labels``
+            [B, T] (shifted inside, -100 ignored) or, if absent, ``input_ids`` with padding ignored.
+        seed: int in [0, 2^64). ks: perturbation indices (K = len(ks)). dist: "rademacher" | "gaussian".
+        loss: "auto" (from the model class), "classification" or "causal_lm".
+        params: None (all trainable tensors) or an iterable of names / param ids to perturb (others get zero
+            tangent; SPRY-style splitting).
+        label_smoothing: for classification.
+    Returns:
+        (loss: float32 scalar, jvps: float32 [K]).
+    """
+    kind = loss_kind(model, loss)
+    inputs, labels = _unpack(batch)
+    selected = selected_ids(model, params)
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("ks: expected at least one perturbation index")
+    if kind == "classification" and labels is None:
+        raise ValueError("batch: classification needs labels")
+    perturbed = {id(p) for _, pid, p in trainable(model) if pid in selected}  # before the Dual swap
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), track_modules(model), _dual_mode(model, seed, ks, dist, selected):
+            if kind == "classification":
+                L, jv = cls_loss(logits_of(model(**inputs)), labels, label_smoothing)
+            else:
+                L, jv = causal_loss(model, inputs, labels, perturbed)
+    finally:
+        model.train(was_training)
+    if jv is None:
+        jv = torch.zeros(len(ks), dtype=torch.float32, device=L.device)
+    return L.float(), jv.float()
+
+
+def perturbed_loss(model: nn.Module, batch, seed: int, ks: Iterable[int], eps: float,
+                   dist: str = "rademacher", loss: str = "auto", params=None,
+                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """FwdLLM perturbed inference: ``(L(θ + ε v_k), L(θ − ε v_k))`` for each k, float32 [K] each.
+
+    The same perturbations as :func:`jvp` (same seed, ids, dist); ``(L+ − L−) / 2ε = jvp + O(ε²)``.
+    Each perturbation is applied in place with :func:`fwdkern.seeded_axpy_` (never stored) and the
+    trainable tensors are restored from a copy (exact) after each forward -- and on any exception
+    (a bad label, Ctrl-C), so the model is never left perturbed.
+    """
+    kind = loss_kind(model, loss)
+    inputs, labels = _unpack(batch)
+    selected = selected_ids(model, params)
+    tensors = [(pid, p) for _, pid, p in trainable(model) if pid in selected]
+    saved = [p.detach().clone() for _, p in tensors]
+    plus, minus = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for k in ks:
+                for sign, outl in ((1.0, plus), (-1.0, minus)):
+                    try:
+                        for pid, p in tensors:
+                            seeded_axpy_(p.data, seed, pid, [int(k)], [sign * eps], dist=dist)
+                        outl.append(primal_loss(model, kind, inputs, labels, label_smoothing).float())
+                    finally:
+                        for (_, p), s in zip(tensors, saved):
+                            p.data.copy_(s)
+    finally:
+        model.train(was_training)
+    return torch.stack(plus), torch.stack(minus)

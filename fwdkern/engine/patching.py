@@ -1,0 +1,267 @@
+"""Putting adapters into a model: `patch`, the layer dispatcher, peft conversion, and the trainable
+tensors with their stable ids (the one source every other part of fwdkern reads them from)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn.lora import LoRALinear, assign_param_ids, param_id
+from .config import FwdkernConfig
+
+__all__ = ["patch", "trainable", "default_targets", "as_lora_linear", "get_config", "DEFAULT_TARGET_OVERRIDES"]
+
+# Families peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING lacks (peft 0.21: 40 families);
+# everything else comes from peft's own table.
+DEFAULT_TARGET_OVERRIDES = {
+    "distilbert": ["q_lin", "v_lin"],  # absent from peft's table; its attention names differ from BERT's
+    "albert": ["query", "value"],  # absent from peft's table
+    "phi3": ["qkv_proj"],  # absent from peft's table; fused q/k/v projection
+    "gemma3": ["q_proj", "v_proj"],  # peft lists only "gemma3_text"; the multimodal config wraps the same layers
+}
+_HEAD_NAMES = ("classifier", "score")  # peft adds these to modules_to_save for SEQ_CLS
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        targets = [targets]
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def is_seq_cls(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def default_targets(model_type: Optional[str]) -> list:
+    """LoRA target module names for a transformers ``model_type`` (peft's table + overrides)."""
+    if model_type in DEFAULT_TARGET_OVERRIDES:
+        return list(DEFAULT_TARGET_OVERRIDES[model_type])
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    except ImportError:
+        table = {}
+    if model_type not in table:
+        raise ValueError(f"target_modules: no default for model_type {model_type!r}; pass target_modules=[...] "
+                         "(the names of the nn.Linear layers to adapt, e.g. ['q_proj', 'v_proj'])")
+    return list(table[model_type])
+
+
+def _conv1d_to_linear(conv) -> nn.Linear:
+    """HF Conv1D (weight [in, out], y = x W + b) as an nn.Linear (weight [out, in])."""
+    nx, nf = conv.weight.shape
+    lin = nn.Linear(nx, nf, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias)
+    return lin
+
+
+def as_lora_linear(module: nn.Module, path: str, r: int, alpha: float, dropout: float = 0.0,
+                   train_bias: bool = False, adapter_dtype=None):
+    """(LoRALinear, converted Conv1D?) for a target layer, or (None, False) for a module that is not
+    a linear layer (peft's ``_create_new_module`` dispatch: nn.Linear, GPT-2 Conv1D; an existing
+    LoRALinear is kept as it is)."""
+    if isinstance(module, LoRALinear):
+        return module, False
+    fifo = False
+    if type(module).__name__ == "Conv1D":
+        module, fifo = _conv1d_to_linear(module), True
+    elif not isinstance(module, nn.Linear):
+        return None, False
+    return LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, train_bias=train_bias,
+                                  adapter_dtype=adapter_dtype), fifo
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module):
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _from_peft(model, dropout, train_bias):
+    """Unwrap a peft PeftModel (LoRA): returns (base transformers model, FwdkernConfig)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    cfg = model.peft_config[model.active_adapter]
+    if getattr(cfg, "use_dora", False) or getattr(cfg, "use_rslora", False):
+        raise ValueError("model: peft LoRA with DoRA/rsLoRA is not supported")
+    adapter = model.active_adapter
+    base = model.base_model.model
+    fifo = False
+    for path, mod in list(base.named_modules()):
+        if isinstance(mod, LoraLayer):
+            r, a = mod.r[adapter], mod.lora_alpha[adapter]
+            new, conv = as_lora_linear(mod.base_layer, path, r, a, dropout, train_bias,
+                                       adapter_dtype=mod.lora_A[adapter].weight.dtype)
+            if new is None:
+                raise TypeError(f"{path}: peft LoRA on {type(mod.base_layer).__name__} is not supported "
+                                "(nn.Linear, Conv1D)")
+            fifo = fifo or conv
+            if not math.isclose(new.scaling, mod.scaling[adapter]):
+                raise ValueError(f"{path}: peft scaling {mod.scaling[adapter]} != alpha / r")
+            with torch.no_grad():
+                new.lora_A.weight.copy_(mod.lora_A[adapter].weight)
+                new.lora_B.weight.copy_(mod.lora_B[adapter].weight)
+            _set_module(base, path, new)
+    saved = []
+    for path, mod in list(base.named_modules()):
+        if isinstance(mod, ModulesToSaveWrapper):
+            _set_module(base, path, mod.modules_to_save[adapter])
+            saved.append(path.rsplit(".", 1)[-1])
+    targets = cfg.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    return base, FwdkernConfig(r=cfg.r, alpha=cfg.lora_alpha, target_modules=targets, dropout=dropout,
+                               train_bias=train_bias, modules_to_save=sorted(set(saved)), fan_in_fan_out=fifo)
+
+
+def _check_no_shared_adapters(model):
+    """A LoRA tensor that another module also holds would get two different tangents."""
+    owners: dict = {}
+    for mpath, mod in model.named_modules():
+        for leaf, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{mpath}.{leaf}" if mpath else leaf)
+    for path, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            for t in (mod.lora_A.weight, mod.lora_B.weight):
+                if len(owners.get(id(t), [])) > 1:
+                    raise ValueError(f"{path}: a LoRA tensor is shared with {owners[id(t)]}; untie it first")
+
+
+def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optional[Sequence[str]] = None,
+          dropout: float = 0.0, train_bias: bool = False, modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
+    """Replace target linear layers by :class:`fwdkern.LoRALinear` and freeze everything else.
+
+    Args:
+        model: a ``transformers`` model (or any nn.Module), or a peft ``PeftModel`` with one LoRA adapter
+            (converted keeping its weights; r/alpha/targets come from its config and the arguments are
+            ignored). GPT-2's Conv1D layers become nn.Linear (weight transposed; peft's ``fan_in_fan_out``).
+            Layers that already are LoRALinear (inserted by hand) are kept as they are.
+        r, alpha: LoRA rank and alpha (scaling alpha / r). target_modules: module names matched as peft does
+            (equal, or ending in ``"." + name``); default per family from peft's table
+            (:func:`default_targets`).
+        dropout: adapter dropout (plain forward only). train_bias: the targets' biases are trainable.
+        modules_to_save: modules trained as full tensors (perturbed like any other trainable tensor);
+            default for ``*ForSequenceClassification``: ``classifier`` / ``score``.
+    Returns the patched model (for a PeftModel: its unwrapped base model).
+    """
+    if type(model).__name__.startswith("PeftModel") or hasattr(model, "peft_config"):
+        model, cfg = _from_peft(model, dropout, train_bias)
+        cfg.modules_to_save = sorted(set(cfg.modules_to_save) | set(modules_to_save or []))
+    else:
+        if getattr(model, "fwdkern_config", None) is not None and not model.fwdkern_config.adopted:
+            raise ValueError("model: already patched")
+        hand = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        if target_modules is None:
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            if hand and mt is None:
+                target_modules = [p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+            else:
+                target_modules = default_targets(mt)
+        target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        if modules_to_save is None:
+            modules_to_save = [n for n in _HEAD_NAMES if is_seq_cls(model) and hasattr(model, n)]
+        modules_to_save = list(modules_to_save)
+        fifo, n = False, 0
+        for path, mod in list(model.named_modules()):
+            if not path or not _matches(path, target_modules) or _matches(path, modules_to_save):
+                continue
+            if any(path.startswith(p + ".") for p, m in model.named_modules() if isinstance(m, LoRALinear) and p):
+                continue  # inside a LoRALinear (its base_layer / lora_A / lora_B)
+            new, conv = as_lora_linear(mod, path, r, alpha, dropout, train_bias)
+            if new is None:
+                continue
+            fifo = fifo or conv
+            if new is not mod:
+                _set_module(model, path, new)
+            n += 1
+        if n == 0:
+            raise ValueError(f"target_modules: {target_modules} matched no nn.Linear/Conv1D in the model")
+        cfg = FwdkernConfig(r=r, alpha=alpha, target_modules=target_modules, dropout=dropout, train_bias=train_bias,
+                            modules_to_save=modules_to_save, fan_in_fan_out=fifo)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            mod.lora_A.weight.requires_grad_(True)
+            mod.lora_B.weight.requires_grad_(True)
+            if mod.train_bias and mod.base_layer.bias is not None:
+                mod.base_layer.bias.requires_grad_(True)
+    for path, mod in model.named_modules():
+        if path and _matches(path, cfg.modules_to_save):
+            for p in mod.parameters():
+                p.requires_grad_(True)
+    _check_no_shared_adapters(model)
+    model.fwdkern_config = cfg
+    trainable(model)  # assigns and validates the ids (collisions)
+    return model
+
+
+def get_config(model: nn.Module) -> FwdkernConfig:
+    """The model's FwdkernConfig; a model with hand-inserted LoRALinear layers is adopted as it is."""
+    cfg = getattr(model, "fwdkern_config", None)
+    if cfg is not None:
+        return cfg
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("model: not patched; call fwdkern.patch(model) first (or insert fwdkern.LoRALinear layers)")
+    _check_no_shared_adapters(model)
+    first = layers[0][1]
+    cfg = FwdkernConfig(r=first.r, alpha=first.lora_alpha, target_modules=sorted({p.rsplit(".", 1)[-1] for p, _ in layers}),
+                        train_bias=any(m.train_bias for _, m in layers), adopted=True)
+    model.fwdkern_config = cfg
+    return cfg
+
+
+def trainable(model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
+    """The perturbed tensors: [(state-dict name, param_id, tensor)] in ``named_parameters`` order.
+
+    Ids are ``param_id(name)`` of the first name a tensor has (a tied tensor is listed once);
+    LoRALinear layers learn theirs here too, so every op sees the same ids."""
+    cfg = get_config(model)
+    if cfg.adopted:  # only the adapters' tensors; the user's own requires_grad flags are left alone
+        mine = {id(t) for m in model.modules() if isinstance(m, LoRALinear)
+                for t in (m.lora_A.weight, m.lora_B.weight) + ((m.base_layer.bias,) if m.train_bias else ())}
+        out = [(n, param_id(n), p) for n, p in model.named_parameters() if id(p) in mine]
+    else:
+        out = [(n, param_id(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    seen = {}
+    for n, pid, _ in out:
+        if pid in seen:
+            raise ValueError(f"param ids collide: {seen[pid]!r} and {n!r}")
+        seen[pid] = n
+    assign_param_ids(model)
+    return out
+
+
+def selected_ids(model, params) -> set[int]:
+    """Ids of the tensors to perturb: all trainable ones (None) or those named / given by id."""
+    tr = trainable(model)
+    if params is None:
+        return {pid for _, pid, _ in tr}
+    names = {n: pid for n, pid, _ in tr}
+    ids = set(names.values())
+    sel = set()
+    for p in ([params] if isinstance(params, (str, int)) else params):
+        if isinstance(p, str):
+            if p not in names:
+                raise ValueError(f"params: {p!r} is not a trainable tensor name (see fwdkern.trainable)")
+            sel.add(names[p])
+        elif isinstance(p, int) and not isinstance(p, bool) and p in ids:
+            sel.add(p)
+        else:
+            raise ValueError(f"params: {p!r} is neither a trainable tensor name nor a param id")
+    return sel
+
+
+def aliases(model: nn.Module) -> dict:
+    """id(parameter) -> [(owner module, attribute)] for every module slot holding it (tied weights)."""
+    out: dict = {}
+    for mod in model.modules():
+        for leaf, p in mod._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((mod, leaf))
+    return out
