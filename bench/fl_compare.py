@@ -1,197 +1,309 @@
-"""Federated comparison: fwdkern vs backprop LoRA FedAvg vs FwdLLM-style vs MeZO-style.
+"""Federated comparison under one protocol: every method tuned with the same effort, compared by
+client rounds, client compute, uploaded bytes and client memory.
 
-Every method runs in the same embedded runner with the same data split, client
-sampling and evaluation set; only the client computation, the upload and the server
-step differ. Usage (one suite per invocation; each method resumes from its own
-checkpoint if interrupted):
+Every run goes through the embedded runner with the same data split, client sampling and
+evaluation set (>= 400 test examples where the data has them); only the client computation, the
+upload and the server step differ. Protocol per suite:
 
-    python bench/fl_compare.py --suite bbc --out bench/results/fl_bbc_cpu
-    python bench/fl_compare.py --suite rotten_tomatoes --out bench/results/fl_rt_cpu
-    python bench/fl_compare.py --suite smollm2 --out bench/results/fl_smollm2_cpu
+  sweep  every method's grid (>= 3 learning rates; backprop also 1 and 3 local batches and the
+         FedAvg and FedAdam servers) for `sweep_rounds` client rounds on seed 0;
+  final  each method's best sweep setting (accuracy at the end of the sweep), run to
+         `final_rounds` client rounds on every seed of `seeds` (seed 0 extends its sweep run);
+         `default` is the default recipe (no setting given) and is never tuned;
+  memory peak RSS growth of one client's round per final method, in a fresh process.
 
-Writes <out>/<method>/{metrics.jsonl,summary.json,curves.png}, <out>/comparison.json
-(environment, per-method final accuracy, wall time, bytes per client per round,
-time-to-accuracy) and <out>/comparison.png (accuracy vs round and vs wall time).
+    python bench/fl_compare.py --suite bbc --out bench/results/fl_bbc_cpu [--phase sweep|final|memory|report]
+
+Each run resumes from its own checkpoint when interrupted and is skipped when finished. Writes
+<out>/{sweep,final}/<method>/<setting or seed>/{metrics.jsonl,summary.json}, <out>/memory.json,
+<out>/comparison.json, <out>/comparison.md (the tables) and <out>/comparison.png.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Shared by every suite: the issue's federated setting.
-COMMON = dict(clients=100, clients_per_round=10, partition="dirichlet", dirichlet_alpha=0.5, seed=0,
-              r=8, lora_alpha=16.0, batch_size=8, eval_every=5, checkpoint_every=5, max_test=200)
-
+COMMON = dict(clients=100, clients_per_round=10, partition="dirichlet", dirichlet_alpha=0.5, r=8, lora_alpha=16.0,
+              batch_size=8, checkpoint_every=10, num_threads=1)
 MINILM_QV = ["layer.5.attention.self.query", "layer.5.attention.self.value"]
+SMOL_QV = ["layers.29.self_attn.q_proj", "layers.29.self_attn.v_proj"]
 
-# Per-method settings. NOTE (2-core CPU, 2026-11-22): server SGD on the forward-gradient
-# estimate barely moved MiniLM/BBC (lr 0.1: loss 1.61 -> 1.58 in 40 steps); FedAdam lr 0.02
-# reached loss 1.33 / accuracy 0.51 in 20 steps, so `fwdkern_adam` is the recommended
-# setting and `fwdkern` (SGD + pacing) is kept as measured. Backprop uses client SGD lr 0.5,
-# which beat 0.05 in a 30-round run (0.68 vs 0.2-0.3 accuracy). Rounds are cut where a
-# method's per-round cost does not fit the CPU budget (see --method-rounds).
+
+def _methods(K_body=16, mezo_K=4):
+    """Per method: fixed settings and the grid swept (same effort for every method)."""
+    return {
+        "fwdkern": (dict(method="fwdkern", perturbations=0), {"head_lr": [0.5, 2.0, 8.0]}),
+        "fwdkern_body": (dict(method="fwdkern", perturbations=K_body, optimizer="fedadam"),
+                         {"lr": [0.001, 0.003, 0.01]}),
+        "backprop": (dict(method="backprop", optimizer="sgd", lr=1.0),
+                     {"local_lr": [0.5, 2.0, 8.0], "local_batches": [1, 3]}),
+        "backprop_fedadam": (dict(method="backprop", optimizer="fedadam", local_batches=3, local_lr=2.0),
+                             {"lr": [0.003, 0.01, 0.03]}),
+        "mezo": (dict(method="mezo", perturbations=mezo_K, local_batches=1, optimizer="sgd"),
+                 {"eps": [1e-3, 1e-2], "lr": [1e-3, 1e-2, 1e-1]}),
+        "fwdllm": (dict(method="fwdllm", perturbations=1, local_batches=1, optimizer="sgd", pacing="0.1",
+                        max_pacing_attempts=4), {"lr": [0.01, 0.1, 1.0]}),
+        "spry": (dict(method="spry", perturbations=1, optimizer="fedyogi", lr=0.01), {"local_lr": [1e-4, 1e-3, 1e-2]}),
+        "default": (dict(), {}),
+    }
+
+
 SUITES = {
-    "bbc": dict(
-        common=dict(model="all-minilm-l6-v2", data="bbc_news", max_length=64, rounds=40,
-                    target_modules=MINILM_QV),
-        methods={
-            "fwdkern": dict(method="fwdkern", perturbations=32, lr=0.1, pacing="auto", max_pacing_attempts=2),
-            "fwdkern_adam": dict(method="fwdkern", perturbations=32, optimizer="fedadam", lr=0.02, pacing="auto",
-                                 max_pacing_attempts=2),
-            "backprop": dict(method="backprop", local_lr=0.5),
-            "fwdllm": dict(method="fwdllm", perturbations=32, lr=0.1, dist="gaussian"),
-            "mezo": dict(method="mezo", perturbations=4, lr=0.1, pacing="off"),
-        }),
-    "rotten_tomatoes": dict(
-        common=dict(model="all-minilm-l6-v2", data="rotten_tomatoes", max_length=48, rounds=40,
-                    target_modules=MINILM_QV),
-        methods={
-            "fwdkern": dict(method="fwdkern", perturbations=32, lr=0.1, pacing="auto", max_pacing_attempts=2),
-            "fwdkern_adam": dict(method="fwdkern", perturbations=32, optimizer="fedadam", lr=0.02, pacing="off"),
-            "backprop": dict(method="backprop", local_lr=0.5),
-            "fwdllm": dict(method="fwdllm", perturbations=32, lr=0.1, dist="gaussian"),
-            "mezo": dict(method="mezo", perturbations=4, lr=0.1),
-        }),
-    # Causal-LM prompt classification: the label word is the next token after the prompt.
-    "smollm2": dict(
-        common=dict(model="smollm2-135m", data="bbc_news", task="prompt", max_length=64, rounds=8,
-                    clients_per_round=5, eval_every=4, max_test=100,
-                    target_modules=["layers.29.self_attn.q_proj", "layers.29.self_attn.v_proj"]),
-        methods={
-            "fwdkern_adam": dict(method="fwdkern", perturbations=16, optimizer="fedadam", lr=0.02, pacing="off"),
-            "backprop": dict(method="backprop", local_lr=0.1),
-        }),
+    "bbc": dict(common=dict(model="all-minilm-l6-v2", data="bbc_news", max_length=64, max_test=445, eval_every=5,
+                            target_modules=MINILM_QV),
+                methods=_methods(), sweep_rounds=20, final_rounds={"fwdkern": 80, "backprop": 80, "default": 80},
+                final_default_rounds=40, seeds=[0, 1],
+                # the memory-matched rival: the best backprop setting with activation checkpointing
+                also=dict(backprop_ckpt=("backprop", dict(checkpointing=True)))),
+    "rotten_tomatoes": dict(common=dict(model="all-minilm-l6-v2", data="rotten_tomatoes", max_length=48,
+                                        max_test=1000, eval_every=5, target_modules=MINILM_QV),
+                            methods={k: v for k, v in _methods().items()
+                                     if k in ("fwdkern", "backprop", "mezo", "default")},
+                            sweep_rounds=20, final_rounds={}, final_default_rounds=40, seeds=[0, 1],
+                            also={}),
+    # Causal-LM prompt classification: the label word is the next token after the prompt; no small
+    # head, so fwdkern trains the body's LoRA with forward gradients.
+    "smollm2": dict(common=dict(model="smollm2-135m", data="bbc_news", task="prompt", max_length=64, max_test=200,
+                                clients_per_round=5, eval_every=5, target_modules=SMOL_QV, local_batches=1),
+                    methods={"fwdkern": (dict(method="fwdkern", perturbations=16, optimizer="fedadam"),
+                                         {"lr": [0.003, 0.01, 0.03]}),
+                             "backprop": (dict(method="backprop", optimizer="sgd", lr=1.0), {"local_lr": [0.03, 0.1, 0.3]}),
+                             "default": (dict(), {})},
+                    sweep_rounds=10, final_rounds={}, final_default_rounds=20, seeds=[0],
+                    also={}),
 }
 
 
-def time_to_accuracy(metrics, target):
-    for m in metrics:
-        if "accuracy" in m and m["accuracy"] >= target:
-            return m["wall_time_s"], m["cpu_time_s"], m["round"]
-    return None, None, None
+def _tag(setting: dict) -> str:
+    return "_".join(f"{k}={v}" for k, v in sorted(setting.items())) or "default"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=sorted(SUITES), required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--methods", nargs="+", default=None)
-    ap.add_argument("--rounds", type=int, default=None, help="override the suite's round count")
-    ap.add_argument("--method-rounds", nargs="*", default=[], metavar="METHOD=N",
-                    help="per-method round count (e.g. fwdllm=10 where a method is too slow for the budget)")
-    ap.add_argument("--fresh", action="store_true", help="delete earlier results instead of resuming")
-    args = ap.parse_args(argv)
-
-    from fwdkern.fl.simulation import build
-    from fwdkern.fl.config import RunConfig
-
-    suite = SUITES[args.suite]
-    methods = args.methods or list(suite["methods"])
-    os.makedirs(args.out, exist_ok=True)
-    results = {}
-    for name in methods:
-        kw = dict(COMMON)
-        kw.update(suite["common"])
-        kw.update(suite["methods"][name])
-        if args.rounds:
-            kw["rounds"] = args.rounds
-        for mr in args.method_rounds:
-            m, n = mr.split("=")
-            if m == name:
-                kw["rounds"] = int(n)
-        kw["out"] = os.path.join(args.out, name)
-        if args.fresh:
-            shutil.rmtree(kw["out"], ignore_errors=True)
-        done = _finished(kw["out"], RunConfig(**kw).to_json())
-        if done is not None:  # finished earlier with this exact config: reuse, do not rerun
-            results[name] = done
-            continue
-        sim = build(RunConfig(**kw), log=lambda s: print(f"[{name}] {s}", flush=True))
-        summary = sim.run()
-        results[name] = {"summary": summary, "metrics": sim.metrics}
-        # The checkpoint holds a full copy of the trainable tensors and optimizer state; keep
-        # results small enough to commit.
-        try:
-            os.remove(os.path.join(kw["out"], "checkpoint.safetensors"))
-        except OSError:
-            pass
-    report(args, suite, results)
+def _grid(grid: dict):
+    keys = sorted(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, values))
 
 
-def _finished(out, config):
+def _summary(out):
     try:
         with open(os.path.join(out, "summary.json")) as f:
-            summary = json.load(f)
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f]
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    return {"summary": summary, "metrics": metrics} if summary.get("config") == config else None
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _run(kw: dict, label: str):
+    """Run (or resume / reuse) one configuration; returns its summary."""
+    from fwdkern.fl.config import RunConfig
+    from fwdkern.fl.simulation import build
+
+    cfg = RunConfig(**kw)
+    done = _summary(cfg.out)
+    if done is not None and done["client_rounds"] >= cfg.max_client_rounds:
+        cmp = {k: v for k, v in done["config"].items() if k not in ("rounds", "max_client_rounds", "eval_every")}
+        if all(cmp.get(k) == v for k, v in cfg.to_json().items() if k in cmp and v is not None):
+            return done
+    print(f"[{label}] running {cfg.out}", flush=True)
+    sim = build(cfg, log=lambda s: print(f"[{label}] {s}", flush=True))
+    summary = sim.run()
+    return summary  # the checkpoint stays (final runs extend sweep runs); .gitignore keeps it out
+
+
+def _config(suite, method, setting, seed, rounds, out):
+    fixed, _ = suite["methods"][method]
+    kw = dict(COMMON)
+    kw.update(suite["common"])
+    kw.update(fixed)
+    kw.update(setting)
+    kw.update(seed=seed, rounds=10 * rounds, max_client_rounds=rounds, out=out)
+    return kw
+
+
+def _final_acc(out):
+    s = _summary(out)
+    return None if s is None else s["final"].get("accuracy")
+
+
+def sweep(suite, out_root, methods):
+    for m in methods:
+        fixed, grid = suite["methods"][m]
+        if not grid:
+            continue
+        for setting in _grid(grid):
+            out = os.path.join(out_root, "sweep", m, _tag(setting))
+            _run(_config(suite, m, setting, 0, suite["sweep_rounds"], out), f"sweep {m} {_tag(setting)}")
+
+
+def best_setting(suite, out_root, method):
+    """The sweep setting with the highest final accuracy (ties: first in grid order), or {} (no grid)."""
+    fixed, grid = suite["methods"][method]
+    best, best_acc = {}, -1.0
+    for setting in _grid(grid):
+        acc = _final_acc(os.path.join(out_root, "sweep", method, _tag(setting)))
+        if acc is not None and acc > best_acc:
+            best, best_acc = setting, acc
+    return best
+
+
+def _final_runs(suite, out_root, methods):
+    """[(method, base method, setting, seed, rounds, out)] of the final phase."""
+    runs = []
+    for m in methods:
+        setting = best_setting(suite, out_root, m)
+        rounds = suite["final_rounds"].get(m, suite["final_default_rounds"])
+        for seed in suite["seeds"]:
+            runs.append((m, m, setting, seed, rounds, os.path.join(out_root, "final", m, f"seed{seed}")))
+    for name, (base, extra) in suite["also"].items():
+        if base in methods:
+            setting = dict(best_setting(suite, out_root, base), **extra)
+            rounds = suite["final_rounds"].get(base, suite["final_default_rounds"])
+            runs.append((name, base, setting, 0, min(rounds, 40), os.path.join(out_root, "final", name, "seed0")))
+    return runs
+
+
+def final(suite, out_root, methods):
+    for name, base, setting, seed, rounds, out in _final_runs(suite, out_root, methods):
+        src = os.path.join(out_root, "sweep", base, _tag({k: v for k, v in setting.items() if k != "checkpointing"}))
+        if seed == 0 and name == base and suite["methods"][base][1] and not os.path.exists(out) \
+                and os.path.exists(os.path.join(src, "checkpoint.safetensors")):
+            shutil.copytree(src, out)  # seed 0 extends its sweep run (same config, more rounds)
+        _run(_config(suite, base, setting, seed, rounds, out), f"final {name} s{seed}")
+
+
+def memory(suite, out_root, methods):
+    """Peak RSS growth of one client's round (batches of the bench setting), per final method."""
+    from bench.common import peak_memory_subprocess
+
+    res = {}
+    for name, base, setting, seed, rounds, out in _final_runs(suite, out_root, methods):
+        if seed != 0:
+            continue
+        kw = _config(suite, base, setting, 0, 1, "/tmp/fwdkern_mem_run")
+        code = (
+            "import json\n"
+            "from fwdkern.fl.config import RunConfig\n"
+            "from fwdkern.fl.simulation import build\n"
+            f"sim = build(RunConfig(**json.loads({json.dumps(json.dumps(kw))})), log=lambda *a: None)\n"
+            "def setup():\n"
+            "    srv = sim.server\n"
+            "    plans = srv.plan_round(['client3']) if sim.cfg.method not in ('backprop',) else None\n"
+            "    return plans\n"
+            "def run(plans):\n"
+            "    m = sim.cfg.method\n"
+            "    if m == 'backprop': sim.task.local_backprop(3, 0)\n"
+            "    elif m == 'spry': sim.task.local_spry(3, plans['client3'])\n"
+            "    else: sim.task.client_update(3, plans['client3'])\n"
+        )
+        res[name] = {"peak_rss_growth_bytes": peak_memory_subprocess(code), "setting": setting}
+        print(f"[memory] {name}: {res[name]}", flush=True)
+    with open(os.path.join(out_root, "memory.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def _acc_at(metrics, r):
+    """Accuracy of the last evaluation at or before client round r (1-based), None if none."""
+    acc = None
+    for m in metrics[:r]:
+        if "accuracy" in m:
+            acc = m["accuracy"]
+    return acc
+
+
+def report(suite, suite_name, out_root, methods):
+    from bench.common import environment
+
+    mem = {}
+    if os.path.exists(os.path.join(out_root, "memory.json")):
+        with open(os.path.join(out_root, "memory.json")) as f:
+            mem = json.load(f)
+    rows = {}
+    marks = [5, 10, 20, 40, 80]
+    for name, base, setting, seed, rounds, out in _final_runs(suite, out_root, methods):
+        s = _summary(out)
+        if s is None:
+            continue
+        ms = _metrics(out)
+        r = rows.setdefault(name, {"setting": setting, "seeds": {}, "rounds": rounds})
+        cr = len(ms)
+        up = sum(m["bytes_up_per_client"] for m in ms)
+        r["seeds"][seed] = {
+            "acc": {str(k): _acc_at(ms, k) for k in marks if k <= cr},
+            "final_accuracy": s["final"].get("accuracy"), "client_rounds": cr, "steps": s["rounds"],
+            "cpu_s": round(s["cpu_time_s"], 1),
+            "cpu_s_per_client_round": round(s["cpu_time_s"] / max(1, cr) / suite["common"].get(
+                "clients_per_round", COMMON["clients_per_round"]), 3),
+            "forward_passes_per_client_round": ms[-1].get("forward_passes_per_client"),
+            "upload_bytes_per_client_round": round(up / max(1, cr)),
+            "upload_bytes_per_client_total_40": sum(m["bytes_up_per_client"] for m in ms[:40]),
+            "resolved": {k: s["config"][k] for k in ("method", "optimizer", "lr", "perturbations", "local_batches",
+                                                     "local_lr", "head", "head_lr", "eps", "pacing", "pooling")
+                         if k in s["config"]},
+        }
+    for name, r in rows.items():
+        seeds = list(r["seeds"].values())
+        r["mean_acc"] = {}
+        for k in marks:
+            vals = [x["acc"].get(str(k)) for x in seeds if x["acc"].get(str(k)) is not None]
+            if vals:
+                mean = sum(vals) / len(vals)
+                r["mean_acc"][str(k)] = {"mean": round(mean, 4), "n": len(vals),
+                                         "spread": round(max(vals) - min(vals), 4)}
+        r["memory_peak_mib"] = (round(mem[name]["peak_rss_growth_bytes"] / 2**20, 1)
+                                if mem.get(name, {}).get("peak_rss_growth_bytes") is not None else None)
+    out = {"suite": suite_name, "environment": environment(), "protocol": {
+        k: suite[k] for k in ("sweep_rounds", "final_rounds", "final_default_rounds", "seeds")},
+        "common": dict(COMMON, **suite["common"]), "methods": rows}
+    with open(os.path.join(out_root, "comparison.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(out_root, "comparison.md"), "w") as f:
+        f.write(markdown(out))
+    print(markdown(out))
+    _plot(out_root, suite_name, suite, methods)
 
 
 def markdown(out) -> str:
     env = out["environment"]
-    rows = out["methods"]
-    bp_up = rows.get("backprop", {}).get("mean_bytes_up_per_client")
-    lines = [f"{out['suite']}: {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, {env['date']}", "",
-             "| method | steps | final acc | best acc | wall s | CPU s | up B/client/round | down B/client/round "
-             "| upload vs backprop |", "|---|---|---|---|---|---|---|---|---|"]
-    for m, r in rows.items():
-        ratio = f"{bp_up / r['mean_bytes_up_per_client']:.0f}x less" if bp_up and m != "backprop" else "-"
-        lines.append(f"| {m} | {r['steps']} | {r['final_accuracy']} | {r['best_accuracy']} | {r['wall_time_s']} | "
-                     f"{r['cpu_time_s']} | {r['mean_bytes_up_per_client']} | {r['mean_bytes_down_per_client']} | {ratio} |")
-    lines += ["", "| time to accuracy | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
-    for t, per in out["time_to_accuracy"].items():
-        cells = [f"{v['cpu_s']:.0f} CPU s (round {v['round']})" if v["round"] is not None else "not reached"
-                 for v in per.values()]
-        lines.append(f"| >= {t} | " + " | ".join(cells) + " |")
+    lines = [f"{out['suite']}: {env['cpu']} ({env['cpu_count']} cores, 1 torch thread per run), torch {env['torch']}, "
+             f"{env['date']}. Accuracy = mean over seeds (n) at that many client rounds; spread = max - min.", "",
+             "| method | setting | acc @10 | acc @20 | acc @40 | acc @80 | CPU s / client round | forward passes "
+             "/ client round | upload B / client round | client peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, k):
+        v = r["mean_acc"].get(k)
+        return "-" if v is None else (f"{v['mean']:.3f}" + (f" (n={v['n']}, ±{v['spread'] / 2:.3f})" if v["n"] > 1 else ""))
+
+    for name, r in out["methods"].items():
+        s0 = next(iter(r["seeds"].values()))
+        setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items()) or "(recipe)"
+        lines.append(f"| {name} | {setting} | {cell(r, '10')} | {cell(r, '20')} | {cell(r, '40')} | {cell(r, '80')} | "
+                     f"{s0['cpu_s_per_client_round']} | {s0['forward_passes_per_client_round']} | "
+                     f"{s0['upload_bytes_per_client_round']} | {r['memory_peak_mib'] if r['memory_peak_mib'] is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
 
-def report(args, suite, results):
-    from bench.common import environment
+def sweep_markdown(suite, out_root, methods) -> str:
+    lines = ["| method | setting | acc at the end of the sweep |", "|---|---|---|"]
+    for m in methods:
+        for setting in _grid(suite["methods"][m][1]):
+            acc = _final_acc(os.path.join(out_root, "sweep", m, _tag(setting)))
+            lines.append(f"| {m} | {_tag(setting)} | {acc if acc is not None else '-'} |")
+    return "\n".join(lines) + "\n"
 
-    rows = {}
-    for name, r in results.items():
-        s, ms = r["summary"], r["metrics"]
-        evals = [m for m in ms if "accuracy" in m]
-        if ms and "accuracy" not in ms[-1] and s["final"].get("accuracy") is not None:
-            evals.append(dict(ms[-1], accuracy=s["final"]["accuracy"]))  # the final evaluation
-        rows[name] = {
-            "final_accuracy": s["final"].get("accuracy"),
-            "best_accuracy": max([m["accuracy"] for m in evals] + [s["final"].get("accuracy", 0.0)]),
-            "steps": s["rounds"],
-            "rounds_incl_pacing": len(ms),
-            "wall_time_s": round(s["wall_time_s"], 1),
-            "cpu_time_s": round(s["cpu_time_s"], 1),
-            "mean_bytes_up_per_client": round(s["mean_bytes_up_per_client"]),
-            "mean_bytes_down_per_client": round(sum(m["bytes_down_per_client"] for m in ms) / max(1, len(ms))),
-            "perturbation_schedule": s.get("perturbation_schedule"),
-            "curve": [(m["round"], m["wall_time_s"], m["accuracy"], m["cpu_time_s"]) for m in evals],
-        }
-    out = {"suite": args.suite, "environment": environment(), "config": suite, "methods": rows}
-    # Time to accuracy: the first evaluation at or above a target all methods can be asked for
-    # (90% of the best final accuracy among forward-gradient methods, and 0.4 as a fixed mark).
-    marks = {0.3, 0.4}
-    fg = [rows[m]["final_accuracy"] for m in rows if m != "backprop" and rows[m]["final_accuracy"]]
-    if fg:
-        marks.add(round(0.9 * max(fg), 3))
-    # The final evaluation counts at the last round's clock (runs shorter than eval_every have no other).
-    evald = {m: results[m]["metrics"] + [dict(results[m]["metrics"][-1], accuracy=rows[m]["final_accuracy"])]
-             for m in rows if results[m]["metrics"] and rows[m]["final_accuracy"] is not None}
-    out["time_to_accuracy"] = {str(t): {m: dict(zip(("wall_s", "cpu_s", "round"), time_to_accuracy(evald.get(m, []), t)))
-                                        for m in rows} for t in sorted(marks)}
-    with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    with open(os.path.join(args.out, "comparison.md"), "w") as f:
-        f.write(markdown(out))
-    print(json.dumps({m: {k: v for k, v in r.items() if k != "curve"} for m, r in rows.items()}, indent=1))
-    print(json.dumps(out["time_to_accuracy"], indent=1))
+
+def _plot(out_root, suite_name, suite, methods):
     try:
         import matplotlib
 
@@ -199,19 +311,54 @@ def report(args, suite, results):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-    for name, r in rows.items():
-        c = r["curve"]
-        ax[0].plot([x[0] for x in c], [x[2] for x in c], marker="o", label=name)
-        ax[1].plot([x[3] for x in c], [x[2] for x in c], marker="o", label=name)
-    ax[0].set(xlabel="round", ylabel="test accuracy", title=f"{args.suite}: accuracy vs round")
-    ax[1].set(xlabel="process CPU time (s, 2-core CPU)", ylabel="test accuracy", title=f"{args.suite}: accuracy vs time")
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.5))
+    for name, base, setting, seed, rounds, out in _final_runs(suite, out_root, methods):
+        if seed != 0 or _summary(out) is None:
+            continue
+        ms = _metrics(out)
+        ev = [(i + 1, m) for i, m in enumerate(ms) if "accuracy" in m]
+        x = [i for i, _ in ev]
+        y = [m["accuracy"] for _, m in ev]
+        up, cum = [], 0
+        for i, m in enumerate(ms):
+            cum += m["bytes_up_per_client"]
+            up.append(cum)
+        ax[0].plot(x, y, marker="o", label=name)
+        ax[1].plot([m["cpu_time_s"] for _, m in ev], y, marker="o", label=name)
+        ax[2].plot([up[i - 1] for i in x], y, marker="o", label=name)
+    ax[0].set(xlabel="client rounds", ylabel="test accuracy", title=f"{suite_name}: accuracy vs client rounds (seed 0)")
+    ax[1].set(xlabel="process CPU s (1 thread)", ylabel="test accuracy", title="vs client compute")
+    ax[2].set(xlabel="uploaded bytes per client (cumulative)", ylabel="test accuracy", title="vs upload")
     ax[1].set_xscale("log")
+    ax[2].set_xscale("log")
     for a in ax:
-        a.legend()
+        a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "comparison.png"), dpi=100)
+    fig.savefig(os.path.join(out_root, "comparison.png"), dpi=100)
     plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--phase", choices=["sweep", "final", "memory", "report", "all"], default="all")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    suite = SUITES[args.suite]
+    methods = args.methods or list(suite["methods"])
+    os.makedirs(args.out, exist_ok=True)
+    if args.phase in ("sweep", "all"):
+        sweep(suite, args.out, methods)
+        with open(os.path.join(args.out, "sweep.md"), "w") as f:
+            f.write(sweep_markdown(suite, args.out, methods))
+    if args.phase in ("final", "all"):
+        final(suite, args.out, methods)
+    if args.phase in ("memory", "all"):
+        memory(suite, args.out, methods)
+    if args.phase in ("report", "all", "final", "memory"):
+        report(suite, args.suite, args.out, methods)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-METHODS = ("fwdkern", "mezo", "fwdllm", "backprop")
-OPTIMIZERS = ("sgd", "fedadam", "fedyogi")
+METHODS = ("fwdkern", "mezo", "fwdllm", "spry", "backprop")
+OPTIMIZERS = ("auto", "sgd", "fedadam", "fedyogi")
 TASKS = ("auto", "classification", "prompt", "causal_lm")
+POOLINGS = ("auto", "hf", "mean", "cls", "max")
 
 
 @dataclass
@@ -39,12 +40,14 @@ class RunConfig:
     label_column: Optional[str] = _opt("label", "column of --data holding the label; 'none' for plain text (causal LM)")
     out: str = _opt("runs/demo", "output folder: metrics.jsonl, summary.json, checkpoint, curves.png; rerun the "
                     "same command to resume")
-    method: str = _opt("fwdkern", "client computation: fwdkern (exact jvp, seeds + scalars), mezo (zeroth order, "
-                       "seeds + scalars), fwdllm (finite differences, full-gradient uploads), backprop (LoRA FedAvg)",
-                       METHODS)
+    method: str = _opt("fwdkern", "client computation: fwdkern (exact jvp + exact head, seeds + scalars), mezo "
+                       "(zeroth order, seeds + scalars), fwdllm (FwdLLM as released: finite differences, pacing, "
+                       "full-gradient uploads), spry (SPRY as released: forward-gradient local steps, weight uploads), "
+                       "backprop (LoRA FedAvg)", METHODS)
     clients: int = _opt(100, "number of simulated clients")
     clients_per_round: int = _opt(10, "clients sampled per round")
     rounds: int = _opt(30, "server optimizer steps to run (a pacing retry is a client round but not a step)")
+    max_client_rounds: int = _opt(0, "stop after this many client rounds, pacing retries included (0: no limit)")
     seed: int = _opt(0, "run seed: data split, partitions, client sampling and every perturbation derive from it")
     partition: str = _opt("dirichlet", "how examples are dealt to clients", ("iid", "dirichlet", "quantity"))
     dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration of the label (or quantity) skew; smaller = more skewed")
@@ -52,18 +55,22 @@ class RunConfig:
     max_test: int = _opt(400, "test examples evaluated (a random prefix of the held-out split)")
     batch_size: int = _opt(8, "examples per client batch")
     max_length: int = _opt(128, "tokens per example (longer texts are truncated)")
-    local_batches: int = _opt(1, "batches per client per round")
+    local_batches: Optional[int] = _opt(None, "batches per client per round (default: about one local epoch, "
+                                        "1-4 batches)", type=int)
     r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
     target_modules: Optional[list] = _opt(None, "module names that get LoRA adapters (default: per model family)",
                                           nargs="+")
-    optimizer: str = _opt("sgd", "server optimizer", OPTIMIZERS)
-    lr: float = _opt(0.01, "server learning rate")
+    optimizer: str = _opt("auto", "server optimizer of the body (auto: per method, see fwdkern.fl.recipe)",
+                          OPTIMIZERS)
+    lr: Optional[float] = _opt(None, "server learning rate (default: per method and optimizer)", type=float)
     momentum: float = _opt(0.0, "server SGD momentum")
     warmup: int = _opt(0, "learning-rate warm-up steps")
     decay: str = _opt("constant", "learning-rate decay over --rounds", ("constant", "linear", "cosine"))
-    perturbations: int = _opt(1, "perturbations (tangents) per client per round")
-    pacing: str = _opt("auto", "FwdLLM variance pacing: off, auto, or a variance threshold")
+    perturbations: Optional[int] = _opt(None, "perturbations (tangents) of the body per client per round (0: only "
+                                        "an exact head trains; default: per method)", type=int)
+    pacing: str = _opt("off", "variance pacing: off, auto (noise-to-signal ratio above 1 asks for more "
+                       "perturbations) or a FwdLLM variance threshold; fwdllm defaults to FwdLLM's 0.1")
     max_pacing_attempts: int = _opt(4, "client rounds one step may take under pacing")
     candidates: int = _opt(1, "discriminative sampling: candidates per kept perturbation (1 = off)")
     split: bool = _opt(False, "SPRY splitting: deal LoRA layers out to the round's clients")
@@ -73,10 +80,23 @@ class RunConfig:
     checkpoint_every: int = _opt(5, "checkpoint every N steps (0 = only at the end)")
     dropout: float = _opt(0.0, "fraction of sampled clients that never answer (simulated failures)")
     num_threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
-    local_lr: float = _opt(0.05, "backprop baseline: client SGD learning rate")
+    local_lr: Optional[float] = _opt(None, "client learning rate of backprop (SGD) and spry (AdamW) local steps "
+                                     "(default: per method)", type=float)
     task: str = _opt("auto", "auto (classification if labelled, else causal LM), classification, prompt "
                      "(causal LM predicts the label word) or causal_lm", TASKS)
     prompt_template: str = _opt("{text}\nTopic:", "task=prompt: the label word follows this prompt")
+    pooling: str = _opt("auto", "classification model: auto (the pooling a sentence-transformers checkpoint declares, "
+                        "else the Hugging Face classification head), hf, mean, cls or max", POOLINGS)
+    head: str = _opt("auto", "classifier head: exact (each client trains it exactly on its own features -- no pass "
+                     "through the body -- and uploads its update projected on --head-directions seeded directions), "
+                     "perturb (forward gradients like the body), auto (exact for fwdkern classification)",
+                     ("auto", "exact", "perturb"))
+    head_directions: int = _opt(200, "seeded directions a client projects its head update on (scalars uploaded)")
+    head_epochs: int = _opt(5, "local passes over the client's batches when training the head exactly")
+    head_lr: float = _opt(2.0, "client learning rate of the exact head training")
+    head_server_lr: float = _opt(1.0, "server SGD learning rate on the head update (1 = FedAvg)")
+    checkpointing: bool = _opt(False, "backprop: activation checkpointing (recompute activations in the backward "
+                               "pass; the memory-matched rival of forward gradients)")
     wire: str = _opt("fp32", "encoding of the clients' uploads: fp32 / fp16 binary, sign (1 bit per value, "
                      "FeedSign style) or json", ("fp32", "fp16", "sign", "json"))
     max_failed_rounds: int = _opt(10, "stop with an error after this many consecutive rounds without a valid update")
@@ -96,11 +116,14 @@ class RunConfig:
         """Refuse impossible settings up front (ConfigError naming the field and what is allowed)."""
         for f, meta in fields_help():
             v = getattr(self, f.name)
+            if v is None and f.type.startswith("Optional"):
+                continue
             if "choices" in meta and v not in meta["choices"]:
                 raise ConfigError(f"--{_flag(f.name)}: {v!r} is not one of {', '.join(map(str, meta['choices']))}")
-            if f.type in ("int", "float") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            if meta.get("type", f.type) in ("int", "float", int, float) and (
+                    isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise ConfigError(f"--{_flag(f.name)}: expected a number, got {v!r}")
-            if f.type == "float" and not math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"--{_flag(f.name)}: {v} is not finite")
 
         def need(ok, flag, what):
@@ -112,18 +135,19 @@ class RunConfig:
              f"must be between 1 and --clients ({self.clients}), got {self.clients_per_round}")
         need(self.rounds >= 1, "rounds", f"must be at least 1, got {self.rounds}")
         need(self.batch_size >= 1, "batch-size", f"must be at least 1, got {self.batch_size}")
-        need(self.local_batches >= 1, "local-batches", f"must be at least 1, got {self.local_batches}")
+        need(self.local_batches is None or self.local_batches >= 1, "local-batches",
+             f"must be at least 1, got {self.local_batches}")
         need(self.max_length >= 2, "max-length", f"must be at least 2 tokens, got {self.max_length}")
         need(self.max_test >= 1, "max-test", f"must be at least 1, got {self.max_test}")
         need(0.0 < self.test_fraction < 1.0, "test-fraction", f"must be in (0, 1), got {self.test_fraction}")
         need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1) (1 = no client ever answers), got {self.dropout}")
-        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        need(self.local_lr > 0, "local-lr", f"must be positive, got {self.local_lr}")
+        need(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(self.local_lr is None or self.local_lr > 0, "local-lr", f"must be positive, got {self.local_lr}")
         need(self.eps > 0, "eps", f"must be positive, got {self.eps}")
         need(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         need(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
-        need(self.perturbations >= 1, "perturbations", f"must be at least 1, got {self.perturbations}")
-        need(self.perturbations <= 4096, "perturbations", f"at most 4096 per client, got {self.perturbations}")
+        need(self.perturbations is None or 0 <= self.perturbations <= 4096, "perturbations",
+             f"must be in [0, 4096], got {self.perturbations}")
         need(self.max_pacing_attempts >= 1, "max-pacing-attempts", f"must be at least 1, got {self.max_pacing_attempts}")
         need(self.candidates >= 1, "candidates", f"must be at least 1, got {self.candidates}")
         need(self.r >= 1, "r", f"LoRA rank must be at least 1, got {self.r}")
@@ -132,6 +156,10 @@ class RunConfig:
         need(self.num_threads >= 0, "num-threads", f"must be >= 0, got {self.num_threads}")
         need(self.max_failed_rounds >= 1, "max-failed-rounds", f"must be at least 1, got {self.max_failed_rounds}")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(self.max_client_rounds >= 0, "max-client-rounds", f"must be >= 0, got {self.max_client_rounds}")
+        need(1 <= self.head_directions <= 4096, "head-directions", f"must be in [1, 4096], got {self.head_directions}")
+        need(self.head_epochs >= 1, "head-epochs", f"must be at least 1, got {self.head_epochs}")
+        need(self.head_lr > 0 and self.head_server_lr > 0, "head-lr/--head-server-lr", "must be positive")
         if self.pacing not in ("off", "auto"):
             try:
                 thr = float(self.pacing)
@@ -151,7 +179,8 @@ class RunConfig:
         Extending --rounds is allowed (unless a decaying lr schedule spans the old total), as are
         the evaluation/checkpoint cadence, the thread count and the failure limit."""
         mine = self.to_json()
-        free = {"rounds", "eval_every", "checkpoint_every", "num_threads", "max_failed_rounds", "out"}
+        free = {"rounds", "max_client_rounds", "eval_every", "checkpoint_every", "num_threads", "max_failed_rounds",
+                "out"}
         if self.decay != "constant":  # the schedule's length is --rounds
             free.discard("rounds")
         keys = sorted(set(mine) | set(saved))

@@ -66,6 +66,16 @@ def resolve_task(requested: str, data) -> str:
     return task
 
 
+def resolve_pooling(requested: str, path: str) -> str:
+    """"hf" (the transformers classification head) or a sentence-embedding pooling for `path`."""
+    if requested != "auto":
+        return requested
+    from ..nn.pooling import sentence_transformers_pooling
+
+    declared = sentence_transformers_pooling(path)
+    return declared[0] if declared else "hf"
+
+
 def load_model(cfg, data, task: str):
     """(patched model, tokenizer) for `cfg.model`, with LoRA adapters as `cfg` asks."""
     import torch
@@ -79,7 +89,14 @@ def load_model(cfg, data, task: str):
         tok.pad_token = tok.eos_token
     torch.manual_seed(cfg.seed)  # the fresh classifier head and LoRA A draw from torch's generator
     if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data.label_names))
+        pooling = resolve_pooling(cfg.pooling, path)
+        if pooling == "hf":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data.label_names))
+        else:
+            from ..nn.pooling import SentenceEncoderForSequenceClassification
+
+            model = SentenceEncoderForSequenceClassification.from_pretrained(
+                path, len(data.label_names), pooling=None if cfg.pooling == "auto" else pooling)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     else:

@@ -82,6 +82,8 @@ class Server:
             K most aligned (|cosine|) with the smoothed previous estimates (1 = off).
         head: names of the tensors whose exact pseudo-gradient clients project (the head
             block; they leave the jvp block). head_directions: projections per client.
+            head_optimizer: the head tensors' server optimizer (default SGD lr 1: the clients'
+            head pseudo-gradient is minus their local update, so this is FedAvg on the head).
         max_samples: the most samples one update may claim (0: no cap).
         replay_window: replay records kept (clients further behind download weights).
     """
@@ -90,7 +92,7 @@ class Server:
                  dist: str = "rademacher", groups: Optional[Sequence[Sequence[str]]] = None, shared: Sequence[str] = (),
                  pacing: Optional[VariancePacing] = None, candidates: int = 1, robust_factor: float = 10.0,
                  head: Sequence[str] = (), head_directions: int = 0, max_samples: int = 0, replay_window: int = 100,
-                 smoothing: float = 0.9):
+                 smoothing: float = 0.9, head_optimizer=None):
         missing = [n for n in params if n not in param_ids]
         if missing:
             raise ValueError(f"param_ids: no id for {missing}")
@@ -101,6 +103,11 @@ class Server:
         self.param_ids = dict(param_ids)
         self.names_by_id = {v: k for k, v in self.param_ids.items()}
         self.optimizer = optimizer
+        if head_optimizer is None:
+            from .optim import SGD
+
+            head_optimizer = SGD(1.0)
+        self.head_optimizer = head_optimizer
         self.seed = seed
         self.K = int(perturbations_per_client)
         self.dist = dist
@@ -290,7 +297,7 @@ class Server:
         """(gradient dict, variance, noise ratio, perturbations) from [(plans, updates), ...]."""
         grads = self._accumulate(self._terms(attempts), 1)[0]
         members = [u for _, us in attempts for u in us]
-        count = sum(len(u.ks) for u in members)
+        count = sum(len(u.ks) + len(u.head) for u in members)
         var = ratio = None
         if len(members) >= 2:  # client-level halves: the spread holds the client-to-client noise
             m1, m2 = self._accumulate(self._terms(attempts, halves=True), 2)
@@ -305,20 +312,36 @@ class Server:
             ratio = diff / sig if sig > 0 else None
         return grads, var, ratio, count
 
+    def _optimizers(self, grads) -> list:
+        """[(optimizer, its slice of grads)]: the head tensors have their own (FedAvg) step."""
+        head = set(self.head)
+        groups = [(self.optimizer, {n: g for n, g in grads.items() if n not in head})]
+        if head:
+            groups.append((self.head_optimizer, {n: g for n, g in grads.items() if n in head}))
+        return [(o, g) for o, g in groups if g]
+
+    def _lr_of(self, name: str) -> float:
+        opt = self.head_optimizer if name in self.head else self.optimizer
+        return opt.schedule(opt.t)
+
     def _step(self, grads) -> bool:
         """Optimizer step; rolled back (False) when a weight or the optimizer state would go non-finite."""
         saved = {n: p.detach().clone() for n, p in self.params.items()}
-        opt_state = self.optimizer.state_dict()
+        groups = self._optimizers(grads)
+        states = [o.state_dict() for o, _ in groups]
         if all(bool(torch.isfinite(g).all()) for g in grads.values()):
-            self.optimizer.step(self.params, grads)
-            ok = all(bool(torch.isfinite(p).all()) for p in self.params.values()) and self.optimizer.finite()
+            for o, g in groups:
+                o.step(self.params, g)
+            ok = (all(bool(torch.isfinite(p).all()) for p in self.params.values())
+                  and all(o.finite() for o, _ in groups))
         else:
             ok = False
         if not ok:
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(saved[n])
-            self.optimizer.load_state_dict(opt_state)
+            for (o, _), st in zip(groups, states):
+                o.load_state_dict(st)
         return ok
 
     def _close_round(self):
@@ -352,7 +375,7 @@ class Server:
                 return info
             self.pacing.history.append(ratio if self.pacing.threshold is None else var)
             del self.pacing.history[:-1000]
-        lr = self.optimizer.schedule(self.optimizer.t)
+        lrs = {n: self._lr_of(n) for n in self.params}
         if not self._step(grads):
             info.update(stepped=False, reason="the step would make weights or optimizer state non-finite")
             self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
@@ -362,7 +385,7 @@ class Server:
             self.jvp_history.extend(abs(j) for j in u.jvps)
         self.jvp_history = self.jvp_history[-4096:]
         if self.replayable:
-            self.replay_log.append(self._replay_record(attempts, lr))
+            self.replay_log.append(self._replay_record(attempts, lrs))
             del self.replay_log[:-self.replay_window]
         if self.candidates > 1:  # the direction discriminative sampling ranks against: smoothed, not raw
             a = self.smoothing
@@ -375,19 +398,20 @@ class Server:
         info["stepped"] = True
         return info
 
-    def _replay_record(self, attempts, lr) -> dict:
+    def _replay_record(self, attempts, lrs: dict) -> dict:
         """(seed, pid, ks, coeffs) list that reproduces this SGD step on a client: KBs, not weights."""
         ops: dict = {}
         for name, seed, pid, k, c, _ in self._terms(attempts):
             op = ops.setdefault((seed, pid), (seed, pid, [], []))
             op[2].append(k)
-            op[3].append(-lr * c)
+            op[3].append(-lrs[name] * c)
         return {"from_version": self.model_version, "ops": [tuple(op) for op in ops.values()]}
 
     @property
     def replayable(self) -> bool:
         """Whether a client can rebuild each step from (seed, ks, coefficients): plain SGD only."""
-        return bool(self.optimizer.linear and not getattr(self.optimizer, "momentum", 0.0))
+        opts = [self.optimizer] + ([self.head_optimizer] if self.head else [])
+        return all(o.linear and not getattr(o, "momentum", 0.0) for o in opts)
 
     def replay_chain(self, start: int, stop: int) -> Optional[list]:
         """The replay records taking model version `start` to `stop`, or None when some step has none."""
@@ -396,6 +420,15 @@ class Server:
         by_version = {rec["from_version"]: rec for rec in self.replay_log}
         chain = [by_version.get(v) for v in range(start, stop)]
         return None if any(r is None for r in chain) else chain
+
+    def apply_update(self, mean_update: dict) -> bool:
+        """Close a weight-upload round (backprop, SPRY): step the optimizer on minus the clients'
+        averaged update of each tensor; False (nothing applied) when the step would go non-finite."""
+        ok = self._step({n: -u for n, u in mean_update.items()})
+        if not ok:
+            self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
+        self.advance(stepped=ok)
+        return ok
 
     def advance(self, stepped: bool = True):
         """Close a round whose step was applied outside the seed protocol (the backprop baseline);
@@ -408,7 +441,7 @@ class Server:
         """Everything a resumed server needs, as plain containers and tensors (no pickled objects)."""
         return {
             "params": {n: p.detach().clone() for n, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "head_optimizer": self.head_optimizer.state_dict(),
             "round": self.round, "model_version": self.model_version, "attempt": self.attempt,
             "cache": [{"plans": {c: p.to_config() for c, p in plans.items()},
                        "updates": [u.to_bytes().decode() for u in updates]} for plans, updates in self.cache],
@@ -426,6 +459,8 @@ class Server:
             for n, p in self.params.items():
                 p.copy_(sd["params"][n])
         self.optimizer.load_state_dict(sd["optimizer"])
+        if "head_optimizer" in sd:
+            self.head_optimizer.load_state_dict(sd["head_optimizer"])
         self.round, self.model_version, self.attempt = sd["round"], sd["model_version"], sd["attempt"]
         self.cache = [({c: RoundPlan.from_config(p) for c, p in a["plans"].items()},
                        [Update.from_bytes(u.encode()) for u in a["updates"]]) for a in sd["cache"]]

@@ -38,7 +38,7 @@ class RunFailed(RuntimeError):
 
 
 def _pacing(cfg: RunConfig) -> Optional[VariancePacing]:
-    if cfg.pacing == "off" or cfg.method in ("backprop", "fwdllm"):
+    if cfg.pacing == "off" or cfg.method in ("backprop", "spry"):
         return None
     if cfg.pacing == "auto":
         return VariancePacing(None, max_attempts=cfg.max_pacing_attempts)
@@ -71,20 +71,25 @@ class Simulation:
     """Server + clients of one run (see RunConfig): rounds, evaluation, checkpoints, metrics."""
 
     def __init__(self, cfg: RunConfig, task: ClientTask, log: Callable = print):
+        """`cfg`: the resolved configuration (``task.cfg``: no setting left unset)."""
         if cfg.method not in METHODS:
             raise ValueError(f"method: unknown {cfg.method!r} ({', '.join(METHODS)})")
         self.cfg, self.task, self.log = cfg, task, log
         self.test = task.test
         params = task.params
         groups, shared = None, []
-        if cfg.split:  # LoRA pairs are dealt out; everything else (the head) is shared
+        if cfg.split or cfg.method == "spry":  # LoRA pairs are dealt out; everything else (the head) is shared
             groups = _layer_groups(list(params))
             shared = [n for n in params if not any(n in g for g in groups)]
+        if cfg.perturbations == 0 and not task.head_names and cfg.method != "backprop":
+            raise ValueError("--perturbations 0 leaves nothing to train: the model has no exact head (--head exact)")
         self.server = Server(params, task.param_ids, _optimizer(cfg), seed=cfg.seed,
                              perturbations_per_client=cfg.perturbations,
-                             dist="gaussian" if cfg.method == "fwdllm" else cfg.dist, groups=groups, shared=shared,
+                             dist="gaussian" if cfg.method in ("fwdllm", "spry") else cfg.dist, groups=groups, shared=shared,
                              pacing=_pacing(cfg), candidates=cfg.candidates,
-                             max_samples=cfg.batch_size * cfg.local_batches)
+                             max_samples=cfg.batch_size * cfg.local_batches, head=task.head_names,
+                             head_directions=cfg.head_directions if task.head_names else 0,
+                             head_optimizer=SGD(cfg.head_server_lr))
         self.n_trainable = task.n_trainable
         self.metrics: list = []
         self.failed = 0  # consecutive rounds without a valid update
@@ -102,35 +107,48 @@ class Simulation:
         return self.task.evaluate(self.test)
 
     # ------------------------------------------------------------------ rounds
-    def _run_round_backprop(self) -> dict:
-        """LoRA FedAvg: clients start from the global adapter, take local SGD steps with
-        autograd and upload their full trainable tensors; the server averages."""
-        srv = self.server
-        _, answering = self._choose_clients()
+    def _run_round_weights(self) -> dict:
+        """Weight-upload round (backprop: LoRA FedAvg; spry: SPRY as released). Each answering client
+        starts from the global tensors, takes its local steps and uploads the tensors it trained;
+        the server averages the updates per tensor (sample-weighted over the clients that trained
+        it) and steps its optimizer on minus that average (SGD lr 1 = FedAvg)."""
+        cfg, srv = self.cfg, self.server
+        chosen, answering = self._choose_clients()
         params = srv.params
+        plans = srv.plan_round([f"client{c}" for c in chosen]) if cfg.method == "spry" else None
         start = {n: p.detach().clone() for n, p in params.items()}
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        n_tot, loss_tot, answered = 0, 0.0, 0
+        weight = {n: 0 for n in params}
+        n_tot, loss_tot, answered, up = 0, 0.0, 0, []
         for c in answering:
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(start[n])
-            n_c, loss_c = self.task.local_backprop(c, srv.round)
+            if plans is None:
+                n_c, loss_c = self.task.local_backprop(c, srv.round)
+                names = list(params)
+            else:
+                n_c, loss_c, names = self.task.local_spry(c, plans[f"client{c}"])
             loss_tot += loss_c
             with torch.no_grad():
-                for n, p in params.items():
-                    total[n] += n_c * (p.float() - start[n].float())
+                for n in names:
+                    total[n] += n_c * (params[n].float() - start[n].float())
+                    weight[n] += n_c
+            up.append(4 * sum(params[n].numel() for n in names))
             n_tot += n_c
             answered += 1
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(start[n] + (total[n] / max(1, n_tot)).to(p.dtype))
+                p.copy_(start[n])
         rnd = srv.round
-        srv.advance(stepped=answered > 0)
-        upload = 4 * self.n_trainable
-        return {"round": rnd, "attempt": 0, "stepped": answered > 0, "loss": loss_tot / max(1, n_tot),
-                "perturbations": 0, "variance": None, "threshold": None, "bytes_up_per_client": upload,
-                "bytes_down_per_client": upload, "accepted": answered, "rejected": 0}
+        stepped = answered > 0 and srv.apply_update({n: total[n] / weight[n] for n in params if weight[n]})
+        if plans is not None:
+            srv.plans = {}
+        return {"round": rnd, "attempt": 0, "stepped": stepped, "loss": loss_tot / max(1, n_tot),
+                "perturbations": 0, "variance": None, "threshold": None,
+                "bytes_up_per_client": int(np.mean(up)) if up else 0,
+                "bytes_down_per_client": 4 * self.n_trainable, "accepted": answered, "rejected": 0,
+                "forward_passes_per_client": self._forward_passes()}
 
     def _choose_clients(self) -> tuple:
         """(sampled, answering) client indices of the current round/attempt, both sorted.
@@ -153,7 +171,8 @@ class Simulation:
         version advanced onto a multiple of eval_every; evaluation is not counted in the times."""
         t0, c0 = time.perf_counter(), time.process_time()
         version = self.server.model_version
-        row = self._run_round_backprop() if self.cfg.method == "backprop" else self._run_round_seeded()
+        weights = self.cfg.method in ("backprop", "spry")
+        row = self._run_round_weights() if weights else self._run_round_seeded()
         self.wall += time.perf_counter() - t0
         self.cpu += time.process_time() - c0
         v, every = self.server.model_version, self.cfg.eval_every
@@ -184,8 +203,16 @@ class Simulation:
                 "variance": info.get("variance"), "threshold": info.get("threshold"),
                 "bytes_up_per_client": int(np.mean(up)) if up else 0,
                 "bytes_down_per_client": self._bytes_down(plans), "accepted": info["accepted"],
+                "forward_passes_per_client": self._forward_passes(),
                 "rejected": info["rejected"], **({"reason": info["reason"]} if "reason" in info else {}),
                 **({"noise_ratio": info["noise_ratio"]} if info.get("noise_ratio") is not None else {})}
+
+    def _forward_passes(self) -> int:
+        """Client compute per round in forward-pass equivalents: a primal forward 1, each tangent 1
+        (an upper bound: a LoRA tangent costs at most a forward), a backward 2."""
+        cfg, L, K = self.cfg, self.cfg.local_batches, self.cfg.perturbations or 0
+        per_batch = {"fwdkern": 1 + K, "mezo": 2 * K, "fwdllm": 2 * K, "spry": 1 + K, "backprop": 3}[cfg.method]
+        return L * per_batch
 
     def _bytes_down(self, plans) -> int:
         # Clients holding the previous version replay (seed, ks, coeffs) when the server optimizer is
@@ -237,7 +264,8 @@ class Simulation:
         ckpt = os.path.join(cfg.out, CHECKPOINT)
         self._resume(ckpt, replace_other_run)
         mlog = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), self.metrics)
-        while self.server.model_version < cfg.rounds:
+        while self.server.model_version < cfg.rounds and not (
+                cfg.max_client_rounds and len(self.metrics) >= cfg.max_client_rounds):
             row = self.run_round()
             self.failed = 0 if row["stepped"] or row.get("reason", "").startswith("variance") else self.failed + 1
             self.metrics.append(row)
@@ -281,4 +309,5 @@ def build(cfg: RunConfig, log=print) -> Simulation:
     """The embedded simulation of `cfg`: data, model, clients and server."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg.validate()
-    return Simulation(cfg, load_task(cfg, log=log), log=log)
+    task = load_task(cfg, log=log)
+    return Simulation(task.cfg, task, log=log)

@@ -10,6 +10,8 @@ Methods of the client computation:
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -44,11 +46,29 @@ class ClientTask:
         self.param_ids = {n: pid for n, pid, _ in self.trainable}
         self.names_by_id = {pid: n for n, pid in self.param_ids.items()}
         self.n_trainable = sum(t.numel() for t in self.params.values())
+        self.head_path, self.head_names = self._exact_head(cfg, model, task)
         self.prompt = None
         if task == "prompt":  # causal LM predicting the label word (fwdkern.fl.prompt)
             from .prompt import PromptTask
 
             self.prompt = PromptTask(tokenizer, dataset.label_names, cfg.prompt_template, cfg.max_length)
+
+    def _exact_head(self, cfg, model, task):
+        """(module path, trainable tensor names) of the head trained exactly on the clients, or (None, [])."""
+        if cfg.head == "perturb" or task != "classification":
+            return None, []
+        info = getattr(model, "fwdkern_config", None)
+        for path in (info.modules_to_save if info is not None else []):
+            names = [n for n in self.params if n.startswith(path + ".")]
+            if names:
+                if cfg.method != "fwdkern":
+                    if cfg.head == "exact":
+                        raise ValueError(f"--head exact needs --method fwdkern (got {cfg.method})")
+                    return None, []
+                return path, names
+        if cfg.head == "exact":
+            raise ValueError("--head exact: the model has no trainable classifier head (modules_to_save)")
+        return None, []
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -90,16 +110,25 @@ class ClientTask:
 
     # ------------------------------------------------------------------ local computation
     def client_update(self, client: int, plan) -> Update:
-        """The seed-and-scalar answer to `plan`: one (sample-averaged) directional derivative per k."""
+        """The seed-and-scalar answer to `plan`: one (sample-averaged) directional derivative per k,
+        and, when the plan has a head block, the projections of the exact head update."""
         import fwdkern
 
         jv = np.zeros(len(plan.ks))
         loss = 0.0
         n = 0
+        feats = []
+        capture = _InputCapture(self.model.get_submodule(self.head_path)) if plan.head_ks else None
         for batch in self.client_batches(client, plan.round):
             bs = int(batch["input_ids"].shape[0])
-            if self.cfg.method == "fwdkern":
-                l, j = fwdkern.jvp(self.model, batch, plan.seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
+            if self.cfg.method == "fwdkern" and not plan.ks:  # the head block only: one plain forward
+                with torch.no_grad(), capture or _nullcontext():
+                    l = self.model(**batch).loss
+                j = np.zeros(0)
+            elif self.cfg.method == "fwdkern":
+                with capture or _nullcontext():
+                    l, j = fwdkern.jvp(self.model, batch, plan.seed, list(plan.ks), dist=plan.dist,
+                                       params=list(plan.param_ids))
             else:  # zeroth order: central finite difference per perturbation
                 lp, lm = fwdkern.perturbed_loss(self.model, batch, plan.seed, list(plan.ks), self.cfg.eps,
                                                 dist=plan.dist, params=list(plan.param_ids))
@@ -109,8 +138,38 @@ class ClientTask:
             jv += np.asarray(torch.as_tensor(j, dtype=torch.float64)) * bs
             loss += float(l) * bs
             n += bs
+            if capture is not None:
+                feats.append((capture.x, batch["labels"]))
+        head = self._head_values(plan, feats) if capture is not None else ()
         return Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
-                      loss / n).as_sent(self.cfg.wire)
+                      loss / n, head=head).as_sent(self.cfg.wire)
+
+    def _head_values(self, plan, feats) -> tuple:
+        """Train the head exactly on the captured features (its inputs: no pass through the body), then
+        project its pseudo-gradient (minus the local update) on the plan's head directions."""
+        from ..ops import seeded_dot
+
+        head = self.model.get_submodule(self.head_path)
+        prefix = self.head_path + "."
+        start = {n[len(prefix):]: self.params[n].detach() for n in self.head_names}
+        local = {k: v.clone().float().requires_grad_(True) for k, v in start.items()}
+        lr = self.cfg.head_lr
+        for _ in range(self.cfg.head_epochs):
+            for x, y in feats:
+                keep = y != -100
+                with torch.enable_grad():
+                    logits = torch.func.functional_call(head, local, (x.float(),))
+                    loss = torch.nn.functional.cross_entropy(logits.float()[keep], y[keep])
+                    grads = torch.autograd.grad(loss, list(local.values()))
+                with torch.no_grad():
+                    for t, g in zip(local.values(), grads):
+                        t.sub_(lr * g)
+        vals = torch.zeros(len(plan.head_ks), dtype=torch.float64)
+        for pid in plan.head_ids:
+            n = self.names_by_id[pid][len(prefix):]
+            pg = (start[n].float() - local[n].detach()).contiguous()
+            vals += seeded_dot(pg, plan.seed, pid, list(plan.head_ks), plan.dist).double()
+        return tuple(float(v) for v in vals)
 
     def local_backprop(self, client: int, rnd: int) -> tuple:
         """Backprop baseline: SGD steps (autograd) from the current weights on the client's batches.
@@ -120,8 +179,9 @@ class ClientTask:
         for batch in self.client_batches(client, rnd):
             for p in params.values():
                 p.requires_grad_(True)
-            out = self.model(**batch)
-            grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+            with _checkpointing(self.model, self.cfg.checkpointing):
+                out = self.model(**batch)
+                grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
             with torch.no_grad():
                 for p, g in zip(params.values(), grads):
                     p.requires_grad_(False)
@@ -131,6 +191,33 @@ class ClientTask:
             loss_tot += float(out.loss.detach()) * bs
             n_c += bs
         return n_c, loss_tot
+
+    def local_spry(self, client: int, plan) -> tuple:
+        """SPRY as released: per local batch one forward-gradient estimate (jvp x v, K tangents) of the
+        tensors the plan assigns this client, and an AdamW step on them. Leaves the trained weights in
+        place; returns (samples, loss sum, names of the trained tensors)."""
+        import fwdkern
+
+        names = [self.names_by_id[pid] for pid in plan.param_ids]
+        tensors = [self.params[n] for n in names]
+        opt = torch.optim.AdamW(tensors, lr=self.cfg.local_lr)
+        n_c, loss_tot = 0, 0.0
+        for step, batch in enumerate(self.client_batches(client, plan.round)):
+            seed = derive_seed(plan.seed, step, 11)
+            loss, jv = fwdkern.jvp(self.model, batch, seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
+            coeffs = (jv.double() / len(plan.ks)).tolist()
+            for n, p in zip(names, tensors):
+                g = torch.zeros_like(p, dtype=torch.float32)
+                seeded_axpy_(g, seed, self.param_ids[n], list(plan.ks), coeffs, plan.dist)
+                p.grad = g.to(p.dtype)
+            with torch.no_grad():
+                opt.step()
+            for p in tensors:
+                p.grad = None
+            bs = int(batch["input_ids"].shape[0])
+            loss_tot += float(loss) * bs
+            n_c += bs
+        return n_c, loss_tot, names
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -154,13 +241,66 @@ class ClientTask:
         return self.model(**b).logits.argmax(-1)
 
 
+class _InputCapture:
+    """Keeps the (primal) input of `module`'s next forward: the head's features."""
+
+    def __init__(self, module):
+        self.module, self.x, self.handle = module, None, None
+
+    def _hook(self, module, args):
+        from ..dual import primal
+
+        self.x = primal(args[0]).detach()
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+
+@contextlib.contextmanager
+def _checkpointing(model, on: bool):
+    """Activation checkpointing for one forward + backward. transformers checkpoints a layer stack
+    only while that stack module is in training mode, so only the stacks are flipped (not
+    recursively): dropout stays off and the numbers equal those without checkpointing."""
+    if not on:
+        yield
+        return
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stacks = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in stacks:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in stacks:
+            m.training = False
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
+def _nullcontext():
+    return contextlib.nullcontext()
+
+
 def load_task(cfg, log=print) -> ClientTask:
-    """Data + model for `cfg`, as every participant of the run builds them."""
+    """Data + model for `cfg`, as every participant of the run builds them; the task's ``cfg`` has
+    every setting left unset filled in by the default recipe (:mod:`fwdkern.fl.recipe`)."""
+    from .recipe import resolve
+
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     task = resolve_task(cfg.task, data)
     model, tok = load_model(cfg, data, task)
+    client = ClientTask(cfg, model, tok, data, task=task)
+    client.cfg = resolve(cfg, len(client.train), bool(client.head_names))
     log(f"model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), data {data.name} "
         f"({len(data)} examples), method {cfg.method}, {cfg.clients} clients / {cfg.clients_per_round} per round")
-    return ClientTask(cfg, model, tok, data, task=task)
+    return client

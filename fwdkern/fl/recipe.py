@@ -1,0 +1,57 @@
+"""The default recipe: every setting a user leaves at "auto" / unset, chosen from the model, the
+data's size and the clients -- never from the test set.
+
+NOTE (2-core CPU, MiniLM on BBC News, 100 clients, Dirichlet 0.5, 10 per round; the sweep and
+the runs are in bench/results/fl_bbc_cpu/, bench/results/README.md has the table):
+
+* fwdkern on a classifier: the head is trained exactly on each client's own features (no pass
+  through the body) for a few local epochs, and its update travels as 200 seeded projections
+  (800 B in fp32). More than 99 % of the gradient's energy sits in the head at the start, and a
+  forward-gradient estimate of the body (d = 12.3k LoRA values, K = 16 per client) has a cosine
+  of about 0.1 with the true gradient: adding it (FedAdam, lr 0.05) cut accuracy after 40 rounds
+  from 0.90 to 0.77 (CLS pooler) and cost 4x the client CPU. So the body's perturbations default
+  to 0 when the model has a trainable head; without one (prompt classification, causal LM) the
+  body is the only thing to train and gets K = 16 with FedAdam.
+* backprop (LoRA FedAvg): about one local epoch (local_batches below), client SGD lr 2, FedAvg
+  (server SGD lr 1 on the averaged update) -- the tuned baseline of the comparison.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .config import RunConfig
+
+# Per method: value of each setting left unset. "K_no_head" applies when no exact head trains.
+METHOD_DEFAULTS = {
+    "fwdkern": dict(optimizer="fedadam", lr=0.01, perturbations=0, K_no_head=16, local_lr=None),
+    "mezo": dict(optimizer="sgd", lr=0.01, perturbations=4, local_lr=None),
+    "fwdllm": dict(optimizer="sgd", lr=0.01, perturbations=1, local_lr=None),
+    "spry": dict(optimizer="fedyogi", lr=0.01, perturbations=1, local_lr=1e-3),
+    "backprop": dict(optimizer="sgd", lr=1.0, perturbations=0, local_lr=2.0),
+}
+# Server learning rates when the optimizer is given but the lr is not.
+OPTIMIZER_LR = {"sgd": 0.01, "fedadam": 0.01, "fedyogi": 0.01}
+
+
+def local_batches_for(n_train: int, clients: int, batch_size: int) -> int:
+    """About one local epoch of an average client, 1 to 4 batches."""
+    return int(min(4, max(1, math.ceil(n_train / max(1, clients) / batch_size))))
+
+
+def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool) -> RunConfig:
+    """`cfg` with every unset setting filled in (a new RunConfig; explicit settings are kept)."""
+    d = dataclasses.asdict(cfg)
+    m = METHOD_DEFAULTS[cfg.method]
+    if d["local_batches"] is None:
+        d["local_batches"] = local_batches_for(n_train, cfg.clients, cfg.batch_size)
+    explicit_opt = d["optimizer"] != "auto"
+    if not explicit_opt:
+        d["optimizer"] = m["optimizer"]
+    if d["lr"] is None:
+        d["lr"] = m["lr"] if not explicit_opt or d["optimizer"] == m["optimizer"] else OPTIMIZER_LR[d["optimizer"]]
+    if d["perturbations"] is None:
+        d["perturbations"] = m["perturbations"] if (has_exact_head or "K_no_head" not in m) else m["K_no_head"]
+    if d["local_lr"] is None and m["local_lr"]:  # only methods with local steps use it
+        d["local_lr"] = m["local_lr"]
+    return RunConfig(**d)
