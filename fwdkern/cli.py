@@ -11,6 +11,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -63,68 +64,115 @@ def bench_seeded(n: int, ks_list, device: str, reps: int) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fwdkern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("bench-seeded",):
-        p = sub.add_parser(name)
-        p.add_argument("--n", type=int, default=1 << 20, help="elements (default 1M)")
-        p.add_argument("--K", type=int, nargs="+", default=[1, 16, 64], help="perturbations per call")
-        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-        p.add_argument("--reps", type=int, default=10)
-    sub.add_parser("info")
-    tr = sub.add_parser("train", help="federated forward-gradient fine-tuning (embedded simulation)")
-    _add_run_args(tr)
-    demo = sub.add_parser("demo", help="the bundled federated demo (MiniLM + BBC News)")
-    _add_run_args(demo)
+    p = sub.add_parser("bench-seeded", help="time the seeded ops against the materializing reference",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=1 << 20, help="elements")
+    p.add_argument("--K", type=int, nargs="+", default=[1, 16, 64], help="perturbations per call")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions")
+    sub.add_parser("info", help="versions and which backend runs on which device here")
+    tr = sub.add_parser("train", help="federated forward-gradient fine-tuning (embedded simulation)",
+                        description="Federated fine-tuning in one process (every client simulated here). Every "
+                        "option left out is chosen by the default recipe (fwdkern.fl.recipe) from the model, the "
+                        "data's size and the clients. Rerun the same command to resume; a larger --rounds extends "
+                        "a finished run.")
+    _add_run_args(tr, RUN_DEFAULTS_SHOWN)
+    demo = sub.add_parser("demo", help="the bundled federated demo (MiniLM + BBC News, the default recipe)",
+                          description="`fwdkern train` with the demo's settings: " + ", ".join(
+                              f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+                              for k, v in DEMO_DEFAULTS.items()) + "; every other option as in train.")
+    _add_run_args(demo, DEMO_DEFAULTS)
     demo.set_defaults(**DEMO_DEFAULTS)
     args = ap.parse_args(argv)
     if args.cmd in ("train", "demo"):
-        return train(args)
+        return _guard(train, args)
     if args.cmd == "bench-seeded":
-        return bench_seeded(args.n, args.K, args.device, args.reps)
+        return bench_seeded(args.n, args.K, args.device or ("cuda" if _cuda() else "cpu"), args.reps)
     if args.cmd == "info":
-        import fwdkern
-
-        for dev in ("cpu", "cuda"):
-            for b in fwdkern.backends.BACKENDS:
-                print(f"{dev:5} {b:10} {'yes' if fwdkern.backends.available(b, dev) else 'no'}")
-        return 0
+        return info()
     return 2
 
 
-# NOTE: tuned on the 2-core CPU machine (2026-11-22, unbiased 200-example test set, chance 0.2):
-# LoRA on the last layer's query/value keeps the dual pass short (the tangent starts there) so
-# K=32 per client is affordable. Server SGD barely moves (lr 0.1: loss 1.61 -> 1.59, accuracy
-# 0.17-0.34 over 40 steps); FedAdam lr 0.02 normalizes the noisy estimate per coordinate:
-# accuracy 0.315 / 0.365 / 0.56 / 0.51 after 5 / 10 / 15 / 20 steps, loss 1.61 -> 1.33
-# (133 s on the quiet 2-core machine; the same numbers on one contended core, deterministic).
-DEMO_DEFAULTS = dict(model="all-minilm-l6-v2", data="bbc_news", clients=100, clients_per_round=10, rounds=20,
-                     perturbations=32, optimizer="fedadam", lr=0.02, pacing="off", max_length=64, max_test=200,
+def info() -> int:
+    import platform
+
+    import torch
+
+    import fwdkern
+
+    cuda = torch.cuda.is_available()
+    print(f"fwdkern {fwdkern.__version__} | torch {torch.__version__} | python {platform.python_version()} | "
+          f"CUDA device: {torch.cuda.get_device_name() if cuda else 'none'} | compiled extension: "
+          f"{'yes' if fwdkern.backends.has_extension() else 'no'}")
+    print(f"{'backend':<10} {'CPU tensors':<12} {'CUDA tensors'}")
+    for b in fwdkern.backends.BACKENDS:
+        on_cpu = "yes" if fwdkern.backends.available(b, "cpu") else "no"
+        on_cuda = ("yes" if fwdkern.backends.available(b, "cuda") else "no") if cuda else "no (no CUDA device)"
+        print(f"{b:<10} {on_cpu:<12} {on_cuda}")
+    return 0
+
+
+# The demo: the default recipe on the bundled MiniLM + BBC News, 20 client rounds. NOTE (2-core CPU,
+# bench/results/fl_bbc_cpu/): the recipe trains the classifier head exactly on each client and
+# uploads 200 seeded projections of its update; the demo's settings below only fix the run's size.
+DEMO_DEFAULTS = dict(model="all-minilm-l6-v2", data="bbc_news", rounds=20, max_length=64, max_test=445,
                      eval_every=5, target_modules=["layer.5.attention.self.query", "layer.5.attention.self.value"],
                      out="runs/demo")
+RUN_DEFAULTS_SHOWN: dict = {}
 
 
-def _add_run_args(p):
-    import dataclasses
+def _add_run_args(p, overrides: dict):
+    from .fl.config import fields_help
 
-    from .fl.config import RunConfig
-
-    for f in dataclasses.fields(RunConfig):
+    for f, meta in fields_help():
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        shown = "auto" if default is None else (" ".join(default) if isinstance(default, list) else default)
+        text = meta.get("help", "")
+        if "choices" in meta:
+            text += f" [choices: {', '.join(map(str, meta['choices']))}]"
+        text += f" (default: {shown})"
+        text = text.replace("%", "%%")
         if f.name == "target_modules":
-            p.add_argument(flag, nargs="+", default=None)
-        elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true", default=default)
-        elif f.name in ("label_column",):
-            p.add_argument(flag, default=default, help="'none' for plain text (causal LM)")
+            p.add_argument(flag, nargs="+", default=None, metavar="NAME", help=text)
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", default=f.default, help=text)
         else:
-            p.add_argument(flag, type=type(default) if default is not None else str, default=default)
+            typ = meta.get("type") or (type(f.default) if f.default is not None else str)
+            p.add_argument(flag, type=typ, default=f.default, metavar=f.name.upper(), help=text)
+
+
+def _guard(fn, args) -> int:
+    """User mistakes end in one line naming the problem and exit code 2 (a failed run: 1; Ctrl-C:
+    130), never a traceback; FWDKERN_DEBUG=1 shows the traceback."""
+    import os
+
+    from .fl.checkpoint import CorruptCheckpoint, RunLocked
+    from .fl.simulation import Interrupted, RunFailed
+
+    try:
+        return fn(args)
+    except KeyboardInterrupt:
+        print("fwdkern: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Interrupted as e:
+        print(f"fwdkern: {e}", file=sys.stderr)
+        return 130
+    except RunFailed as e:
+        print(f"fwdkern: run failed: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, RunLocked, CorruptCheckpoint, UnicodeError, ImportError,
+            OSError) as e:
+        if os.environ.get("FWDKERN_DEBUG") == "1":
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"fwdkern: error: {msg}", file=sys.stderr)
+        return 2
 
 
 def train(args) -> int:
-    import dataclasses
-
-    from .fl.simulation import build
     from .fl.config import RunConfig
+    from .fl.simulation import build
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     if isinstance(kw["label_column"], str) and kw["label_column"].lower() == "none":
@@ -134,7 +182,11 @@ def train(args) -> int:
     # The demo is a canned job: an earlier demo run with other settings (e.g. from an older
     # fwdkern) is replaced; `train` keeps refusing to mix configurations in one --out.
     summary = sim.run(replace_other_run=args.cmd == "demo")
-    print(f"done: {summary['rounds']} steps, final {summary['final']}, wall {summary['wall_time_s']:.1f}s, "
+    acc = summary["final"].get("accuracy")
+    start = summary.get("initial", {}).get("accuracy")
+    print(f"done: {summary['rounds']} steps ({summary['client_rounds']} client rounds)"
+          + (f", test accuracy {start:.3f} -> {acc:.3f}" if acc is not None and start is not None else "")
+          + f", {summary['cpu_time_s']:.0f} CPU s ({summary['wall_time_s']:.0f} s wall) training, "
           f"mean upload {summary['mean_bytes_up_per_client']:.0f} B/client/round -> {cfg.out}")
     return 0
 

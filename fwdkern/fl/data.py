@@ -75,33 +75,57 @@ def load_dataset(name_or_path: str, text_column: str = "text", label_column: Opt
     if name_or_path in BUNDLED:
         return BUNDLED[name_or_path]()
     if not os.path.exists(name_or_path):
-        raise FileNotFoundError(f"data: {name_or_path!r} is neither a bundled dataset ({', '.join(sorted(BUNDLED))}) "
-                                "nor an existing file")
+        raise FileNotFoundError(f"--data: {name_or_path!r} is neither a bundled data set "
+                                f"({', '.join(sorted(BUNDLED))}) nor an existing .csv / .jsonl / .txt file")
     ext = os.path.splitext(name_or_path)[1].lower()
-    rows = []
-    if ext == ".csv":
-        with open(name_or_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    elif ext in (".jsonl", ".json"):
-        with open(name_or_path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif ext == ".txt":
-        with open(name_or_path, encoding="utf-8") as f:
-            return TextDataset([ln.rstrip("\n") for ln in f if ln.strip()], None, None, os.path.basename(name_or_path))
-    else:
-        raise ValueError(f"data: unsupported file type {ext!r} (csv, jsonl, txt)")
+    where = f"--data {name_or_path}"
+    try:
+        rows = _read_rows(name_or_path, ext)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: line {e.lineno} is not JSON ({e.msg}); a .jsonl file holds one object per "
+                         "line") from None
+    except csv.Error as e:
+        raise ValueError(f"{where}: malformed CSV ({e})") from None
+    if ext == ".txt":
+        return TextDataset(rows, None, None, os.path.basename(name_or_path))
     if not rows:
-        raise ValueError(f"data: {name_or_path!r} has no rows")
+        raise ValueError(f"{where}: no rows")
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{where}: every line must be a JSON object with a {text_column!r} field")
+    cols = list(rows[0])
     if text_column not in rows[0]:
-        raise ValueError(f"text_column: {text_column!r} not in columns {list(rows[0])}")
+        raise ValueError(f"--text-column: {text_column!r} is not a column of {name_or_path} (columns: {cols}); "
+                         "pass --text-column NAME")
+    missing = next((i for i, r in enumerate(rows) if text_column not in r or r[text_column] is None), None)
+    if missing is not None:
+        raise ValueError(f"{where}: row {missing + 1} has no {text_column!r}")
     texts = [str(r[text_column]) for r in rows]
     if label_column is None or label_column not in rows[0]:
         if label_column is not None and label_column != "label":
-            raise ValueError(f"label_column: {label_column!r} not in columns {list(rows[0])}")
+            raise ValueError(f"--label-column: {label_column!r} is not a column of {name_or_path} (columns: {cols}); "
+                             "pass --label-column NAME, or --label-column none for plain text")
         return TextDataset(texts, None, None, os.path.basename(name_or_path))
-    raw = [str(r[label_column]) for r in rows]
+    raw = [str(r.get(label_column, "")) for r in rows]
     names = sorted(set(raw))
+    if len(names) < 2:
+        raise ValueError(f"--label-column {label_column!r}: {len(names)} distinct label(s) in {name_or_path}; "
+                         "classification needs at least 2")
     return TextDataset(texts, [names.index(x) for x in raw], names, os.path.basename(name_or_path))
+
+
+def _read_rows(path: str, ext: str) -> list:
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if ext in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if ext == ".txt":
+        with open(path, encoding="utf-8") as f:
+            return [ln.rstrip("\n") for ln in f if ln.strip()]
+    raise ValueError(f"--data {path}: unsupported file type {ext!r} (.csv, .jsonl, .txt)")
 
 
 def train_test_split(n: int, test_fraction: float, seed: int):

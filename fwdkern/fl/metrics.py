@@ -25,16 +25,26 @@ class MetricsLog:
             f.write(line[len(line) // 2:])
 
 
-def progress(row, total, version) -> str:
+def progress(row, total, version, client_round=None) -> str:
+    """One console line per client round; a round that did not step says why (pacing retry, no update)."""
     width = 30
     done = int(width * version / max(1, total))
     acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
     loss = f" loss {row['loss']:.4f}" if row.get("loss") is not None else ""
-    return (f"[{'#' * done}{'.' * (width - done)}] step {version}/{total} (round {row['round']})"
-            f"{loss}{acc} K={row['perturbations']} up={row['bytes_up_per_client']}B t={row['wall_time_s']:.1f}s")
+    cr = f"client round {client_round}" if client_round is not None else f"round {row['round']}"
+    note = ""
+    if not row.get("stepped"):
+        reason = row.get("reason", "")
+        note = (f" [no step: retry {row.get('attempt', 0) + 1}, {reason}]" if reason.startswith("variance")
+                else f" [no step: {reason or 'no update'}]")
+    return (f"[{'#' * done}{'.' * (width - done)}] step {version}/{total} ({cr}){loss}{acc} "
+            f"K={row['perturbations']} up={row['bytes_up_per_client']}B cpu={row.get('cpu_time_s', 0):.1f}s{note}")
 
 
-def plots(metrics, out):
+def plots(metrics, out, initial=None, reference=None):
+    """curves.png: test accuracy (with the untrained model, chance and majority-class lines) and the
+    training loss against client rounds (1 = the first round, as on the console); the
+    perturbations per round when they vary (pacing)."""
     try:
         import matplotlib
 
@@ -42,15 +52,24 @@ def plots(metrics, out):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    ev = [m for m in metrics if "accuracy" in m]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    ax[0].plot([m["round"] for m in ev], [m["accuracy"] for m in ev], marker="o")
-    ax[0].set(xlabel="round", ylabel="accuracy", title="accuracy vs round")
-    ax[1].plot([m["wall_time_s"] for m in ev], [m["accuracy"] for m in ev], marker="o")
-    ax[1].set(xlabel="wall time (s)", ylabel="accuracy", title="accuracy vs wall time")
-    st = [m for m in metrics if m["stepped"]]
-    ax[2].step(range(1, len(st) + 1), [m["perturbations"] for m in st], where="post")
-    ax[2].set(xlabel="optimizer step", ylabel="perturbations", title="perturbation schedule")
+    x_all = list(range(1, len(metrics) + 1))
+    ev = [(i, m["accuracy"]) for i, m in zip(x_all, metrics) if "accuracy" in m]
+    if initial and "accuracy" in initial:
+        ev = [(0, initial["accuracy"])] + ev
+    varying = len({m["perturbations"] for m in metrics}) > 1
+    fig, ax = plt.subplots(1, 3 if varying else 2, figsize=(15 if varying else 11, 4))
+    if ev:
+        ax[0].plot([x for x, _ in ev], [a for _, a in ev], marker="o", label="test accuracy")
+    for (name, y), style in zip((reference or {}).items(), ("--", ":")):
+        ax[0].axhline(y, linestyle=style, color="gray", label=f"{name} ({y:.2f})")
+    ax[0].set(xlabel="client round", ylabel="accuracy", title="test accuracy", ylim=(0, 1.02))
+    ax[0].legend(fontsize=8)
+    lx = [x for x, m in zip(x_all, metrics) if m.get("loss") is not None]
+    ax[1].plot(lx, [m["loss"] for m in metrics if m.get("loss") is not None], marker=".")
+    ax[1].set(xlabel="client round", ylabel="training loss (clients' batches)", title="training loss")
+    if varying:
+        ax[2].step(x_all, [m["perturbations"] for m in metrics], where="post")
+        ax[2].set(xlabel="client round", ylabel="perturbations", title="perturbations per client round")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     plt.close(fig)

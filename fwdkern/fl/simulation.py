@@ -37,6 +37,10 @@ class RunFailed(RuntimeError):
     """A run that cannot make progress (e.g. every client dropped out or was rejected, round after round)."""
 
 
+class Interrupted(RuntimeError):
+    """Ctrl-C during a run: the state before the interrupted round is saved; the message says how to resume."""
+
+
 def _pacing(cfg: RunConfig) -> Optional[VariancePacing]:
     if cfg.pacing == "off" or cfg.method in ("backprop", "spry"):
         return None
@@ -92,6 +96,7 @@ class Simulation:
                              head_optimizer=SGD(cfg.head_server_lr))
         self.n_trainable = task.n_trainable
         self.metrics: list = []
+        self.initial: dict = {}  # test metrics before any training
         self.failed = 0  # consecutive rounds without a valid update
         self.wall = 0.0
         self.cpu = 0.0  # process CPU seconds: comparable across runs on a shared machine
@@ -256,7 +261,7 @@ class Simulation:
             return
         self.server.load_state_dict(sd["server"])
         self.metrics, self.wall, self.cpu = sd["metrics"], sd["wall"], sd.get("cpu", 0.0)
-        self.failed = sd.get("failed", 0)
+        self.failed, self.initial = sd.get("failed", 0), sd.get("initial", {})
         self.log(f"resumed from {ckpt} at round {self.server.round}")
 
     def _run(self, replace_other_run: bool) -> dict:
@@ -264,13 +269,23 @@ class Simulation:
         ckpt = os.path.join(cfg.out, CHECKPOINT)
         self._resume(ckpt, replace_other_run)
         mlog = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), self.metrics)
+        if not self.metrics and not self.initial:
+            self.initial = self.evaluate()
+            if self.initial:
+                self.log(f"before training: " + ", ".join(f"{k} {v:.3f}" for k, v in self.initial.items()))
         while self.server.model_version < cfg.rounds and not (
                 cfg.max_client_rounds and len(self.metrics) >= cfg.max_client_rounds):
-            row = self.run_round()
+            before = self._state()
+            try:
+                row = self.run_round()
+            except KeyboardInterrupt:
+                save_checkpoint(ckpt, before)
+                raise Interrupted(f"interrupted in round {self.server.round}; the state before it is saved in "
+                                  f"{ckpt}: rerun the same command to resume") from None
             self.failed = 0 if row["stepped"] or row.get("reason", "").startswith("variance") else self.failed + 1
             self.metrics.append(row)
             mlog.append(row)
-            self.log(progress(row, cfg.rounds, self.server.model_version))
+            self.log(progress(row, cfg.rounds, self.server.model_version, len(self.metrics)))
             if self.failed >= cfg.max_failed_rounds:
                 self.save(ckpt)
                 raise RunFailed(f"{self.failed} consecutive rounds without a valid update (last: "
@@ -280,15 +295,25 @@ class Simulation:
                 self.save(ckpt)
         final = self.final_evaluation()
         self.save(ckpt)
-        summary = {"config": cfg.to_json(), "final": final, "rounds": self.server.model_version,
+        summary = {"config": cfg.to_json(), "initial": self.initial, "final": final,
+                   "rounds": self.server.model_version,
                    "client_rounds": len(self.metrics),
                    "perturbation_schedule": self.server.schedule, "wall_time_s": self.wall, "cpu_time_s": self.cpu,
                    "trainable_params": self.n_trainable,
                    "mean_bytes_up_per_client": float(np.mean([m["bytes_up_per_client"] for m in self.metrics])),
                    "rejections": self.server.rejected_total}
         write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
-        plots(self.metrics, cfg.out)
+        plots(self.metrics, cfg.out, self.initial, self._reference_lines())
         return summary
+
+    def _reference_lines(self) -> dict:
+        """Chance and majority-class accuracy of the test set (what "it learned" is measured against)."""
+        labels = self.test.labels
+        if not labels or self.task.task not in ("classification", "prompt"):
+            return {}
+        counts = np.bincount(labels)
+        return {"chance": 1.0 / max(1, len(self.task.dataset.label_names or counts)),
+                "majority class": float(counts.max()) / len(labels)}
 
     def final_evaluation(self) -> dict:
         """The test metrics of the final weights; the last metrics row carries them too, so every run's
@@ -299,10 +324,12 @@ class Simulation:
             MetricsLog(os.path.join(self.cfg.out, "metrics.jsonl"), self.metrics)
         return final
 
+    def _state(self) -> dict:
+        return {"config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": list(self.metrics),
+                "wall": self.wall, "cpu": self.cpu, "failed": self.failed, "initial": dict(self.initial)}
+
     def save(self, path):
-        save_checkpoint(path, {"config": self.cfg.to_json(), "server": self.server.state_dict(),
-                               "metrics": self.metrics, "wall": self.wall, "cpu": self.cpu,
-                               "failed": self.failed})
+        save_checkpoint(path, self._state())
 
 
 def build(cfg: RunConfig, log=print) -> Simulation:
