@@ -1,0 +1,85 @@
+"""A Hugging Face ``Trainer`` that fine-tunes with forward gradients instead of backpropagation.
+
+``ForwardGradientTrainer`` is a drop-in ``transformers.Trainer``: each training step runs one dual
+forward (:func:`fwdkern.jvp`: the loss and its directional derivatives along K seeded
+perturbations of the trainable tensors), writes the forward-gradient estimate
+``g = (1/K) sum_k jvp_k v_k`` into the parameters' ``.grad`` (never materializing a v), and
+leaves the rest to the Trainer: the optimizer and its learning-rate schedule, gradient
+clipping, logging, evaluation and checkpoints. Gradient accumulation means more tangents:
+each micro-batch gets its own perturbations and the estimates add up. No activation is
+stored, so memory stays at inference level.
+
+    model = fwdkern.patch(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2))
+    trainer = ForwardGradientTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
+                                     perturbations=16)
+    trainer.train()
+    trainer.save_model("out/")   # peft adapter format (adapter_config.json + adapter_model.safetensors)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer
+
+from .engine import jvp, load_adapter, save_adapter, trainable
+from .engine.patching import get_config
+from .ops import seeded_axpy_
+
+__all__ = ["ForwardGradientTrainer"]
+
+
+def _seed(base: int, step: int, micro: int) -> int:
+    import hashlib
+
+    h = hashlib.blake2b(f"{base}:{step}:{micro}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+class ForwardGradientTrainer(Trainer):
+    """``transformers.Trainer`` with forward gradients (see the module docstring).
+
+    Args (besides the Trainer's):
+        perturbations: K tangents per micro-batch (the estimate's cosine with the true gradient
+            grows like sqrt(K / d) for d trainable values).
+        dist: "rademacher" or "gaussian" perturbations.
+        loss: "auto" (from the model class), "classification" or "causal_lm".
+    The model must be patched (:func:`fwdkern.patch`) or hold :class:`fwdkern.LoRALinear` layers.
+    """
+
+    def __init__(self, *args, perturbations: int = 16, dist: str = "rademacher", loss: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(perturbations, bool) or not isinstance(perturbations, int) or perturbations < 1:
+            raise ValueError(f"perturbations: expected a positive int, got {perturbations!r}")
+        get_config(self.model)  # fails early, with the fix, on a model without adapters
+        self.perturbations, self.dist, self.loss_kind = perturbations, dist, loss
+        self._micro = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        inputs = self._prepare_inputs(inputs)
+        accum = max(1, self.args.gradient_accumulation_steps)
+        step = self.state.global_step
+        seed = _seed(self.args.seed, step, self._micro)
+        self._micro = (self._micro + 1) % accum
+        K = self.perturbations
+        loss, jv = jvp(model, inputs, seed, range(K), dist=self.dist, loss=self.loss_kind)
+        coeffs = (jv.double() / (K * accum)).tolist()
+        for _, pid, p in trainable(model):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            seeded_axpy_(p.grad, seed, pid, list(range(K)), coeffs, self.dist)
+        return loss.detach() / accum
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The adapter in peft's format, plus the tokenizer and training arguments as the Trainer saves them."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_adapter(self.model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_adapter(model or self.model, resume_from_checkpoint)
