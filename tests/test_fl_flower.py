@@ -382,19 +382,20 @@ def _kill(proc):
             pass
 
 
-@pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
-                    reason="Flower CLIs (flower-superlink, flower-supernode, flwr) not on PATH")
-def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
-    deadline = time.monotonic() + 150  # hard cap: the test never hangs
-    cfg = _cfg(tiny, tmp_path / "flower")
+_NEEDS_FLOWER_CLIS = pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
+                                        reason="Flower CLIs (flower-superlink, flower-supernode, flwr) not on PATH")
+
+
+def _deploy(tmp_path, project, overrides: str, node_configs, done_file, deadline):
+    """A real SuperLink + one SuperNode per node config + `flwr run --stream` of `project`, until
+    `done_file` holds JSON; every process group is killed on the way out. Returns the log tail."""
     home = tmp_path / "flwr_home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     port = _free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    overrides = tmp_path / "overrides.toml"
-    overrides.write_text(f"run-config = '{json.dumps(cfg.to_json())}'\nround-timeout = 60.0\n"
-                         "node-timeout = 60.0\npoll-interval = 0.1\n")
+    ov = tmp_path / "overrides.toml"
+    ov.write_text(overrides)
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                # The fwdkern this test imported (the repo in development, site-packages under CI, where
                # the clone has no compiled _C), so server and clients run the same code as the test.
@@ -430,14 +431,13 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
                 pass
             assert time.monotonic() < deadline - 120 and procs[0].poll() is None, "SuperLink did not start\n" + tail()
             time.sleep(0.2)
-        for c in range(cfg.clients):
+        for c, node_config in enumerate(node_configs):
             start(f"supernode{c}", [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                    "--port", str(_free_port()), "--node-config", f"partition-id={c}"])
-        run = start("flwr_run", [exe("flwr"), "run", PROJECT, "e2e", "--stream", "--run-config", str(overrides)])
-        summary = tmp_path / "flower" / "summary.json"
-        while True:  # summary.json is written last (after the checkpoint and metrics.jsonl)
+                                    "--port", str(_free_port()), "--node-config", node_config])
+        run = start("flwr_run", [exe("flwr"), "run", project, "e2e", "--stream", "--run-config", str(ov)])
+        while True:  # the done file is written last
             try:
-                json.loads(summary.read_text())
+                json.loads(done_file.read_text())
                 break
             except (OSError, ValueError):
                 pass
@@ -450,6 +450,22 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
             _kill(p)
         for f in files:
             f.close()
+    return tail()
+
+
+@_NEEDS_FLOWER_CLIS
+def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
+    deadline = time.monotonic() + 150  # hard cap: the test never hangs
+    cfg = _cfg(tiny, tmp_path / "flower")
+    overrides = (f"run-config = '{json.dumps(cfg.to_json())}'\nround-timeout = 60.0\n"
+                 "node-timeout = 60.0\npoll-interval = 0.1\n")
+    # summary.json is written last (after the checkpoint and metrics.jsonl)
+    log_tail = _deploy(tmp_path, PROJECT, overrides, [f"partition-id={c}" for c in range(cfg.clients)],
+                       tmp_path / "flower" / "summary.json", deadline)
+
+    def tail():
+        return log_tail
+
     rows = [json.loads(line) for line in open(tmp_path / "flower" / "flower.jsonl")]
     assert len(rows) == 3, tail()
     status = {c: r["status"] for row in rows for c, r in row["clients"].items()}
@@ -478,3 +494,98 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
         for c, j in exp_j.items():
             assert row["clients"][str(c)]["jvps"] == pytest.approx(j, rel=1e-4, abs=1e-6)
     assert not math.isnan(json.load(open(tmp_path / "flower" / "summary.json"))["final"]["accuracy"])
+
+
+# ---------------------------------------------------------------------- SeedStrategy
+STRATEGY_PROJECT = os.path.join(REPO, "examples", "flower-strategy")
+
+
+class StrategyGrid:
+    """Grid.send_and_receive over in-process ClientApp handlers (contents through protobuf serde)."""
+
+    def __init__(self, handlers, tamper=None):
+        self.handlers, self.tamper, self.n = handlers, tamper, 0
+
+    def get_node_ids(self):
+        return list(self.handlers)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            self.n += 1
+            m.metadata.__dict__["_message_id"] = f"m{self.n}"
+            inbound = Message(_wire(m.content), reply_to=m)
+            inbound.metadata.__dict__.update(m.metadata.__dict__)
+            try:
+                reply = Message(_wire(self.handlers[m.metadata.dst_node_id](inbound).content), reply_to=m)
+            except Exception as e:  # what flwr-clientapp sends back when the ClientApp raises
+                reply = Message(Error(code=3, reason=repr(e)), reply_to=m)
+            if self.tamper is not None:
+                reply = self.tamper(m.metadata.dst_node_id, reply, m)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def _strategy_setup(tiny):
+    import transformers
+
+    from fwdkern.fl.flower.strategy import SeedStrategy, answer_plan
+
+    torch.manual_seed(0)
+    model = fwdkern.patch(transformers.AutoModelForSequenceClassification.from_pretrained(str(tiny), num_labels=2)
+                          .eval(), r=4, alpha=8)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny))
+    import csv as _csv
+
+    rows = [(r["sentence"], int(r["sentiment"] == "pos")) for r in _csv.DictReader(open(tiny / "data.csv"))]
+
+    def batches(node):
+        part = rows[node % 3::3][:16]
+        enc = tok([t for t, _ in part], padding=True, return_tensors="pt")
+        return [dict(enc, labels=torch.tensor([y for _, y in part]))]
+
+    def loss():
+        enc = tok([t for t, _ in rows], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return float(model(**enc, labels=torch.tensor([y for _, y in rows])).loss)
+
+    handlers = {1000 + i: (lambda msg, i=i: answer_plan(msg, model, batches(i))) for i in range(3)}
+    return model, SeedStrategy, handlers, loss
+
+
+def test_seed_strategy_trains_and_survives_bad_replies(tiny, task_identity):
+    model, SeedStrategy, handlers, loss = _strategy_setup(tiny)
+
+    def tamper(node, reply, msg):
+        if node == 1002 and int(msg.content["plan"]["round"]) % 2 == 0:  # every other round: garbage
+            return Message(RecordDict({"update": ConfigRecord({"client_id": 7}), "metrics": MetricRecord({})}),
+                           reply_to=msg)
+        return reply
+
+    strategy = SeedStrategy.from_model(model, optimizer="fedadam", lr=0.05, perturbations=8, clients_per_round=3)
+    before = loss()
+    initial = SeedStrategy.arrays_of(model)
+    result = strategy.start(grid=StrategyGrid(handlers, tamper), initial_arrays=initial, num_rounds=12, timeout=5)
+    sd = result.arrays.to_torch_state_dict()
+    for n, _, p in fwdkern.trainable(model):
+        p.data.copy_(sd[n])
+    assert loss() < before - 0.01
+    assert all(h["stepped"] for h in strategy.history)
+    assert any("malformed" in r["reason"] for r in strategy.server.rejections)
+    assert all(torch.isfinite(t).all() for t in sd.values())
+
+
+@_NEEDS_FLOWER_CLIS
+def test_seed_strategy_app_with_real_processes(tiny, tmp_path):
+    """examples/flower-strategy (its own ServerApp/ClientApp around SeedStrategy) over a real
+    SuperLink and two SuperNodes: every round steps and accuracy is evaluated each round."""
+    deadline = time.monotonic() + 240  # hard cap: three processes each load the model on a loaded machine
+    out = tmp_path / "strategy_out"
+    overrides = (f"model = '{tiny}'\ndata = '{tiny / 'data.csv'}'\ntext-column = 'sentence'\n"
+                 f"label-column = 'sentiment'\nnum-rounds = 4\nperturbations = 4\nout = '{out}'\n")
+    log_tail = _deploy(tmp_path, STRATEGY_PROJECT, overrides,
+                       [f"partition-id={c} num-partitions=2" for c in range(2)], out / "result.json", deadline)
+    res = json.load(open(out / "result.json"))
+    assert len(res["rounds"]) == 4 and all(r["stepped"] and r["accepted"] == 2 for r in res["rounds"]), log_tail
+    assert sorted(int(k) for k in res["accuracy"]) == [0, 1, 2, 3, 4] and not res["rejections"]

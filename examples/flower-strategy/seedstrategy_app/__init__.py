@@ -1,0 +1,1 @@
+"""Example Flower App using fwdkern's SeedStrategy (see ../pyproject.toml)."""

@@ -1,0 +1,171 @@
+"""A Flower strategy for seed-and-scalar forward-gradient training, for apps that keep their own
+ServerApp / ClientApp (Flower ships no zeroth-order or seed-based strategy).
+
+Server side::
+
+    from fwdkern.fl.flower.strategy import SeedStrategy
+    strategy = SeedStrategy.from_model(model, perturbations=16, clients_per_round=10, lr=0.01)
+    result = strategy.start(grid=grid, initial_arrays=SeedStrategy.arrays_of(model), num_rounds=50)
+
+Client side (inside ``@app.train()``)::
+
+    from fwdkern.fl.flower.strategy import answer_plan
+    return answer_plan(msg, model, batches)   # batches: the client's list of model-input dicts
+
+Per round the strategy sends each sampled node the current trainable tensors (ArrayRecord
+"arrays", as Flower's own strategies do) and its plan (ConfigRecord "plan": seed halves,
+perturbation indices, tensor ids); the node answers with one jvp per perturbation (ConfigRecord
+"update" + MetricRecord "metrics", a few hundred bytes). Aggregation, validation and the
+optimizer step are :class:`fwdkern.fl.Server`'s: malformed, stale or poisoned replies are
+rejected with a reason and never stop the ServerApp; pacing, when configured, turns a round into
+a retry at the same model version. Only ``flwr.app``, ``flwr.serverapp`` and ``flwr.clientapp``
+are imported (Flower >= 1.21's Message API; tested with the installed version).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..optim import SGD, FedAdam, FedYogi
+from ..protocol import UpdateRejected
+from ..server import Server, derive_seed
+from .codec import plan_from_record, plan_to_record, update_from_content, update_to_content
+
+log = logging.getLogger("fwdkern.fl")
+
+__all__ = ["SeedStrategy", "answer_plan"]
+
+
+class SeedStrategy(Strategy):
+    """Forward-gradient federated training over Flower's Message API.
+
+    Args:
+        params: name -> tensor of the trainable tensors (their initial values; the strategy keeps its
+            own copy, updated every round). param_ids: name -> fwdkern param id (``fwdkern.trainable``).
+        optimizer: a fwdkern.fl.optim server optimizer (default FedAdam lr 0.01).
+        perturbations: K per client per round. clients_per_round: nodes sampled per round (all when None).
+        seed: run seed (plans and client sampling derive from it). dist: "rademacher" | "gaussian".
+        server_kwargs: passed on to :class:`fwdkern.fl.Server` (pacing, groups, max_samples, ...).
+    """
+
+    def __init__(self, params: dict, param_ids: dict, optimizer=None, *, perturbations: int = 16,
+                 clients_per_round: Optional[int] = None, seed: int = 0, dist: str = "rademacher",
+                 min_available_nodes: Optional[int] = None, node_timeout: float = 120.0, **server_kwargs):
+        self.params = {n: t.detach().clone().float() for n, t in params.items()}
+        self.server = Server(self.params, param_ids, optimizer or FedAdam(0.01), seed=seed,
+                             perturbations_per_client=perturbations, dist=dist, **server_kwargs)
+        self.clients_per_round = clients_per_round
+        self.min_available_nodes = min_available_nodes or clients_per_round or 1
+        self.node_timeout = float(node_timeout)
+        self.seed = seed
+        self.history: list = []  # Server.finish_round info per round
+
+    @classmethod
+    def from_model(cls, model, optimizer: str = "fedadam", lr: float = 0.01, **kw) -> "SeedStrategy":
+        """A strategy for a patched model's trainable tensors (``fwdkern.trainable(model)``)."""
+        import fwdkern
+
+        tr = fwdkern.trainable(model)
+        opt = {"sgd": SGD, "fedadam": FedAdam, "fedyogi": FedYogi}[optimizer](lr)
+        return cls({n: p for n, _, p in tr}, {n: pid for n, pid, _ in tr}, opt, **kw)
+
+    @staticmethod
+    def arrays_of(model) -> ArrayRecord:
+        import fwdkern
+
+        return ArrayRecord(torch_state_dict={n: p.detach().cpu().clone() for n, _, p in fwdkern.trainable(model)})
+
+    # ------------------------------------------------------------------ Strategy API
+    def summary(self) -> None:
+        log.info("SeedStrategy: %d trainable tensors (%d values), K=%d per client, optimizer %s",
+                 len(self.params), sum(p.numel() for p in self.params.values()), self.server.K,
+                 type(self.server.optimizer).__name__)
+
+    def _load(self, arrays: ArrayRecord):
+        sd = arrays.to_torch_state_dict()
+        if set(sd) != set(self.params):
+            raise ValueError(f"arrays: tensors {sorted(set(sd) ^ set(self.params))[:5]} do not match the strategy's")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(sd[n])
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if server_round == 1:
+            self._load(arrays)
+        deadline = time.monotonic() + self.node_timeout
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < self.min_available_nodes and time.monotonic() < deadline:
+            time.sleep(0.2)
+            nodes = sorted(grid.get_node_ids())
+        n = len(nodes) if self.clients_per_round is None else min(self.clients_per_round, len(nodes))
+        rng = np.random.default_rng(derive_seed(self.seed, self.server.round, self.server.attempt, 1) % 2**63)
+        chosen = sorted(int(x) for x in rng.choice(nodes, size=n, replace=False)) if n else []
+        plans = self.server.plan_round([str(nid) for nid in chosen])
+        weights = ArrayRecord(torch_state_dict={k: v.clone() for k, v in self.params.items()})
+        return [Message(RecordDict({"arrays": weights, "plan": plan_to_record(plans[str(nid)]),
+                                    "config": config}), dst_node_id=nid, message_type="train")
+                for nid in chosen]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        for r in replies:
+            try:
+                if r.has_error():
+                    raise UpdateRejected(f"error reply: {r.error.reason}")
+                self.server.submit(update_from_content(r.content))
+            except UpdateRejected as e:
+                self.server.reject(str(getattr(r.metadata, "src_node_id", "?")), str(e))
+            except Exception as e:  # noqa: BLE001 -- whatever a node sends must not stop the ServerApp
+                self.server.reject(str(getattr(r.metadata, "src_node_id", "?")), f"malformed reply: {e!r}"[:200])
+        info = self.server.finish_round()
+        self.history.append(info)
+        metrics = {k: float(info[k]) for k in ("accepted", "rejected", "perturbations", "loss")
+                   if info.get(k) is not None}
+        metrics["stepped"] = float(bool(info.get("stepped")))
+        arrays = ArrayRecord(torch_state_dict={k: v.clone() for k, v in self.params.items()})
+        return arrays, MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluate centrally with Strategy.start(evaluate_fn=...), or on nodes with a subclass
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        return None
+
+
+def answer_plan(msg: Message, model, batches) -> Message:
+    """Client side: load the strategy's arrays into `model`'s trainable tensors, run one jvp per batch
+    for the plan in `msg`, and reply with the sample-averaged directional derivatives."""
+    import fwdkern
+
+    content = msg.content
+    plan = plan_from_record(content["plan"])
+    sd = content["arrays"].to_torch_state_dict()
+    tr = {n: p for n, _, p in fwdkern.trainable(model)}
+    if set(sd) != set(tr):
+        raise ValueError("arrays do not match the model's trainable tensors")
+    with torch.no_grad():
+        for n, p in tr.items():
+            p.copy_(sd[n].to(p.dtype))
+    jv = np.zeros(len(plan.ks))
+    loss, n = 0.0, 0
+    for batch in batches:
+        bs = int(batch["input_ids"].shape[0])
+        l, j = fwdkern.jvp(model, batch, plan.seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
+        jv += j.double().numpy() * bs
+        loss += float(l) * bs
+        n += bs
+    if n == 0:
+        raise ValueError("answer_plan: no batches")
+    from ..protocol import Update
+
+    update = Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
+                    loss / n)
+    return Message(update_to_content(update), reply_to=msg)
