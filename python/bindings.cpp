@@ -3,32 +3,21 @@
 // Argument errors from csrc/ (fwdkern::ArgError) surface as Python ValueError.
 #include <pybind11/pybind11.h>
 
+#include "bind_common.h"
 #include "fwdkern/cpu_ops.h"
 #ifdef FWDKERN_WITH_CUDA
 #include "fwdkern/cuda_ops.h"
 #endif
 
 namespace py = pybind11;
-using fwdkern::View2D;
+using fwdkern_bind::as_ptr;
+using fwdkern_bind::view;
 
 // Further op families register themselves from their own binding files.
 void fwdkern_bind_lora(py::module_& m);  // python/bind_lora.cpp
 #ifdef FWDKERN_WITH_CUDA
 void fwdkern_bind_lora_cuda(py::module_& m);  // python/bind_lora_cuda.cpp
 #endif
-
-namespace {
-
-View2D view(uintptr_t ptr, int dtype, int64_t rows, int64_t cols, int64_t sr, int64_t sc) {
-  return View2D{reinterpret_cast<void*>(ptr), dtype, rows, cols, sr, sc};
-}
-
-template <typename T>
-T* as_ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fwdkern compiled kernels (CPU C++ and, when built, CUDA). Internal: use fwdkern.*";

@@ -30,10 +30,6 @@ constexpr int64_t kSmallD = 32;  // below this, a dot product is too short to ve
 constexpr int kLanes = 16;       // accumulator lanes (one AVX-512 / two AVX2 registers)
 static_assert(kNBA == kUnit, "lora_expand reads db_k as one Philox unit per column block");
 
-inline float load_mat(const Mat& a, int64_t i, int64_t j) {
-  return load_elem(a.data, a.dtype, i * a.stride_r + j * a.stride_c);
-}
-
 // Rows [n0, n0+nb), columns [d0, d0+dlen) of v_k into V (row stride ldv), zero-padded
 // up to dpad. d0 must be a multiple of kUnit.
 void gen_tile(int dist, uint64_t seed, uint32_t pid, uint32_t k, int64_t n0, int64_t nb, int64_t d0,
@@ -48,13 +44,13 @@ void gen_tile(int dist, uint64_t seed, uint32_t pid, uint32_t k, int64_t n0, int
 }
 
 // a[r0.., c0..] -> fp32 tile T [nr, cpad] (row stride ld), zero-padded past nc.
-void load_tile(const Mat& a, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t cpad, float* T, int64_t ld) {
+void load_tile(const View2D& a, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t cpad, float* T, int64_t ld) {
   for (int64_t i = 0; i < nr; ++i) {
     float* tr = T + i * ld;
     if (a.dtype == kF32 && a.stride_c == 1) {
       std::memcpy(tr, static_cast<const float*>(a.data) + (r0 + i) * a.stride_r + c0, sizeof(float) * nc);
     } else {
-      for (int64_t j = 0; j < nc; ++j) tr[j] = load_mat(a, r0 + i, c0 + j);
+      for (int64_t j = 0; j < nc; ++j) tr[j] = load_at(a, r0 + i, c0 + j);
     }
     for (int64_t j = nc; j < cpad; ++j) tr[j] = 0.0f;
   }
@@ -168,19 +164,7 @@ void gen_tile_t(int dist, uint64_t seed, uint32_t pid, uint32_t k, int64_t n0, i
   }
 }
 
-void check_ks(const int64_t* ks, int64_t K) {
-  for (int64_t j = 0; j < K; ++j)
-    FK_CHECK(ks[j] >= 0 && ks[j] <= 0xFFFFFFFFll, "ks[" << j << "] = " << ks[j] << " is outside [0, 2^32)");
-}
-
-void check_mat(const Mat& a, const char* name) {
-  FK_CHECK(a.dtype == kF32 || a.dtype == kF16 || a.dtype == kBF16,
-           name << ": unsupported dtype code " << a.dtype << " (float32, float16, bfloat16)");
-  FK_CHECK(a.data != nullptr, name << ": null data pointer");
-}
-
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-inline int elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 
 }  // namespace
 
@@ -188,7 +172,7 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
                    int64_t K, int dist, int64_t N, float* out, int64_t out_stride_k, int64_t out_stride_m,
                    int64_t out_stride_n, float alpha, bool accumulate) {
   check_view(x, "x");
-  check_common(param_id, dist, K, ks);
+  check_common(dist, K, ks);
   check_ks(ks, K);
   FK_CHECK(N >= 0, "n: negative output width " << N);
   FK_CHECK(N <= 0xFFFFFFFFll, "n: more than 2^32-1 perturbation rows");
@@ -196,9 +180,7 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
   if (K == 0 || M == 0 || N == 0) return;
   FK_CHECK(out != nullptr, "out: null pointer");
   const int64_t es = elem_size(x.dtype);
-  auto x_k = [&](int64_t k) {
-    return Mat{static_cast<const char*>(x.data) + k * x_stride_k * es, x.dtype, x.stride_r, x.stride_c};
-  };
+  auto x_k = [&](int64_t k) { return shifted(x, k * x_stride_k * es); };
   auto store = [&](int64_t k, int64_t m, int64_t n0, int64_t nb, const float* o) {
     float* orow = out + k * out_stride_k + m * out_stride_m + n0 * out_stride_n;
     if (accumulate) {
@@ -221,7 +203,7 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t k = t / n_blocks, n0 = (t % n_blocks) * kNBA, nb = std::min(kNBA, N - n0);
         gen_tile_t(dist, seed, param_id, static_cast<uint32_t>(ks[k]), n0, nb, D, tmp.data(), VT.data());
-        const Mat xk = x_k(k);
+        const View2D xk = x_k(k);
         for (int64_t m0 = 0; m0 < M; m0 += kMS) {
           const int64_t mb = std::min(kMS, M - m0);
           load_tile(xk, m0, mb, 0, D, D, Xc.data(), D);
@@ -258,19 +240,17 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
   }
 }
 
-void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_stride_k, const Mat& A, int64_t r,
-                 uint64_t seed, uint32_t pid_A, const int64_t* ks, int64_t K, int dist, bool perturb_A, float* H) {
-  FK_CHECK(M >= 0 && D >= 0 && r >= 0, "lora_shrink: negative shape");
-  FK_CHECK(r <= 0xFFFFFFFFll, "lora_A: more than 2^32-1 rows");
-  check_common(pid_A, dist, K, ks);
+void lora_shrink(const View2D& x, const View2D* xt, int64_t xt_stride_k, const View2D& A, uint64_t seed,
+                 uint32_t pid_A, const int64_t* ks, int64_t K, int dist, bool perturb_A, float* H) {
+  check_view(x, "x");
+  check_view(A, "lora_A");
+  if (xt) check_view(*xt, "x_tangents");
+  const int64_t M = x.rows, D = x.cols, r = A.rows;
+  FK_CHECK(A.cols == D && (!xt || (xt->rows == M && xt->cols == D)), "lora_shrink: shapes disagree");
+  check_common(dist, K, ks);
   check_ks(ks, K);
   if (M == 0 || r == 0) return;
   FK_CHECK(H != nullptr, "H: null pointer");
-  if (D > 0) {
-    check_mat(x, "x");
-    check_mat(A, "lora_A");
-    if (xt) check_mat(*xt, "x_tangents");
-  }
   const int64_t J = 1 + K;  // output slabs
   const int64_t m_blocks = (M + kMB - 1) / kMB, n_blocks = (r + kNBDot - 1) / kNBDot;
   const int64_t tasks = m_blocks * n_blocks;
@@ -295,9 +275,7 @@ void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_s
             dot_tile(Xt.data(), kDB, Vt.data(), kDB, mb, nb, dpad, Ok, kNBDot);
           }
           if (xt) {
-            const Mat xk{static_cast<const char*>(xt->data) + k * xt_stride_k * elem_size(xt->dtype), xt->dtype,
-                         xt->stride_r, xt->stride_c};
-            load_tile(xk, m0, mb, d0, dlen, dpad, X2.data(), kDB);
+            load_tile(shifted(*xt, k * xt_stride_k * elem_size(xt->dtype)), m0, mb, d0, dlen, dpad, X2.data(), kDB);
             dot_tile(X2.data(), kDB, At.data(), kDB, mb, nb, dpad, Ok, kNBDot);
           }
         }
@@ -309,18 +287,19 @@ void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_s
   }
 }
 
-void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out_f, const Mat* bias, float scaling,
-                 uint64_t seed, uint32_t pid_B, uint32_t pid_bias, const int64_t* ks, int64_t K, int dist,
-                 bool perturb_B, bool perturb_bias, bool tangent_h, float* Y0, float* Yt) {
-  FK_CHECK(M >= 0 && r >= 0 && out_f >= 0, "lora_expand: negative shape");
-  FK_CHECK(out_f <= 0xFFFFFFFFll, "lora_B: more than 2^32-1 rows");
-  check_common(pid_B, dist, K, ks);
+void lora_expand(const float* H, int64_t M, const View2D& B, const View2D* bias, float scaling, uint64_t seed,
+                 uint32_t pid_B, uint32_t pid_bias, const int64_t* ks, int64_t K, int dist, bool perturb_B,
+                 bool perturb_bias, bool tangent_h, float* Y0, float* Yt) {
+  check_view(B, "lora_B");
+  if (bias) check_view(*bias, "bias");
+  const int64_t out_f = B.rows, r = B.cols;
+  FK_CHECK(M >= 0, "lora_expand: negative shape");
+  FK_CHECK(!bias || bias->cols == out_f, "bias: expected " << out_f << " elements, got " << bias->cols);
+  check_common(dist, K, ks);
   check_ks(ks, K);
+  if (M == 0 || out_f == 0) return;  // nothing is read or written (an empty bias has a null pointer)
   FK_CHECK(!perturb_bias || bias != nullptr, "bias: perturbed but null");
-  if (M == 0 || out_f == 0) return;
   FK_CHECK(Y0 != nullptr && (K == 0 || Yt != nullptr) && (r == 0 || H != nullptr), "Y/H: null pointer");
-  if (r > 0) check_mat(B, "lora_B");
-  if (bias) check_mat(*bias, "bias");
   const int64_t J = 1 + K, n_blocks = (out_f + kNBA - 1) / kNBA, tasks = J * n_blocks;
   // Tasks (slab j, column block): the v tiles of a task are generated once and used for all M rows.
 #pragma omp parallel
@@ -335,7 +314,7 @@ void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out
       if (use_B) {
         for (int64_t i = 0; i < r; ++i) {
           float* row = BT.data() + i * kNBA;
-          for (int64_t n = 0; n < nb; ++n) row[n] = load_mat(B, n0 + n, i);
+          for (int64_t n = 0; n < nb; ++n) row[n] = load_at(B, n0 + n, i);
           for (int64_t n = nb; n < kNBA; ++n) row[n] = 0.0f;
         }
       }

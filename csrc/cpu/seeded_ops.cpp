@@ -117,44 +117,30 @@ void dot_impl(const View2D& t, uint64_t seed, uint32_t pid, const int64_t* ks, i
   }
 }
 
-void check_ks(const int64_t* ks, int64_t K) {
-  for (int64_t j = 0; j < K; ++j)
-    FK_CHECK(ks[j] >= 0 && ks[j] <= 0xFFFFFFFFll,
-             "ks[" << j << "] = " << ks[j] << " is outside [0, 2^32)");
-}
-
 }  // namespace
-
-#define FK_DISPATCH_DTYPE(dt, FN, ...)                      \
-  switch (dt) {                                             \
-    case kF32: FN<kF32>(__VA_ARGS__); break;                \
-    case kF16: FN<kF16>(__VA_ARGS__); break;                \
-    case kBF16: FN<kBF16>(__VA_ARGS__); break;              \
-    default: FK_CHECK(false, "unsupported dtype code " << dt); \
-  }
 
 void perturbation(const View2D& out, uint64_t seed, uint32_t param_id, uint32_t k, int dist) {
   check_view(out, "out");
-  check_common(param_id, dist, 0, nullptr);
-  FK_DISPATCH_DTYPE(out.dtype, perturbation_impl, out, seed, param_id, k, dist);
+  check_common(dist, 0, nullptr);
+  FK_DISPATCH_DTYPE(out.dtype, perturbation_impl<DTV>(out, seed, param_id, k, dist));
 }
 
 void seeded_axpy(const View2D& param, uint64_t seed, uint32_t param_id, const int64_t* ks,
                  const float* coeffs, int64_t K, float alpha, int dist) {
   check_view(param, "param");
-  check_common(param_id, dist, K, ks);
+  check_common(dist, K, ks);
   FK_CHECK(K == 0 || coeffs != nullptr, "coeffs: null pointer");
   check_ks(ks, K);
-  FK_DISPATCH_DTYPE(param.dtype, axpy_impl, param, seed, param_id, ks, coeffs, K, alpha, dist);
+  FK_DISPATCH_DTYPE(param.dtype, axpy_impl<DTV>(param, seed, param_id, ks, coeffs, K, alpha, dist));
 }
 
 void seeded_dot(const View2D& t, uint64_t seed, uint32_t param_id, const int64_t* ks, int64_t K,
                 int dist, float* out) {
   check_view(t, "tensor");
-  check_common(param_id, dist, K, ks);
+  check_common(dist, K, ks);
   FK_CHECK(K == 0 || out != nullptr, "out: null pointer");
   check_ks(ks, K);
-  FK_DISPATCH_DTYPE(t.dtype, dot_impl, t, seed, param_id, ks, K, dist, out);
+  FK_DISPATCH_DTYPE(t.dtype, dot_impl<DTV>(t, seed, param_id, ks, K, dist, out));
 }
 
 int num_threads() {

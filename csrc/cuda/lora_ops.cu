@@ -2,9 +2,8 @@
 // out[k] = X_k v_kᵀ with v_k = v(seed, param_id, ks[k]) [N, D] generated on the fly.
 // No libtorch: raw device pointers, the caller's stream as an integer.
 //
-// The dense GEMM and the fused dual kernel live in Triton (fwdkern/triton/lora.py);
-// this kernel gives the CUDA backend the seeded terms x dA_kᵀ and h dB_kᵀ without a
-// Triton dependency.
+// The cuda backend's LoRA ops compose it with torch GEMMs (fwdkern/ops/_compose.py): it gives
+// them the seeded terms x dA_kᵀ and h dB_kᵀ without a Triton dependency.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,9 +21,9 @@ namespace {
 // Block tile: kBM rows of X times kBN rows of v, walked over D in 128-column units
 // (one Philox call per v row and unit for Rademacher). 256 threads = 8 warps; warp w
 // owns output rows w, w+8, w+16, w+24 and lane l owns output column n0 + l.
-// NOTE: a CUDA-core (fp32 FMA) kernel with a 4-output register tile; fine for the
-// rank-r products it serves (N or D = r), not a tensor-core GEMM. Unmeasured: no GPU
-// was available when it was written.
+// NOTE: a CUDA-core (fp32 FMA) kernel with a 4-output register tile, meant for the rank-r
+// products it serves (N or D = r), not a tensor-core GEMM. Unmeasured on GPU
+// (bench/results/README.md, "GPU choices not yet measured").
 constexpr int kBM = 32;
 constexpr int kBN = 32;
 constexpr int kUnitCols = 128;
@@ -116,7 +115,7 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
                    int64_t K, int dist, int64_t N, float* out, int64_t out_stride_k, int64_t out_stride_m,
                    int64_t out_stride_n, float alpha, bool accumulate, uintptr_t stream) {
   check_view(x, "x");
-  check_common(param_id, dist, K, ks);
+  check_common(dist, K, ks);
   FK_CHECK(N >= 0 && N <= 0xFFFFFFFFll, "N: expected 0 <= N < 2^32 (rows of the perturbation), got " << N);
   FK_CHECK(K <= 65535, "ks: at most 65535 perturbations per call, got " << K);
   const int64_t M = x.rows;

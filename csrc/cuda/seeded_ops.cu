@@ -181,7 +181,7 @@ int64_t unit_blocks(int64_t rows, int64_t cols) {
 void perturbation(const View2D& o, uint64_t seed, uint32_t pid, uint32_t k, int dist,
                   uintptr_t stream) {
   check_view(o, "out");
-  check_common(pid, dist, 0, nullptr);
+  check_common(dist, 0, nullptr);
   const int64_t n = o.rows * o.cols;
   if (n == 0) return;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
@@ -193,7 +193,7 @@ void perturbation(const View2D& o, uint64_t seed, uint32_t pid, uint32_t k, int 
 void seeded_axpy(const View2D& p, uint64_t seed, uint32_t pid, const int64_t* ks, const float* coeffs,
                  int64_t K, float alpha, int dist, uintptr_t stream) {
   check_view(p, "param");
-  check_common(pid, dist, K, ks);
+  check_common(dist, K, ks);
   FK_CHECK(K == 0 || coeffs != nullptr, "coeffs: null pointer");
   if (p.rows * p.cols == 0 || K == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(stream);
@@ -209,7 +209,7 @@ int64_t seeded_dot_workspace(int64_t rows, int64_t cols, int64_t K) {
 void seeded_dot(const View2D& t, uint64_t seed, uint32_t pid, const int64_t* ks, int64_t K, int dist,
                 float* out, float* workspace, uintptr_t stream) {
   check_view(t, "tensor");
-  check_common(pid, dist, K, ks);
+  check_common(dist, K, ks);
   FK_CHECK(K == 0 || (out != nullptr && workspace != nullptr), "out/workspace: null pointer");
   if (K == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(stream);

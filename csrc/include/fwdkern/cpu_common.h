@@ -83,6 +83,18 @@ inline float load_elem(const void* base, int dtype, int64_t off) {
   }
 }
 
+// Element (i, j) of a view, as fp32.
+inline float load_at(const View2D& a, int64_t i, int64_t j) {
+  return load_elem(a.data, a.dtype, i * a.stride_r + j * a.stride_c);
+}
+
+// The view `v` with its data pointer moved by `bytes` (X_k of a stack of equal-shaped matrices).
+inline View2D shifted(const View2D& v, int64_t bytes) {
+  View2D out = v;
+  out.data = static_cast<char*>(v.data) + bytes;
+  return out;
+}
+
 // The first `cnt` (<= kUnit) values of unit (row, unit) of perturbation k into v:
 // Rademacher = the 128 bits of one Philox call (bit 1 -> -1); Gaussian = 4
 // Box-Muller normals per Philox call (chunk = col / 4).

@@ -17,15 +17,6 @@
                                cudaGetErrorString(fk_err_) + " at " #expr);            \
   } while (0)
 
-// Instantiates __VA_ARGS__ with constexpr DTV = the storage dtype code `dt`.
-#define FK_DISPATCH_DTYPE(dt, ...)                                   \
-  switch (dt) {                                                      \
-    case ::fwdkern::kF32: { constexpr int DTV = ::fwdkern::kF32; __VA_ARGS__; } break;   \
-    case ::fwdkern::kF16: { constexpr int DTV = ::fwdkern::kF16; __VA_ARGS__; } break;   \
-    case ::fwdkern::kBF16: { constexpr int DTV = ::fwdkern::kBF16; __VA_ARGS__; } break; \
-    default: FK_CHECK(false, "unsupported dtype code " << dt);        \
-  }
-
 namespace fwdkern {
 namespace cuda {
 

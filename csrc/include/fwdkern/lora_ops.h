@@ -16,13 +16,6 @@
 namespace fwdkern {
 namespace cpu {
 
-// A read-only strided matrix: element (i, j) at data + i*stride_r + j*stride_c (elements).
-struct Mat {
-  const void* data;
-  int dtype;
-  int64_t stride_r, stride_c;
-};
-
 // out[k, m, n] = (accumulate ? out[k, m, n] : 0) + alpha * sum_d X_k[m, d] * v_k[n, d]
 // with v_k = v(seed, param_id, ks[k]) of shape [N, D] (row n, column d of its 2-D view).
 //   x    [M, D] view (fp32/fp16/bf16, any strides); X_k starts at
@@ -36,19 +29,17 @@ void seeded_matmul(const View2D& x, int64_t x_stride_k, uint64_t seed, uint32_t 
 // H (fp32, contiguous [1+K, M, r]):
 //   H[0] = x Aᵀ;  H[k+1] = (xt ? xt_k Aᵀ : 0) + (perturb_A ? x dA_kᵀ : 0).
 //   x [M, D]; xt: null or X_k = xt.data + k * xt_stride_k elements, [M, D] each; A [r, D].
-void lora_shrink(const Mat& x, int64_t M, int64_t D, const Mat* xt, int64_t xt_stride_k, const Mat& A,
-                 int64_t r, uint64_t seed, uint32_t pid_A, const int64_t* ks, int64_t K, int dist,
-                 bool perturb_A, float* H);
+void lora_shrink(const View2D& x, const View2D* xt, int64_t xt_stride_k, const View2D& A, uint64_t seed,
+                 uint32_t pid_A, const int64_t* ks, int64_t K, int dist, bool perturb_A, float* H);
 
 // Y = [Y0; Yt] (fp32, Y0 contiguous [M, out], Yt contiguous [K, M, out]), fully overwritten:
 //   Y[0]   = s·H[0] Bᵀ + bias
 //   Y[k+1] = s·((tangent_h ? H[k+1] Bᵀ : 0) + (perturb_B ? H[0] dB_kᵀ : 0)) + (perturb_bias ? db_k : 0)
-//   H fp32 contiguous [1+K, M, r]; B [out, r]; bias: null or a [1, out] row (element n at
-//   data + n*stride_c). tangent_h = false promises H[1:] == 0 (skips that work).
-void lora_expand(const float* H, int64_t M, int64_t r, const Mat& B, int64_t out_f, const Mat* bias,
-                 float scaling, uint64_t seed, uint32_t pid_B, uint32_t pid_bias, const int64_t* ks,
-                 int64_t K, int dist, bool perturb_B, bool perturb_bias, bool tangent_h, float* Y0,
-                 float* Yt);
+//   H fp32 contiguous [1+K, M, r]; B [out, r]; bias: null or a [1, out] row.
+//   tangent_h = false promises H[1:] == 0 (skips that work).
+void lora_expand(const float* H, int64_t M, const View2D& B, const View2D* bias, float scaling, uint64_t seed,
+                 uint32_t pid_B, uint32_t pid_bias, const int64_t* ks, int64_t K, int dist, bool perturb_B,
+                 bool perturb_bias, bool tangent_h, float* Y0, float* Yt);
 
 }  // namespace cpu
 }  // namespace fwdkern

@@ -1,18 +1,12 @@
-// Value mapping of the perturbation stream (docs/perturbations.md), host + device,
-// plus the dtype codes and argument checks shared by every C++/CUDA entry point.
+// Value mapping of the perturbation stream (docs/perturbations.md), host + device.
 #pragma once
 #include <cmath>
 #include <cstdint>
-#include <sstream>
-#include <stdexcept>
-#include <string>
 
+#include "fwdkern/abi.h"
 #include "fwdkern/philox.h"
 
 namespace fwdkern {
-
-// Storage dtypes understood by the kernels (codes shared with fwdkern/_dtypes.py).
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // Elements covered by one "unit" of work: one Philox call for Rademacher,
 // 32 calls (4 normals each) for Gaussian. Kernels iterate over units so both
@@ -54,43 +48,6 @@ FK_HD void gaussian4(const U32x4& r, float z[4]) {
   z[2] = static_cast<float>(rad1 * std::cos(kTwoPi * a1));
   z[3] = static_cast<float>(rad1 * std::sin(kTwoPi * a1));
 #endif
-}
-
-// ---- argument checks (flash-attention style): throw with a message naming the argument.
-class ArgError : public std::invalid_argument {
- public:
-  using std::invalid_argument::invalid_argument;
-};
-
-#define FK_CHECK(cond, ...)                                          \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      std::ostringstream fk_oss_;                                    \
-      fk_oss_ << "fwdkern: " << __VA_ARGS__;                         \
-      throw ::fwdkern::ArgError(fk_oss_.str());                      \
-    }                                                                \
-  } while (0)
-
-// A 2-D strided view [rows, cols] of a tensor (its last dim is `cols`).
-struct View2D {
-  void* data;
-  int dtype;
-  int64_t rows, cols, stride_r, stride_c;  // strides in elements
-};
-
-inline void check_view(const View2D& v, const char* name) {
-  FK_CHECK(v.dtype == kF32 || v.dtype == kF16 || v.dtype == kBF16,
-           name << ": unsupported dtype code " << v.dtype << " (float32, float16, bfloat16)");
-  FK_CHECK(v.rows >= 0 && v.cols >= 0, name << ": negative shape");
-  FK_CHECK(v.rows <= 0xFFFFFFFFll, name << ": more than 2^32-1 rows");
-  FK_CHECK(v.cols <= (int64_t{1} << 36), name << ": last dimension too large");
-  FK_CHECK(v.rows * v.cols == 0 || v.data != nullptr, name << ": null data pointer");
-}
-
-inline void check_common(uint32_t /*param_id*/, int dist, int64_t K, const void* ks) {
-  FK_CHECK(dist == kRademacher || dist == kGaussian, "dist: unknown distribution code " << dist);
-  FK_CHECK(K >= 0, "ks: negative length");
-  FK_CHECK(K == 0 || ks != nullptr, "ks: null pointer");
 }
 
 }  // namespace fwdkern

@@ -23,8 +23,6 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 constexpr int64_t kRademacherChunk = 128;
 constexpr int64_t kGaussianChunk = 4;
 
-enum Dist : int { kRademacher = 0, kGaussian = 1 };
-
 struct U32x4 {
   uint32_t x, y, z, w;
 };
