@@ -1,4 +1,5 @@
-"""Triton LoRA dual / perturbed kernels (fwdkern/triton/lora.py) against materialized torch math.
+"""Triton LoRA dual / perturbed kernels (fwdkern/triton/lora.py, through the public ops with
+backend="triton") against materialized torch math.
 
 Runs in the Triton interpreter when there is no GPU. Tolerances:
 - fp32: elementwise |out - ref| <= 1e-5 * |ref| + 1e-5 * max|ref| (ref in float64
@@ -7,7 +8,6 @@ Runs in the Triton interpreter when there is no GPU. Tolerances:
   the error of the same computation done by torch in fp16 with fp16-materialized
   perturbations (2^-11 * max|ref| = rounding the largest output to fp16 once).
 """
-import itertools
 import os
 
 import pytest
@@ -18,11 +18,11 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+import fwdkern  # noqa: E402
+from fwdkern.ops import reference_lora as R  # noqa: E402
 from fwdkern.ops.reference import reference_perturbations  # noqa: E402
-from fwdkern.triton import lora  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DISTS = {"rademacher": 0, "gaussian": 1}
 SEED = 0x1234_5678_9ABC_DEF1  # both 32-bit halves non-zero
 PID_A, PID_B, PID_BIAS = 11, 12, 13
 FLAG_SETS = [("A",), ("B",), ("bias",), ("A", "B"), ("A", "B", "bias"), ()]
@@ -38,60 +38,20 @@ def _layer(M, D, N, R, K, dtype, bias=True, xt=True, gen_seed=0):
     return x, xts, W, b, A, B, ks
 
 
-def _perts(D, N, R, ks, dist, dtype):
-    dA = reference_perturbations((R, D), SEED, PID_A, ks, dist).to(DEV, dtype)
-    dB = reference_perturbations((N, R), SEED, PID_B, ks, dist).to(DEV, dtype)
-    db = reference_perturbations((N,), SEED, PID_BIAS, ks, dist).to(DEV, dtype)
-    return dA, dB, db
+def _flags(flags):
+    return tuple(n in flags for n in ("A", "B", "bias"))
 
 
 def _ref_dual(x, xt, W, b, A, B, s, ks, dist, flags, dtype):
-    """Materialized dual forward in `dtype` (float64 = ground truth, fp16 = torch's own fp16)."""
-    x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
-    b = b.to(dtype) if b is not None else None
-    K = ks.numel()
-    M, D = x.shape
-    N, R = B.shape
-    dA, dB, db = _perts(D, N, R, ks, dist, dtype)
-    h = x @ A.T
-    y = x @ W.T + s * (h @ B.T)
-    if b is not None:
-        y = y + b
-    yt = torch.zeros(K, M, N, dtype=dtype, device=DEV)
-    hd = torch.zeros(K, M, R, dtype=dtype, device=DEV)
-    if xt is not None:
-        xt = xt.to(dtype)
-        yt = yt + xt @ W.T
-        hd = hd + xt @ A.T
-    if "A" in flags:
-        hd = hd + x @ dA.transpose(1, 2)
-    yt = yt + s * (hd @ B.T)
-    if "B" in flags:
-        yt = yt + s * (h @ dB.transpose(1, 2))
-    if "bias" in flags:
-        yt = yt + db[:, None, :]
-    return y, yt
+    """The reference dual forward evaluated in `dtype` (float64 = ground truth, fp16 = torch's own fp16)."""
+    return R.reference_lora_dual(x, xt, W, b, A, B, s, SEED, (PID_A, PID_B, PID_BIAS), ks, dist, _flags(flags),
+                                 compute_dtype=dtype, out_dtype=dtype)
 
 
 def _ref_perturbed(x, W, b, A, B, s, ks, eps, dist, flags, dtype):
-    """x (W + s (B +- eps dB)(A +- eps dA))^T + b +- eps db, every k materialized."""
-    x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
-    b = b.to(dtype) if b is not None else None
-    M, D = x.shape
-    N, R = B.shape
-    dA, dB, db = _perts(D, N, R, ks, dist, dtype)
-    out = []
-    for sign in (1.0, -1.0):
-        Ak = A + sign * eps * dA if "A" in flags else A.expand(ks.numel(), R, D)
-        Bk = B + sign * eps * dB if "B" in flags else B.expand(ks.numel(), N, R)
-        Weff = W + s * (Bk @ Ak)
-        y = x @ Weff.transpose(1, 2)
-        if b is not None:
-            y = y + b
-        if "bias" in flags:
-            y = y + sign * eps * db[:, None, :]
-        out.append(y)
-    return out
+    """The reference perturbed forward (perturbed dense weights formed explicitly) in `dtype`."""
+    return R.reference_lora_perturbed(x, W, b, A, B, s, SEED, (PID_A, PID_B, PID_BIAS), ks, eps, dist,
+                                      _flags(flags), compute_dtype=dtype, out_dtype=dtype)
 
 
 def _assert_fp32(out, ref, what):
@@ -114,17 +74,14 @@ def _assert_fp16(out, ref64, ref16, what):
     assert err <= 2 * max(terr, floor), f"{what}: err {err:.3e} vs torch fp16 err {terr:.3e} (floor {floor:.3e})"
 
 
-def _flags(flags):
-    return dict(perturb_A="A" in flags, perturb_B="B" in flags, perturb_bias="bias" in flags)
-
-
 def _run_dual(x, xt, W, b, A, B, s, ks, dist, flags):
-    return lora.lora_dual(x, xt, W, b, A, B, s, SEED, PID_A, PID_B, PID_BIAS, ks.to(DEV), DISTS[dist], **_flags(flags))
+    return fwdkern.lora_linear_dual(x, xt, W, b, A, B, s, SEED, (PID_A, PID_B, PID_BIAS), ks.to(DEV), dist=dist,
+                                    perturb=flags, backend="triton")
 
 
 def _run_pert(x, W, b, A, B, s, ks, eps, dist, flags):
-    return lora.lora_perturbed(x, W, b, A, B, s, SEED, PID_A, PID_B, PID_BIAS, ks.to(DEV), eps, DISTS[dist],
-                               **_flags(flags))
+    return fwdkern.lora_linear_perturbed(x, W, b, A, B, s, SEED, (PID_A, PID_B, PID_BIAS), ks.to(DEV), eps, dist=dist,
+                                         perturb=flags, backend="triton")
 
 
 # Hostile shapes (M, in, out, r, K): in/out in {1, 7, 64, 1031}, r in {1, 8, 64}
@@ -248,7 +205,7 @@ def test_seeded_matmul_nt(M, D, N, dist, dtype):
     g = torch.Generator().manual_seed(7)
     X = torch.randn(M, D, generator=g).to(DEV, dtype)
     ks = torch.tensor([0, 5, 2**32 - 1], dtype=torch.int64)
-    out = lora.seeded_matmul_nt(X, SEED, 99, ks.to(DEV), N, DISTS[dist])
+    out = fwdkern.seeded_matmul(X, SEED, 99, ks.to(DEV), N, dist=dist, backend="triton")
     V = reference_perturbations((N, D), SEED, 99, ks, dist).to(DEV, torch.float64)
     ref = X.double() @ V.transpose(1, 2)
     assert out.shape == (3, M, N)
@@ -301,14 +258,15 @@ def test_bad_shapes_raise():
         args = dict(x=x, xt=xt, W=W, b=b, A=A, B=B)
         args.update(kw)
         with pytest.raises(ValueError):
-            lora.lora_dual(args["x"], args["xt"], args["W"], args["b"], args["A"], args["B"], 1.0, SEED, 1, 2, 3,
-                           ks, 0, True, True, True)
-    with pytest.raises(ValueError):
-        lora.lora_perturbed(x, W, None, A, B, 1.0, SEED, 1, 2, 3, ks, 1e-3, 0, True, True, True)  # no bias
-    with pytest.raises(ValueError):
-        lora.lora_dual(x, None, W, b, A, B, 1.0, SEED, 1, 2, 3, ks, 2, True, True, True)  # dist_code
-    with pytest.raises(ValueError):
-        lora.seeded_matmul_nt(x[0], SEED, 1, ks, 4, 0)
+            fwdkern.lora_linear_dual(args["x"], args["xt"], args["W"], args["b"], args["A"], args["B"], 1.0, SEED,
+                                     (1, 2, 3), ks, perturb=("A", "B", "bias"), backend="triton")
+    with pytest.raises(ValueError):  # bias perturbed, no bias
+        fwdkern.lora_linear_perturbed(x, W, None, A, B, 1.0, SEED, (1, 2, 3), ks, 1e-3, perturb=("A", "B", "bias"),
+                                      backend="triton")
+    with pytest.raises(ValueError):  # unknown distribution
+        fwdkern.lora_linear_dual(x, None, W, b, A, B, 1.0, SEED, (1, 2, 3), ks, dist="uniform", backend="triton")
+    with pytest.raises(ValueError):  # x without a feature dimension
+        fwdkern.seeded_matmul(x[0, 0], SEED, 1, ks, 4, backend="triton")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU (the interpreter has no bf16)")
@@ -325,8 +283,8 @@ def test_dual_bf16_gpu():
         assert err <= 2 * max(terr, 2.0**-8 * a.abs().max().item())
 
 
-def test_strided_rows_and_mixed_dtypes():
-    """Row-strided x / xt views (row stride != in) and an fp32 weight under an fp16 x."""
+def test_strided_rows_and_fp16():
+    """Row-strided x / xt views (row stride != in), in fp32 and in fp16."""
     M, D, N, R, K = 4, 7, 9, 8, 3
     g = torch.Generator().manual_seed(10)
     xw = torch.randn(M, D + 5, generator=g).to(DEV)
@@ -342,9 +300,9 @@ def test_strided_rows_and_mixed_dtypes():
     ry, ryt = _ref_dual(x, xt, W, None, A, B, 0.5, ks, "rademacher", flags, torch.float64)
     _assert_fp32(y, ry, "y")
     _assert_fp32(yt, ryt, "yt")
-    # fp16 activations, fp32 frozen weight: computed in fp16 (x's dtype), output fp16
+    # fp16 layer (the ops take one dtype: a frozen fp32 weight is cast to x's dtype first)
     x16, xt16 = x.half(), xt.half()
-    y16, yt16 = _run_dual(x16, xt16, W, None, A.half(), B.half(), 0.5, ks, "rademacher", flags)
+    y16, yt16 = _run_dual(x16, xt16, W.half(), None, A.half(), B.half(), 0.5, ks, "rademacher", flags)
     r16 = _ref_dual(x16, xt16, W.half(), None, A.half(), B.half(), 0.5, ks, "rademacher", flags, torch.float16)
     r64 = _ref_dual(x16, xt16, W.half(), None, A.half(), B.half(), 0.5, ks, "rademacher", flags, torch.float64)
     _assert_fp16(y16, r64[0], r16[0], "y")

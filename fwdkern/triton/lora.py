@@ -1,10 +1,10 @@
-"""Triton kernels of the fused LoRA dual forward and perturbed inference (issue 3).
+"""Triton kernels of the fused LoRA dual forward and perturbed inference.
 
 Layer: y = x W^T + b + s (x A^T) B^T, W [out, in], A [r, in], B [out, r].
 Perturbations dA_k, dB_k, db_k = v(seed, pid, ks[k]) (docs/perturbations.md) are
 generated tile by tile inside the kernels and never materialized.
 
-Two passes (REFERENCE.md section 2, fused LoRA practice):
+Two passes (the fused shrink/expand structure of LoRA serving kernels):
 
 1. shrink (`_nt_kernel`): H = [h; hdot_1..hdot_K] [(1+K) M, r] fp32, where
    h = x A^T and hdot_k = xdot_k A^T + x dA_k^T. The in-dim is walked in tiles of
@@ -37,84 +37,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import box_muller, stream_words
+from .._seed import split_seed
+from .philox import element_values, tile_values
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ---------------------------------------------------------------------------
-# Perturbation values of a tile
-# ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_values(seed_lo, seed_hi, param_id, k, row, unit, lane0, C: tl.constexpr, DIST: tl.constexpr):
-    """fp32 [R, C]: v[row[i], unit * 128 + lane0 + j] for rows `row` [R], the 128-column
-    unit `unit` (scalar) and lanes lane0 .. lane0 + C - 1 (within the unit; lane0 % 4 == 0).
-
-    Rademacher: one Philox call per row (its 128 bits cover the whole unit).
-    Gaussian: one Philox call per 4 consecutive values (two Box-Muller pairs),
-    interleaved back into column order with join + reshape.
-    """
-    if DIST == 0:
-        lane = lane0 + tl.arange(0, C)
-        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, row * 0 + unit)
-        q = (lane >> 5)[None, :]
-        w = tl.where(q == 0, r0[:, None], tl.where(q == 1, r1[:, None], tl.where(q == 2, r2[:, None], r3[:, None])))
-        bit = (w >> (lane & 31).to(tl.uint32)[None, :]) & 1
-        v = 1.0 - 2.0 * bit.to(tl.float32)
-    else:
-        chunk = (unit * 32 + (lane0 >> 2) + tl.arange(0, C // 4)).to(tl.uint32)[None, :] + \
-            (row * 0).to(tl.uint32)[:, None]
-        rowb = row.to(tl.uint32)[:, None] + chunk * 0
-        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, rowb, chunk)
-        inv: tl.constexpr = 5.9604644775390625e-08  # 2^-24
-        rad0 = tl.sqrt(-2.0 * tl.log(((r0 >> 8) + 1).to(tl.float32) * inv))
-        ang0 = 6.283185307179586 * ((r1 >> 8).to(tl.float32) * inv)
-        rad1 = tl.sqrt(-2.0 * tl.log(((r2 >> 8) + 1).to(tl.float32) * inv))
-        ang1 = 6.283185307179586 * ((r3 >> 8).to(tl.float32) * inv)
-        # join puts the new axis last: [.., c4, j, i] = (i ? (z1, z3) : (z0, z2))[j] -> z[2j + i]
-        z = tl.join(tl.join(rad0 * tl.cos(ang0), rad1 * tl.cos(ang1)),
-                    tl.join(rad0 * tl.sin(ang0), rad1 * tl.sin(ang1)))
-        v = tl.reshape(z, (row.shape[0], C))
-    return v
-
-
-@triton.jit
-def _elem_values(seed_lo, seed_hi, param_id, k, row, col, DIST: tl.constexpr):
-    """fp32 v[row[i], col[i]] elementwise (one Philox call per element; used for the
-    1-D bias chunk, where a tile has only BLOCK_N elements)."""
-    if DIST == 0:
-        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, col >> 7)
-        q = (col >> 5) & 3
-        w = tl.where(q == 0, r0, tl.where(q == 1, r1, tl.where(q == 2, r2, r3)))
-        bit = (w >> (col & 31).to(tl.uint32)) & 1
-        v = 1.0 - 2.0 * bit.to(tl.float32)
-    else:
-        r0, r1, r2, r3 = stream_words(seed_lo, seed_hi, param_id, k, row, col >> 2)
-        v = box_muller(r0, r1, r2, r3, col & 3)
-    return v
-
-
 
 
 # ---------------------------------------------------------------------------
 # Autotune configurations
 # ---------------------------------------------------------------------------
 # NOTE: the GPU config lists are educated guesses for H100/H200 (bf16, in=out=4096,
-# r=16), unmeasured: no GPU was available when these kernels were written. Under
-# the interpreter a single small config keeps the tests fast (autotuning there
-# would only multiply the run time).
+# r=16), unmeasured (bench/results/README.md, "GPU choices not yet measured").
+# FWDKERN_AUTOTUNE=quick keeps the first two configs of each list (scripts/gpu_check.sh
+# uses it to fit its time budget). Under the interpreter a single small config keeps
+# the tests fast (autotuning there would only multiply the run time).
+_QUICK = os.environ.get("FWDKERN_AUTOTUNE", "") == "quick"
 
 
 def _nt_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2),
+    cfg = [
         triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
     ]
+    return cfg[:2] if _QUICK else cfg
 
 
 def _gemm_configs(max_tile=128 * 256):
@@ -133,7 +81,7 @@ def _gemm_configs(max_tile=128 * 256):
         if bm * bn <= max_tile:
             cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
                                      num_stages=s))
-    return cfg
+    return cfg[:2] if _QUICK else cfg
 
 
 def _prune_for(rows_arg):
@@ -181,8 +129,8 @@ def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride
     VSPLIT 16-bit parts (hi, lo, ...), so X v^T keeps fp32 accuracy; Rademacher
     values are exact in any dtype (VSPLIT = 1).
     NOTE: every M tile regenerates the v tiles (M / BLOCK_M times in all) instead of
-    reading them from memory: r Philox calls per 128 columns for Rademacher, cheap
-    next to the dense GEMM; unmeasured on GPU.
+    reading them from memory: r Philox calls per 128 columns for Rademacher, expected
+    to be cheap next to the dense GEMM (unmeasured on GPU).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -215,7 +163,7 @@ def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride
             offs_d = d0 + lane
             mask_d = offs_d < D
             xs = tl.load(x_rows[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            v = _tile_values(seed_lo, seed_hi, param_id, kj, offs_n, d0 >> 7, 0, 128, DIST)
+            v = tile_values(seed_lo, seed_hi, param_id, kj, offs_n, d0 >> 7, 0, 128, DIST)
             v = tl.where(mask_n[:, None] & mask_d[None, :], v, 0.0)
             xs = xs.to(cdt)
             for _ in tl.static_range(VSPLIT):
@@ -283,7 +231,7 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
     # about as much HBM traffic as the GEMM's own reads of x at large M). The base
     # pointer is picked per tile, as a scalar: a per-row pointer select hides the
     # 16-byte alignment from Triton and the x loads were then not pipelined
-    # (checked on sm_90 TTGIR compiled here; timings unmeasured, no GPU).
+    # (checked on sm_90 TTGIR compiled ahead of time; timings unmeasured).
     # A loop bound of 0 (not an `if` around the loop) skips the GEMM for tangent
     # tiles without input tangents.
     d_end = tl.where(row0 < TD, D, 0)
@@ -325,13 +273,13 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
                 for j in range(j_lo, j_hi + 1):
                     kj = tl.load(KS + j - 1)
                     hj = tl.where((jr == j)[:, None], h0, 0.0)
-                    db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, r0 & 127, RB, DIST)
+                    db = tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, r0 & 127, RB, DIST)
                     db = tl.where(mr_[None, :], db, 0.0)
                     acc = tl.dot(hj.to(cdt), tl.trans(db.to(cdt)), acc, input_precision=PREC)
         if PERTURB_BIAS:
             for j in range(j_lo, j_hi + 1):
                 kj = tl.load(KS + j - 1)
-                dbias = _elem_values(seed_lo, seed_hi, pid_bias, kj, offs_n * 0, offs_n, DIST)
+                dbias = element_values(seed_lo, seed_hi, pid_bias, kj, offs_n * 0, offs_n, DIST)
                 acc += tl.where((jr == j)[:, None], dbias[None, :], 0.0)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -403,14 +351,14 @@ def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, str
                 b = tl.load(b_rows[:, None] + rc[None, :], mask=mask_n[:, None] & mr_[None, :], other=0.0)
                 t = tl.dot(gs.to(cdt), tl.trans(b.to(cdt)), t, input_precision=PREC)
             if PERTURB_B:
-                db = _tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, r0 & 127, RB, DIST)
+                db = tile_values(seed_lo, seed_hi, pid_b, kj, offs_n, r0 >> 7, r0 & 127, RB, DIST)
                 db = tl.where(mr_[None, :], db, 0.0).to(cdt)
                 h = tl.load(H + m64[:, None] * R + rc[None, :], mask=mask_m[:, None] & mr_[None, :], other=0.0)
                 t = tl.dot((h * scaling).to(cdt), tl.trans(db), t, input_precision=PREC)
                 if PERTURB_A:
                     q = tl.dot(gs.to(cdt), tl.trans(db), q, input_precision=PREC)
         if PERTURB_BIAS:
-            dbias = _elem_values(seed_lo, seed_hi, pid_bias, kj, offs_n * 0, offs_n, DIST)
+            dbias = element_values(seed_lo, seed_hi, pid_bias, kj, offs_n * 0, offs_n, DIST)
             t += dbias[None, :]
         sym = base + (eps * eps) * q
         off = (kidx * M + m64)[:, None] * N + offs_n[None, :]
@@ -419,7 +367,7 @@ def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, str
 
 
 # ---------------------------------------------------------------------------
-# Host wrappers
+# Host wrappers (arguments validated by fwdkern/ops/lora.py)
 # ---------------------------------------------------------------------------
 
 
@@ -440,87 +388,32 @@ def _pow2_block(n: int) -> int:
     return min(128, max(16, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _seed_halves(seed: int):
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2^64), got {seed}")
-    return seed & 0xFFFFFFFF, seed >> 32
-
-
-def _check_u32(v, name):
-    v = int(v)
-    if not 0 <= v < 2**32:
-        raise ValueError(f"{name}: expected an int in [0, 2^32), got {v}")
-    return v
-
-
-def _as_ks(ks, device):
-    if not isinstance(ks, torch.Tensor):
-        ks = torch.as_tensor(ks, dtype=torch.int64)
-    return ks.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
-
-
 def _ks_arg(ks):
     """A kernel-readable ks (an empty tensor would hand the kernel a null pointer)."""
     return ks if ks.numel() > 0 else torch.zeros(1, dtype=torch.int64, device=ks.device)
 
 
-def _check_layer(x2d, weight, bias, A, B):
-    if x2d.dim() != 2:
-        raise ValueError(f"x2d: expected a 2-D tensor [M, in], got shape {tuple(x2d.shape)}")
-    M, D = x2d.shape
-    if weight.dim() != 2 or weight.shape[1] != D:
-        raise ValueError(f"weight: expected [out, {D}], got {tuple(weight.shape)}")
-    N = weight.shape[0]
-    if A.dim() != 2 or A.shape[1] != D:
-        raise ValueError(f"A: expected [r, {D}], got {tuple(A.shape)}")
-    R = A.shape[0]
-    if B.dim() != 2 or tuple(B.shape) != (N, R):
-        raise ValueError(f"B: expected [{N}, {R}], got {tuple(B.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        raise ValueError(f"bias: expected [{N}], got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B)):
-        if t is not None and t.device != x2d.device:
-            raise ValueError(f"{name}: on {t.device}, x2d on {x2d.device}")
-    return M, D, N, R
-
-
 def _rowmajor(t):
-    """Unit column stride (row stride is passed to the kernels)."""
+    """Unit column stride (the kernels take the row stride only)."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _dist(dist_code):
-    if dist_code not in (0, 1):
-        raise ValueError(f"dist_code: expected 0 (rademacher) or 1 (gaussian), got {dist_code}")
-    return int(dist_code)
 
 
 def _shrink(x2d, xt_rows, A, H, J, dense_j, seeded, seed, pid, ks, dist_code):
     """H[j] = (j < dense_j ? S_j A^T : 0) + (seeded and j >= 1 ? x v(ks[j-1])^T : 0), j < J."""
     M, D = x2d.shape
     N = A.shape[0]
-    lo, hi = _seed_halves(seed)
     bn = _pow2_block(N)
     xt_arg = x2d if xt_rows is None else xt_rows
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, bn), J)  # noqa: E731
     _nt_kernel[grid](x2d, xt_arg, A, H, _ks_arg(ks), M, N, D, J, dense_j, 1 if seeded else J, x2d.stride(0),
-                     xt_arg.stride(0), A.stride(0), lo, hi, pid, SEEDED=bool(seeded), DIST=dist_code,
+                     xt_arg.stride(0), A.stride(0), *split_seed(seed), pid, SEEDED=bool(seeded), DIST=dist_code,
                      PREC=_prec(x2d.dtype), VSPLIT=1, BLOCK_N=bn)
 
 
-def seeded_matmul_nt(X: torch.Tensor, seed: int, pid: int, ks, N: int, dist_code: int) -> torch.Tensor:
+def seeded_matmul_nt(X: torch.Tensor, seed: int, pid: int, ks: torch.Tensor, N: int, dist_code: int) -> torch.Tensor:
     """fp32 [K, M, N]: X @ v_k^T for v_k = v(seed, pid, ks[k]) of shape [N, D], X [M, D].
 
     The v_k tiles are generated in registers (never materialized)."""
-    if X.dim() != 2:
-        raise ValueError(f"X: expected a 2-D tensor [M, D], got shape {tuple(X.shape)}")
-    N = int(N)
-    if N < 0:
-        raise ValueError(f"N: expected >= 0, got {N}")
-    dist_code = _dist(dist_code)
-    pid = _check_u32(pid, "pid")
-    ks = _as_ks(ks, X.device)
     K = ks.numel()
     M, D = X.shape
     out = torch.empty(K, M, N, dtype=torch.float32, device=X.device)
@@ -529,35 +422,25 @@ def seeded_matmul_nt(X: torch.Tensor, seed: int, pid: int, ks, N: int, dist_code
     if D == 0:
         return out.zero_()
     X = _rowmajor(X)
-    lo, hi = _seed_halves(seed)
     bn = _pow2_block(N)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, bn), K)  # noqa: E731
     # No dense operand: A is a placeholder never read (DENSE_J = 0).
-    _nt_kernel[grid](X, X, X, out, ks, M, N, D, K, 0, 0, X.stride(0), X.stride(0), X.stride(0), lo, hi, pid,
-                     SEEDED=True, DIST=dist_code, PREC=_prec(X.dtype), VSPLIT=_vsplit(X.dtype, dist_code), BLOCK_N=bn)
+    _nt_kernel[grid](X, X, X, out, ks, M, N, D, K, 0, 0, X.stride(0), X.stride(0), X.stride(0), *split_seed(seed),
+                     pid, SEEDED=True, DIST=dist_code, PREC=_prec(X.dtype), VSPLIT=_vsplit(X.dtype, dist_code),
+                     BLOCK_N=bn)
     return out
 
 
 def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int, ks,
               dist_code: int, perturb_A: bool, perturb_B: bool, perturb_bias: bool):
-    """Fused dual forward. Returns (y [M, out], yt [K, M, out]) in x2d's dtype.
+    """Fused dual forward: x2d [M, in], xt [K, M, in] or None -> (y [M, out], yt [K, M, out]) in x2d's dtype.
 
     yt[k] = xt[k] W^T + s (xt[k] A^T + x dA_k^T) B^T + s (x A^T) dB_k^T + db_k,
     with xt = 0 when None and each perturbation zero unless its flag is set.
     """
-    M, D, N, R = _check_layer(x2d, weight, bias, A, B)
-    dist_code = _dist(dist_code)
-    pid_A, pid_B, pid_bias = (_check_u32(p, n) for p, n in ((pid_A, "pid_A"), (pid_B, "pid_B"),
-                                                              (pid_bias, "pid_bias")))
-    ks = _as_ks(ks, x2d.device)
+    M, D = x2d.shape
+    N, R = weight.shape[0], A.shape[0]
     K = ks.numel()
-    if perturb_bias and bias is None:
-        raise ValueError("perturb_bias: the layer has no bias")
-    if xt is not None:
-        if xt.dim() != 3 or tuple(xt.shape) != (K, M, D):
-            raise ValueError(f"xt: expected [{K}, {M}, {D}] (K = len(ks)), got {tuple(xt.shape)}")
-        if xt.device != x2d.device:
-            raise ValueError(f"xt: on {xt.device}, x2d on {x2d.device}")
     dtype = x2d.dtype
     y = torch.empty(M, N, dtype=dtype, device=x2d.device)
     yt = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
@@ -565,10 +448,7 @@ def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int
         return y, yt
     x2d, weight, A, B = (_rowmajor(t) for t in (x2d, weight, A, B))
     bias = bias.contiguous() if bias is not None else None
-    xt_rows = None
-    if xt is not None and K > 0:
-        xt_rows = xt.to(dtype).reshape(K * M, D)
-        xt_rows = _rowmajor(xt_rows)
+    xt_rows = _rowmajor(xt.reshape(K * M, D)) if xt is not None and K > 0 else None
 
     T = (1 + K) * M
     h_tangents = K > 0 and (xt_rows is not None or perturb_A)
@@ -579,16 +459,13 @@ def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int
     if R_eff > 0:
         _shrink(x2d, xt_rows, A, H, J, J if xt_rows is not None else 1, perturb_A and K > 0, seed, pid_A, ks,
                 dist_code)
-    TD = T if xt_rows is not None else M
-    if D == 0:
-        TD = 0
-    lo, hi = _seed_halves(seed)
+    TD = 0 if D == 0 else (T if xt_rows is not None else M)
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(T - M, meta["BLOCK_M"]))  # noqa: E731
                          * triton.cdiv(N, meta["BLOCK_N"]),)
-    _dual_kernel[grid](x2d, x2d if xt_rows is None else xt_rows, weight, bias if bias is not None else weight, H, B,
-                       y, yt, _ks_arg(ks), M, N, D, R_eff, T, TD, HR, x2d.stride(0),
-                       (x2d if xt_rows is None else xt_rows).stride(0), weight.stride(0), B.stride(0),
-                       float(scaling), lo, hi, pid_B, pid_bias, HAS_BIAS=bias is not None,
+    xt_arg = x2d if xt_rows is None else xt_rows
+    _dual_kernel[grid](x2d, xt_arg, weight, bias if bias is not None else weight, H, B, y, yt, _ks_arg(ks), M, N, D,
+                       R_eff, T, TD, HR, x2d.stride(0), xt_arg.stride(0), weight.stride(0), B.stride(0),
+                       float(scaling), *split_seed(seed), pid_B, pid_bias, HAS_BIAS=bias is not None,
                        PERTURB_B=bool(perturb_B) and K > 0 and R_eff > 0, PERTURB_BIAS=bool(perturb_bias) and K > 0,
                        DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
     return y, yt
@@ -600,13 +477,8 @@ def lora_perturbed(x2d, weight, bias, A, B, scaling: float, seed: int, pid_A: in
 
     y+-_k = x (W + s (B +- eps dB_k)(A +- eps dA_k))^T + (b +- eps db_k).
     """
-    M, D, N, R = _check_layer(x2d, weight, bias, A, B)
-    dist_code = _dist(dist_code)
-    pid_A, pid_B, pid_bias = (_check_u32(p, n) for p, n in ((pid_A, "pid_A"), (pid_B, "pid_B"),
-                                                              (pid_bias, "pid_bias")))
-    if perturb_bias and bias is None:
-        raise ValueError("perturb_bias: the layer has no bias")
-    ks = _as_ks(ks, x2d.device)
+    M, D = x2d.shape
+    N, R = weight.shape[0], A.shape[0]
     K = ks.numel()
     dtype = x2d.dtype
     yp = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
@@ -620,11 +492,10 @@ def lora_perturbed(x2d, weight, bias, A, B, scaling: float, seed: int, pid_A: in
     H = torch.empty(max(J * M, 1), max(R, 1), dtype=torch.float32, device=x2d.device)
     if R_eff > 0:
         _shrink(x2d, None, A, H, J, 1, perturb_A, seed, pid_A, ks, dist_code)
-    lo, hi = _seed_halves(seed)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _perturbed_kernel[grid](x2d, weight, bias if bias is not None else weight, H, B, yp, ym, _ks_arg(ks), M, N, D,
-                            R_eff, K, x2d.stride(0), weight.stride(0), B.stride(0), float(scaling), float(eps), lo, hi,
-                            pid_B, pid_bias, HAS_BIAS=bias is not None, PERTURB_A=bool(perturb_A) and R_eff > 0,
-                            PERTURB_B=bool(perturb_B) and R_eff > 0, PERTURB_BIAS=bool(perturb_bias),
-                            DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
+                            R_eff, K, x2d.stride(0), weight.stride(0), B.stride(0), float(scaling), float(eps),
+                            *split_seed(seed), pid_B, pid_bias, HAS_BIAS=bias is not None,
+                            PERTURB_A=bool(perturb_A) and R_eff > 0, PERTURB_B=bool(perturb_B) and R_eff > 0,
+                            PERTURB_BIAS=bool(perturb_bias), DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
     return yp, ym
