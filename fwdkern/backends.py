@@ -1,52 +1,107 @@
-"""Backend registry: which implementation runs an op.
+"""Backend registry: which implementation runs an op, and why another one cannot.
 
-Order of precedence: the per-call ``backend=`` argument, then the
-``FWDKERN_BACKEND`` environment variable, then automatic choice. Automatic choice
-silently falls back (e.g. to the reference when the extension is missing); a
-backend that is *requested* but unavailable raises :class:`BackendUnavailable`.
+Everything about which backend can run what lives here and nowhere else:
 
-Backends: ``cpu`` (C++ kernels in fwdkern._C), ``cuda`` (CUDA kernels in
-fwdkern._C), ``triton`` (GPU, or CPU under TRITON_INTERPRET=1), ``reference``
-(pure PyTorch, materializes perturbations).
+* ``IMPLEMENTED``: op -> backend -> what runs (every public op has all four backends);
+* the conditions under which an implemented backend still cannot run a call: the device and
+  build rule of each backend (:func:`_device_rule`) and ``RULES`` (the Triton interpreter's
+  missing bfloat16, the Triton attention kernel's shape limits);
+* ``AUTO``: the automatic order per device type;
+* the implementations themselves, registered by their modules with
+  ``@backends.register(op, backend)`` (``fwdkern/ops/_cpu.py``, ``_cuda.py``,
+  ``_triton.py``, ``reference*.py``) and imported only when a call resolves to them.
+
+Order of precedence: the per-call ``backend=`` argument, then the ``FWDKERN_BACKEND``
+environment variable, then the automatic order of ``AUTO``. Automatic choice silently
+skips backends that cannot run the call (e.g. to the reference when the extension is
+missing); a backend that is *requested* but cannot run raises
+:class:`BackendUnavailable` saying why.
+
+Backends: ``cpu`` (C++ kernels in fwdkern._C), ``cuda`` (CUDA kernels in fwdkern._C),
+``triton`` (GPU, or CPU under TRITON_INTERPRET=1), ``reference`` (pure PyTorch).
 """
 from __future__ import annotations
 
-import functools
+import importlib
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
+OPS = ("perturbation", "seeded_axpy_", "seeded_dot", "seeded_matmul", "lora_linear_dual", "lora_linear_perturbed",
+       "dual_attention")
 
-# Automatic choice for CUDA tensors, per op, first available wins.
-# NOTE: not measured yet -- no GPU was lent to the session that wrote the kernels.
-# The CUDA kernels are the default because they share Philox words across a warp
-# with shuffles (one Philox call per 128 elements per k); revisit with
-# bench/bench_seeded.py results on H100/H200.
-_AUTO_CUDA = {
-    "perturbation": ("cuda", "triton", "reference"),
-    "seeded_axpy_": ("cuda", "triton", "reference"),
-    "seeded_dot": ("cuda", "triton", "reference"),
-    # LoRA ops: the fused Triton kernels (fwdkern/triton/lora.py); there are no CUDA
-    # LoRA kernels yet.
-    "lora_linear_dual": ("triton", "reference"),
-    "lora_linear_perturbed": ("triton", "reference"),
-    "seeded_matmul": ("triton", "reference"),
+# Backend names an op accepts besides BACKENDS (kept for existing callers).
+ALIASES = {"dual_attention": {"torch": "reference"}}
+
+_SEEDED_IMPL = {"cpu": "C++ kernel (csrc/cpu/seeded_ops.cpp)", "cuda": "CUDA kernel (csrc/cuda/seeded_ops.cu)",
+                "triton": "Triton kernel (fwdkern/triton/seeded.py)",
+                "reference": "materialized stream (fwdkern/ops/reference.py)"}
+_LORA_IMPL = {"cpu": "torch GEMMs + C++ shrink/expand kernels (csrc/cpu/lora_ops.cpp)",
+              "cuda": "torch GEMMs + CUDA seeded matmul (csrc/cuda/lora_ops.cu), fwdkern/ops/_compose.py",
+              "triton": "fused Triton kernels (fwdkern/triton/lora.py)",
+              "reference": "materialized perturbations (fwdkern/ops/reference_lora.py)"}
+_CHUNKED = "chunked pure-torch dual attention (fwdkern/ops/reference_attention.py)"
+
+# op -> backend -> what runs.
+IMPLEMENTED = {
+    "perturbation": _SEEDED_IMPL,
+    "seeded_axpy_": _SEEDED_IMPL,
+    "seeded_dot": _SEEDED_IMPL,
+    "seeded_matmul": {**_LORA_IMPL, "cpu": "C++ seeded matmul (csrc/cpu/lora_ops.cpp)",
+                      "cuda": "CUDA seeded matmul (csrc/cuda/lora_ops.cu)"},
+    "lora_linear_dual": _LORA_IMPL,
+    "lora_linear_perturbed": {**_LORA_IMPL, "cpu": "torch GEMMs + C++ seeded matmul, fwdkern/ops/_compose.py"},
+    # No hand-written cpu/cuda attention kernel: those backends run the chunked torch path on
+    # their device (it is matmul-bound, torch's kernels do the work), so FWDKERN_BACKEND=cpu|cuda
+    # still runs whole models.
+    "dual_attention": {"cpu": _CHUNKED, "cuda": _CHUNKED, "reference": _CHUNKED,
+                       "triton": "Triton flash-style kernel (fwdkern/triton/attention.py)"},
+}
+
+# Automatic choice per device type, first backend that can run the call wins.
+# NOTE (unmeasured on GPU): CUDA tensors try the CUDA kernels first for the seeded ops (one
+# Philox call per 128 elements per k, shared across a warp with shuffles) and the fused Triton
+# kernels first for the LoRA ops (the cuda backend composes torch GEMMs with a CUDA-core
+# seeded matmul). scripts/gpu_check.sh times cuda against triton for both; the order follows
+# its numbers (bench/results/README.md, "GPU choices not yet measured").
+AUTO = {
+    "cpu": {op: ("cpu", "reference") for op in OPS},
+    "cuda": {
+        "perturbation": ("cuda", "triton", "reference"),
+        "seeded_axpy_": ("cuda", "triton", "reference"),
+        "seeded_dot": ("cuda", "triton", "reference"),
+        "seeded_matmul": ("triton", "cuda", "reference"),
+        "lora_linear_dual": ("triton", "cuda", "reference"),
+        "lora_linear_perturbed": ("triton", "cuda", "reference"),
+        "dual_attention": ("triton", "cuda", "reference"),
+    },
 }
 
 
 class BackendUnavailable(RuntimeError):
-    """A requested backend cannot run here (not built, no device, no triton...)."""
+    """A requested backend cannot run here (not built, no device, no triton, unsupported dtype...)."""
 
 
-@functools.lru_cache(maxsize=None)
+# ----------------------------------------------------------------------------- probes
+
+
+# Probe results, computed once. Plain module state rather than functools.lru_cache: torch.compile
+# traces through these calls (resolve runs inside compiled regions) and ignores lru_cache wrappers.
+_PROBES: dict = {}
+
+
 def _ext():
-    try:
-        from . import _C  # noqa: F401
+    if "ext" not in _PROBES:
+        try:
+            from . import _C
 
-        return _C
-    except ImportError as e:  # pragma: no cover - exercised only on broken installs
-        return e
+            _PROBES["ext"] = _C
+        except ImportError as e:  # pragma: no cover - exercised only on broken installs
+            _PROBES["ext"] = e
+    return _PROBES["ext"]
 
 
 def extension():
@@ -65,22 +120,26 @@ def has_cuda_kernels() -> bool:
     return has_extension() and bool(_ext().with_cuda) and torch.cuda.is_available()
 
 
-@functools.lru_cache(maxsize=None)
 def has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
+    if "triton" not in _PROBES:
+        try:
+            import triton  # noqa: F401
 
-        return True
-    except Exception:
-        return False
+            _PROBES["triton"] = True
+        except Exception:
+            _PROBES["triton"] = False
+    return _PROBES["triton"]
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on tensors of `device`, else the reason."""
+# ----------------------------------------------------------------------------- rules
+
+
+def _device_rule(backend: str, device: torch.device) -> Optional[str]:
+    """None if `backend` can run on tensors of `device` at all, else the reason."""
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -98,38 +157,139 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         if not has_triton():
             return "triton is not installed (pip install 'fwdkern[triton]')"
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu" and triton_interpreted():
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
             return None
         return f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
     return f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})"
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A condition under which `backends` cannot run `ops` although they are implemented.
+
+    The rule holds for tensors on devices where ``where(device)`` is True, and refuses the
+    calls for which ``refuses(facts)`` is True; ``facts`` are what the op's validation passes
+    to :func:`resolve` (``dtype=``, ``fits=``). A requested backend that a rule refuses raises
+    ``error`` with ``reason``; automatic choice moves on to the next backend.
+    """
+
+    reason: str
+    backends: tuple
+    ops: tuple
+    refuses: Callable[[dict], bool]
+    where: Callable[[torch.device], bool] = lambda device: True
+    error: type = BackendUnavailable
+
+
+RULES = (
+    Rule("bfloat16 is not supported by the Triton interpreter (TRITON_INTERPRET=1); use float32/float16 or "
+         "another backend", ("triton",), OPS, refuses=lambda facts: facts.get("dtype") == torch.bfloat16,
+         where=lambda device: device.type == "cpu"),
+    Rule("needs 4-D [B, H, T, D] inputs with the value head dim equal to D", ("triton",), ("dual_attention",),
+         refuses=lambda facts: not facts.get("fits", True), error=ValueError),
+)
+
+
+def _rules(op: str, backend: str, device: torch.device):
+    return [r for r in RULES if backend in r.backends and op in r.ops and r.where(device)]
+
+
+def _refusal(op: str, backend: str, device: torch.device, facts: dict):
+    """(exception type, reason) when `backend` cannot run this call of `op`, else None."""
+    if backend not in IMPLEMENTED[op]:
+        return BackendUnavailable, f"backend {backend!r} has no {op} implementation"
+    why = _device_rule(backend, device)
+    if why is not None:
+        return BackendUnavailable, why
+    for rule in _rules(op, backend, device):
+        if rule.refuses(facts):
+            return rule.error, rule.reason
+    return None
+
+
 def available(backend: str, device) -> bool:
-    return _why_unavailable(backend, torch.device(device)) is None
+    """Whether `backend` can run on tensors of `device` (build and device rules only)."""
+    return _device_rule(backend, torch.device(device)) is None
 
 
-def resolve(op: str, device, backend: str | None = None) -> str:
-    """The backend that runs `op` on tensors of `device`."""
+def support_table(device="cpu") -> list:
+    """Rows (op, backend, available, note) for tensors on `device`: the note says why a backend
+    cannot run, or what runs followed by the rules that still limit it there."""
     device = torch.device(device)
+    rows = []
+    for op in OPS:
+        for b in BACKENDS:
+            why = _device_rule(b, device) if b in IMPLEMENTED[op] else f"no {op} implementation"
+            if why is not None:
+                rows.append((op, b, False, why))
+            else:
+                rows.append((op, b, True, "; ".join([IMPLEMENTED[op][b]] + [r.reason for r in _rules(op, b, device)])))
+    return rows
+
+
+def _requested(op: str, backend: Optional[str]) -> Optional[str]:
     requested = backend if backend not in (None, "", "auto") else os.environ.get("FWDKERN_BACKEND", "").strip() or None
-    if requested == "auto":
-        requested = None
+    if requested in (None, "auto"):
+        return None
+    requested = ALIASES.get(op, {}).get(requested, requested)
+    if requested not in BACKENDS:
+        names = ", ".join(("auto",) + BACKENDS + tuple(ALIASES.get(op, ())))
+        raise ValueError(f"backend: unknown backend {requested!r} (expected one of {names})")
+    return requested
+
+
+def resolve(op: str, device, backend: Optional[str] = None, **facts) -> str:
+    """The backend that runs `op` on tensors of `device`.
+
+    facts: properties of the call the rules look at (``dtype=``, ``fits=``).
+    """
+    device = torch.device(device)
+    requested = _requested(op, backend)
     if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"backend: unknown backend {requested!r} (expected one of auto, {', '.join(BACKENDS)})")
-        why = _why_unavailable(requested, device)
-        if why is not None:
-            raise BackendUnavailable(f"{op}: requested backend {requested!r} is unavailable: {why}")
+        refusal = _refusal(op, requested, device, facts)
+        if refusal is not None:
+            error, why = refusal
+            if error is BackendUnavailable:
+                raise BackendUnavailable(f"{op}: requested backend {requested!r} is unavailable: {why}")
+            raise error(f"{op}: backend {requested!r} {why}")
         return requested
-    if device.type == "cuda":
-        order = _AUTO_CUDA.get(op, ("cuda", "triton", "reference"))
-    elif device.type == "cpu":
-        order = ("cpu", "reference")
-    else:
-        order = ("reference",)
-    for b in order:
-        if _why_unavailable(b, device) is None:
+    for b in AUTO.get(device.type, {}).get(op, ("reference",)):
+        if _refusal(op, b, device, facts) is None:
             return b
     return "reference"
+
+
+# ----------------------------------------------------------------------------- implementations
+
+_IMPLS: dict = {}
+_IMPL_MODULES = {
+    "cpu": ("fwdkern.ops._cpu",),
+    "cuda": ("fwdkern.ops._cuda",),
+    "triton": ("fwdkern.ops._triton",),
+    "reference": ("fwdkern.ops.reference", "fwdkern.ops.reference_lora", "fwdkern.ops.reference_attention"),
+}
+
+
+def register(op: str, backend: str):
+    """Decorator: `fn` implements `op` on `backend` (signature: the op's custom-op arguments
+    without ``backend``, already validated; the seed as an unsigned int)."""
+    if op not in OPS or backend not in BACKENDS:
+        raise ValueError(f"register: unknown op {op!r} or backend {backend!r}")
+
+    def deco(fn):
+        _IMPLS[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function registered for (op, backend), importing its module on first use."""
+    fn = _IMPLS.get((op, backend))
+    if fn is None:
+        for module in _IMPL_MODULES[backend]:
+            importlib.import_module(module)
+        fn = _IMPLS.get((op, backend))
+    if fn is None:  # pragma: no cover - IMPLEMENTED and the modules disagree (tests/test_backends.py)
+        raise BackendUnavailable(f"{op}: backend {backend!r} registered no implementation")
+    return fn

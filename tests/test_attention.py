@@ -152,3 +152,56 @@ def test_triton_dual_attention_partial_tangents_fp16():
     torch.testing.assert_close(ot.float().cpu(), ref_t, rtol=2e-2, atol=2e-2)
     _, none = dual_attention(*map(h, prims), None, None, None, backend="triton")
     assert none is None
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+def _attention_backends():
+    return ["reference", "cpu"] + (["triton"] if _triton_ok() else [])
+
+
+@pytest.mark.parametrize("backend", _attention_backends())
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "mask"])
+def test_opcheck(backend, masked):
+    dev = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    prims, tans = _inputs(1, 2, 1, 5, 5, 16, 2, seed=1)
+    prims, tans = tuple(t.to(dev) for t in prims), tuple(t.to(dev) for t in tans)
+    mask = _padding_mask(1, 5, 5, "bool").to(dev) if masked else None
+    torch.library.opcheck(torch.ops.fwdkern.dual_attention.default,
+                          (*prims, tans[0], None, tans[2], mask, not masked, 0.25, 2, backend))
+
+
+def test_torch_compile_fullgraph():
+    prims, tans = _inputs(1, 4, 2, 17, 17, 32, 2, seed=2)
+
+    def f(q, k, v, qt):
+        o, ot = dual_attention(q, k, v, qt, None, None, is_causal=True, chunk=8)
+        return o * 2, ot.sum(0)
+
+    eager = f(*prims, tans[0])
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*prims, tans[0])
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs_raise():
+    prims, tans = _inputs(1, 4, 2, 5, 5, 16, 2, seed=3)
+    q, k, v = prims
+    bad = [
+        (ValueError, "multiple", lambda: dual_attention(q, torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16), None, None,
+                                                         None)),
+        (ValueError, "is_causal", lambda: dual_attention(q, k, v, None, None, None,
+                                                          attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True)),
+        (ValueError, "q_t", lambda: dual_attention(q, k, v, tans[0][:, :, :2], None, None)),
+        (ValueError, "k_t", lambda: dual_attention(q, k, v, tans[0], tans[1][:1], None)),
+        (ValueError, "attn_mask", lambda: dual_attention(q, k, v, None, None, None, attn_mask=torch.ones(3, 5))),
+        (ValueError, "v:", lambda: dual_attention(q, k, v[:, :, :4], None, None, None)),
+        (TypeError, "q:", lambda: dual_attention(q.long(), k, v, None, None, None)),
+        (TypeError, "chunk", lambda: dual_attention(q, k, v, None, None, None, chunk=2.5)),
+        (ValueError, "chunk", lambda: dual_attention(q, k, v, None, None, None, chunk=0)),
+        (ValueError, "backend", lambda: dual_attention(q, k, v, None, None, None, backend="flash")),
+    ]
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
+            call()

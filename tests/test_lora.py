@@ -7,7 +7,6 @@ output cancels to ~0). fp16/bf16: max error vs the float64 reference ≤ 2× the
 plain torch ops evaluated in the same precision.
 """
 import hashlib
-import importlib.util
 import math
 
 import pytest
@@ -22,22 +21,14 @@ F64 = torch.float64
 PIDS = {"A": 11, "B": 22, "bias": 33}
 SEED = 0x1234_5678_9ABC_DEF0
 
-HAS_TRITON_LORA = importlib.util.find_spec("fwdkern.triton") is not None and (
-    importlib.util.find_spec("fwdkern.triton.lora") is not None)
+TRITON_ON_CPU = fwdkern.backends.available("triton", "cpu")
 
 
-def _backends(dtype=torch.float32):
-    """cpu + reference, and triton (interpreter on CPU: fp32/fp16 only) once fwdkern/triton/lora.py exists."""
-    out = [pytest.param("cpu"), pytest.param("reference")]
-    skip = None
-    if not HAS_TRITON_LORA:
-        skip = "fwdkern/triton/lora.py does not exist yet"
-    elif not fwdkern.backends.available("triton", "cpu"):
-        skip = "triton backend unavailable on CPU (needs triton and TRITON_INTERPRET=1)"
-    elif dtype == torch.bfloat16:
-        skip = "the Triton interpreter does not support bfloat16"
-    out.append(pytest.param("triton", marks=pytest.mark.skipif(skip is not None, reason=skip or "")))
-    return out
+def _backends():
+    """CPU-tensor backends: cpu + reference, and triton under the interpreter (fp32/fp16 only)."""
+    skip = "triton backend unavailable on CPU (needs triton and TRITON_INTERPRET=1)"
+    return [pytest.param("cpu"), pytest.param("reference"),
+            pytest.param("triton", marks=pytest.mark.skipif(not TRITON_ON_CPU, reason=skip))]
 
 
 def _flags(perturb):
@@ -160,11 +151,8 @@ def _torch_lowp_error(fn_ref, dtype):
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 @pytest.mark.parametrize("case", [((4, 9), 256, 96, 8, 3), ((7,), 1031, 64, 64, 2)], ids=_case_id)
 def test_dual_low_precision(case, backend, dtype):
-    if backend == "triton":
-        if not HAS_TRITON_LORA:
-            pytest.skip("fwdkern/triton/lora.py does not exist yet")
-        if dtype == torch.bfloat16 or not fwdkern.backends.available("triton", "cpu"):
-            pytest.skip("triton interpreter: no bf16 / not available")
+    if backend == "triton" and (dtype == torch.bfloat16 or not TRITON_ON_CPU):
+        pytest.skip("triton interpreter: no bf16 / not available")
     batch, in_f, out_f, r, K = case
     x, xt, W, b, A, B = _layer(batch, in_f, out_f, r, K, True, True, dtype=dtype)
     ks, perturb = list(range(K)), ("A", "B", "bias")
@@ -238,7 +226,58 @@ def test_finite_difference_converges_to_tangent(backend):
         assert err <= bound, f"eps={eps}: FD error {err:.3g} > rounding bound {bound:.3g}"
 
 
-# ----------------------------------------------------------------------------- seeded_matmul (C++ kernel)
+# ----------------------------------------------------------------------------- the cuda backend's composition
+
+
+def _compose_with_cpu_kernels():
+    from fwdkern.ops import _compose, _cpu
+
+    return _compose, dict(seeded_mm=_cpu.seeded_mm, perturbation=_cpu.perturbation)
+
+
+@pytest.mark.parametrize("perturb", PERTURBS, ids=lambda p: "+".join(p))
+@pytest.mark.parametrize("with_xt", [True, False], ids=["xt", "no_xt"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_composition_matches_reference(case, with_xt, perturb):
+    """fwdkern/ops/_compose.py (what the cuda backend runs over its CUDA kernels), run here over
+    the C++ kernels: dual and perturbed forward against the reference on the hostile shapes."""
+    compose, kernels = _compose_with_cpu_kernels()
+    batch, in_f, out_f, r, K = case
+    with_bias = "bias" in perturb or (in_f + out_f) % 2 == 0
+    x, xt, W, b, A, B = _layer(batch, in_f, out_f, r, K, with_bias, with_xt)
+    ks = torch.tensor([3 + 5 * j for j in range(K)])
+    args = (1.7, SEED, (11, 22, 33), ks)
+    y, yt = compose.lora_dual(x, xt, W, b, A, B, *args, "rademacher", _flags(perturb), **kernels)
+    ry, ryt = R.reference_lora_dual(x, xt, W, b, A, B, *args, "rademacher", _flags(perturb), compute_dtype=F64,
+                                    out_dtype=F64)
+    _assert_close32(y, ry, "y")
+    _assert_close32(yt, ryt, "y_tangents")
+    yp, ym = compose.lora_perturbed(x, W, b, A, B, *args, 0.05, "gaussian", _flags(perturb), **kernels)
+    rp, rm = R.reference_lora_perturbed(x, W, b, A, B, *args, 0.05, "gaussian", _flags(perturb), compute_dtype=F64,
+                                        out_dtype=F64)
+    _assert_close32(yp, rp, "y_plus")
+    _assert_close32(ym, rm, "y_minus")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_composition_low_precision(dtype):
+    compose, kernels = _compose_with_cpu_kernels()
+    x, xt, W, b, A, B = _layer((4, 9), 256, 96, 8, 3, True, True, dtype=dtype)
+    ks, flags = torch.arange(3), (True, True, True)
+
+    def ref(cd):
+        return R.reference_lora_dual(*(t.to(cd) for t in (x, xt, W, b, A, B)), 2.0, SEED, (11, 22, 33), ks,
+                                     "rademacher", flags, compute_dtype=cd)
+
+    torch_errs, exact = _torch_lowp_error(ref, dtype)
+    outs = compose.lora_dual(x, xt, W, b, A, B, 2.0, SEED, (11, 22, 33), ks, "rademacher", flags, **kernels)
+    for name, out, e_ref, e_torch in zip(("y", "y_tangents"), outs, exact, torch_errs):
+        assert out.dtype == dtype
+        err = _rel_err(out, e_ref)
+        assert err <= 2 * max(e_torch, torch.finfo(dtype).eps), f"{name}: error {err:.3g} > 2x torch's {e_torch:.3g}"
+
+
+# ----------------------------------------------------------------------------- seeded_matmul
 
 
 @pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] != "reference"])
@@ -300,6 +339,87 @@ def test_zero_tangents_and_empty_batch():
     # Nothing perturbed and no input tangents: the tangents are exactly zero.
     _, yt = fwdkern.lora_linear_dual(x, None, W, b, A, B, 1.0, 1, PIDS, [3, 4], perturb=(), backend="cpu")
     assert torch.count_nonzero(yt) == 0
+
+
+# ----------------------------------------------------------------------------- GPU backends (skip without CUDA)
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_backend(backend):
+    if not fwdkern.backends.available(backend, "cuda"):
+        pytest.skip(f"backend {backend!r} unavailable on this GPU machine")
+
+
+def _cuda(*ts):
+    return tuple(t.cuda() if t is not None else None for t in ts)
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("perturb", [("A",), ("B",), ("A", "B", "bias")], ids=lambda p: "+".join(p))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_gpu_lora_ops_match_reference(case, perturb, dist, backend):
+    _gpu_backend(backend)
+    batch, in_f, out_f, r, K = case
+    x, xt, W, b, A, B = _layer(batch, in_f, out_f, r, K, True, True)
+    ks = [3 + 5 * j for j in range(K)]
+    kt = torch.tensor(ks)
+    y, yt = fwdkern.lora_linear_dual(*_cuda(x, xt, W, b, A, B), 1.7, SEED, PIDS, ks, dist=dist, perturb=perturb,
+                                     backend=backend)
+    ry, ryt = R.reference_lora_dual(x, xt, W, b, A, B, 1.7, SEED, (11, 22, 33), kt, dist, _flags(perturb),
+                                    compute_dtype=F64, out_dtype=F64)
+    _assert_close32(y.cpu(), ry, "y")
+    _assert_close32(yt.cpu(), ryt, "y_tangents")
+    yp, ym = fwdkern.lora_linear_perturbed(*_cuda(x, W, b, A, B), 1.7, SEED, PIDS, ks, 0.05, dist=dist,
+                                           perturb=perturb, backend=backend)
+    rp, rm = R.reference_lora_perturbed(x, W, b, A, B, 1.7, SEED, (11, 22, 33), kt, 0.05, dist, _flags(perturb),
+                                        compute_dtype=F64, out_dtype=F64)
+    _assert_close32(yp.cpu(), rp, "y_plus")
+    _assert_close32(ym.cpu(), rm, "y_minus")
+    out = fwdkern.seeded_matmul(x.cuda(), SEED, 7, ks, out_f, dist=dist, backend=backend)
+    _assert_close32(out.cpu(), R.reference_seeded_matmul(x.to(F64), SEED, 7, kt, out_f, dist), "seeded_matmul")
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_lora_rademacher_bit_identical_to_cpu(backend):
+    """Integer-valued inputs: every product and sum is exact in fp32, so the GPU backends give
+    the CPU backend's results bit for bit (same Rademacher stream, no tolerance)."""
+    _gpu_backend(backend)
+    g = torch.Generator().manual_seed(8)
+    M, in_f, out_f, r, K = 5, 300, 70, 8, 4
+    x, W, A, B = (torch.randint(-3, 4, s, generator=g).float() for s in ((M, in_f), (out_f, in_f), (r, in_f),
+                                                                           (out_f, r)))
+    xt = torch.randint(-3, 4, (K, M, in_f), generator=g).float()
+    b = torch.zeros(out_f)
+    ks, perturb = [1, 2, 3, 2**32 - 1], ("A", "B", "bias")
+    cpu = fwdkern.lora_linear_dual(x, xt, W, b, A, B, 1.0, SEED, PIDS, ks, perturb=perturb, backend="cpu")
+    gpu = fwdkern.lora_linear_dual(*_cuda(x, xt, W, b, A, B), 1.0, SEED, PIDS, ks, perturb=perturb, backend=backend)
+    for c, d in zip(cpu, gpu):
+        assert torch.equal(d.cpu(), c)
+    assert torch.equal(fwdkern.seeded_matmul(x.cuda(), SEED, 9, ks, 33, backend=backend).cpu(),
+                       fwdkern.seeded_matmul(x, SEED, 9, ks, 33, backend="cpu"))
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_lora_bf16(backend):
+    _gpu_backend(backend)
+    x, xt, W, b, A, B = _layer((64,), 256, 192, 16, 8, True, True, dtype=torch.bfloat16)
+    ks, perturb = list(range(8)), ("A", "B", "bias")
+
+    def ref(cd):
+        return R.reference_lora_dual(*(t.to(cd) for t in (x, xt, W, b, A, B)), 0.5, SEED, (11, 22, 33),
+                                     torch.tensor(ks), "rademacher", _flags(perturb), compute_dtype=cd)
+
+    torch_errs, exact = _torch_lowp_error(ref, torch.bfloat16)
+    outs = fwdkern.lora_linear_dual(*_cuda(x, xt, W, b, A, B), 0.5, SEED, PIDS, ks, perturb=perturb, backend=backend)
+    for name, out, e_ref, e_torch in zip(("y", "y_tangents"), outs, exact, torch_errs):
+        assert out.dtype == torch.bfloat16
+        err = _rel_err(out.cpu(), e_ref)
+        assert err <= 2 * max(e_torch, 2.0**-8), f"{name}: error {err:.3g} > 2x torch's {e_torch:.3g}"
 
 
 # ----------------------------------------------------------------------------- custom ops

@@ -9,7 +9,6 @@ Tolerance table (see docs/perturbations.md):
   seeded_axpy_ (fp16 / bf16 params)          <= 1 ulp of the storage dtype vs the reference
 """
 import math
-import os
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ import fwdkern
 from fwdkern.ops.reference import (
     philox4x32_10,
     reference_perturbation,
-    reference_perturbations,
     reference_seeded_axpy_,
     reference_seeded_dot,
 )
@@ -290,29 +288,6 @@ def test_torch_compile():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(p1, t), step(p2, t))
     assert torch.equal(p1, p2)
-
-
-# ---------------------------------------------------------------------------- backend selection
-
-
-def test_backend_selection(monkeypatch):
-    assert fwdkern.backends.resolve("seeded_dot", "cpu") == "cpu"
-    monkeypatch.setenv("FWDKERN_BACKEND", "reference")
-    assert fwdkern.backends.resolve("seeded_dot", "cpu") == "reference"
-    assert fwdkern.backends.resolve("seeded_dot", "cpu", "cpu") == "cpu"  # per-call wins
-    monkeypatch.setenv("FWDKERN_BACKEND", "cuda")
-    with pytest.raises(fwdkern.BackendUnavailable, match="cuda"):
-        fwdkern.seeded_dot(torch.ones(3), 1, 1, [0])
-    monkeypatch.setenv("FWDKERN_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="bogus"):
-        fwdkern.seeded_dot(torch.ones(3), 1, 1, [0])
-
-
-def test_triton_interpreter_rejects_bf16():
-    if not fwdkern.backends.available("triton", "cpu"):
-        pytest.skip("triton interpreter not available")
-    with pytest.raises(fwdkern.BackendUnavailable, match="bfloat16"):
-        fwdkern.seeded_axpy_(torch.zeros(4, dtype=torch.bfloat16), 1, 1, [0], [1.0], backend="triton")
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -1,13 +1,14 @@
 """Dual scaled-dot-product attention: primal + K tangents in one flash-style pass.
 
-``O = softmax(Q Kᵀ·scale + mask) V``. With S = QKᵀ·scale,
-``dS = (dQ·Kᵀ + Q·dKᵀ)·scale``, ``dP = P ⊙ (dS − rowsum(P ⊙ dS))``, and
-``dO = (A₁ − A₂·O + A₃) / l`` where, with the running max m and normalizer
-``l = Σ e^{s−m}``, the online sums are ``A₁ = Σ e^{s−m}·dS·V``,
-``A₂ = Σ e^{s−m}·dS`` and ``A₃ = Σ e^{s−m}·dV`` (see ../shared/REFERENCE.md §2).
+:func:`dual_attention` validates its arguments, resolves the backend through
+:mod:`fwdkern.backends` (per-call ``backend=``, then ``FWDKERN_BACKEND``, then automatic:
+``triton`` for CUDA tensors whose shapes its kernel takes, else the chunked torch path) and
+calls the custom op ``fwdkern::dual_attention`` (with a fake kernel, so it traces under
+torch.compile). The ``reference`` backend is the chunked pure-torch path of
+fwdkern/ops/reference_attention.py (``backend="torch"`` is an alias of it); the ``cpu`` and
+``cuda`` backends run the same path on their device. Tests compare every backend with eager
+:func:`reference_attention` under ``torch.func.jvp``.
 
-The CPU path (:func:`dual_attention`) walks the keys in chunks, so memory is
-O(K·Tq·chunk) instead of the O(K·Tq·Tk) of eager attention under vmap(jvp).
 Semantics follow ``torch.nn.functional.scaled_dot_product_attention``: bool masks
 (True = attend) or additive float masks broadcastable to [B, Hq, Tq, Tk],
 ``is_causal`` (top-left aligned), GQA (Hq a multiple of Hkv, as ``enable_gqa`` or
@@ -20,30 +21,77 @@ from typing import Optional
 
 import torch
 
+from .. import backends
+from ._validate import check_int, check_scalar
+from .reference_attention import reference_attention
+
 __all__ = ["dual_attention", "reference_attention"]
 
 
-def _has_triton() -> bool:
-    from .. import backends
+@torch.library.custom_op("fwdkern::dual_attention", mutates_args=())
+def _dual_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optional[torch.Tensor],
+                       k_t: Optional[torch.Tensor], v_t: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
+                       is_causal: bool, scale: float, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return backends.implementation("dual_attention", backend)(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale,
+                                                              chunk)
 
-    return backends.has_triton()
+
+@_dual_attention_op.register_fake
+def _(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk, backend):
+    K = next((t.shape[0] for t in (q_t, k_t, v_t) if t is not None), 0)
+    shape = (*q.shape[:-1], v.shape[-1])
+    return q.new_empty(shape), q.new_empty((K, *shape))
 
 
-def _mask5(mask: Optional[torch.Tensor], B: int, Hkv: int, G: int, Tq: int, Tk: int) -> Optional[torch.Tensor]:
-    """Additive fp32 mask as [B|1, Hkv|1, G|1, Tq|1, Tk] (views where possible)."""
-    if mask is None:
-        return None
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    if m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
-    else:
-        m = m.float()
-    if m.shape[1] == 1:
-        return m.unsqueeze(2)
-    m = m.expand(m.shape[0], Hkv * G, m.shape[2], m.shape[3])
-    return m.reshape(m.shape[0], Hkv, G, m.shape[2], m.shape[3])
+def _check(q, k, v, q_t, k_t, v_t, attn_mask, is_causal) -> int:
+    """Validates the call; returns K (0 when every tangent is None)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point torch.Tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if q.dim() < 3:
+        raise ValueError(f"q: expected [..., H, T, D], got shape {tuple(q.shape)}")
+    lead = q.shape[:-3]
+    Hq, Tq, D = q.shape[-3:]
+    if k.dim() != q.dim() or k.shape[:-3] != lead or k.shape[-1] != D:
+        raise ValueError(f"k: expected [{', '.join(map(str, lead))}{', ' if lead else ''}Hkv, Tk, {D}], "
+                         f"got shape {tuple(k.shape)}")
+    Hkv, Tk = k.shape[-3], k.shape[-2]
+    if v.dim() != q.dim() or v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v: expected [{', '.join(map(str, k.shape[:-1]))}, Dv], got shape {tuple(v.shape)}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} are not a multiple of key/value heads {Hkv}")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal cannot both be set (as in torch SDPA)")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or not (attn_mask.dtype == torch.bool
+                                                           or attn_mask.is_floating_point()):
+            raise TypeError("attn_mask: expected a bool or floating-point tensor")
+        full = (*lead, Hq, Tq, Tk)
+        try:
+            shape = torch.broadcast_shapes(attn_mask.shape, full)
+            # extra leading mask dims of size 1 are harmless (a [1, H, Tq, Tk] mask of 3-D inputs)
+            ok = tuple(shape[len(shape) - len(full):]) == full and all(d == 1 for d in shape[:len(shape) - len(full)])
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}")
+    K = None
+    for name, t, p in (("q_t", q_t, q), ("k_t", k_t, k), ("v_t", v_t, v)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        K = t.shape[0] if K is None and t.dim() else K
+        if tuple(t.shape) != (K, *p.shape):
+            raise ValueError(f"{name}: expected shape {(K, *p.shape)} ([K, *{name[0]}.shape], the same K for "
+                             f"every tangent), got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    for name, t in (("k", k), ("v", v), ("attn_mask", attn_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    return K or 0
 
 
 def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optional[torch.Tensor],
@@ -52,136 +100,27 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optio
                    chunk: int = 256, backend: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Dual attention: returns (O, dO).
 
-    backend: "torch" (chunked pure torch, any device), "triton" (fwdkern/triton/attention.py; CUDA, or CPU
-    under TRITON_INTERPRET=1; 4-D inputs with Dv == D), or None/"auto": triton for CUDA tensors when
-    it is importable and the shapes fit, else torch (silent fallback only when auto-selected).
+    backend: None/"auto", "cpu", "cuda", "triton" (fwdkern/triton/attention.py; CUDA, or CPU under
+    TRITON_INTERPRET=1; 4-D inputs with Dv == D), "reference" or its alias "torch" (the chunked
+    pure-torch path, any device; "cpu" and "cuda" run it too). Automatic choice takes triton for
+    CUDA tensors when it is available and the shapes fit, else the chunked path.
 
     Args:
         q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv] (Hq % Hkv == 0; also leading batch
-            dims other than one B are flattened).
+            dims other than one B).
         q_t, k_t, v_t: tangents [K, *shape] or None (zero).
         attn_mask: bool (True = keep) or additive float, broadcastable to [B, Hq, Tq, Tk].
         is_causal: key j is visible from query i iff j <= i. scale: default 1/sqrt(D).
         enable_gqa: accepted for signature parity; GQA is inferred from Hq != Hkv.
-        chunk: keys per step (memory/speed trade-off).
+        chunk: keys per step of the chunked path (memory/speed trade-off).
     Returns:
-        O [B, Hq, Tq, Dv] in q's dtype; dO [K, B, Hq, Tq, Dv] or None when all tangents are None.
+        O [B, Hq, Tq, Dv] in q's dtype; dO [K, B, Hq, Tq, Dv] or None when K == 0 (every tangent None).
         Accumulation is fp32.
     """
-    if backend not in (None, "auto", "torch", "triton"):
-        raise ValueError(f"backend: expected None, 'auto', 'torch' or 'triton', got {backend!r}")
+    K = _check(q, k, v, q_t, k_t, v_t, attn_mask, is_causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scalar(scale, "scale")
+    chunk = check_int(chunk, "chunk", 1, None, "a positive int")
     fits = q.dim() == 4 and v.shape[-1] == q.shape[-1]
-    if backend in (None, "auto"):
-        backend = "triton" if (q.is_cuda and fits and _has_triton()) else "torch"
-    if backend == "triton":
-        if not fits:
-            raise ValueError("backend='triton': needs 4-D [B, H, T, D] inputs with the value head dim equal to D")
-        from ..triton.attention import dual_attention_triton
-
-        return dual_attention_triton(q, k, v, q_t, k_t, v_t, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal cannot both be set (as in torch SDPA)")
-    lead = q.shape[:-3]
-    Hq, Tq, D = q.shape[-3:]
-    Hkv, Tk, Dv = k.shape[-3], k.shape[-2], v.shape[-1]
-    if Hq % Hkv:
-        raise ValueError(f"query heads {Hq} are not a multiple of key/value heads {Hkv}")
-    G = Hq // Hkv
-    B = int(math.prod(lead)) if lead else 1
-    dt = q.dtype
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    tans = [t for t in (q_t, k_t, v_t) if t is not None]
-    K = tans[0].shape[0] if tans else 0
-    f32 = torch.float32
-    q5 = q.reshape(B, Hkv, G, Tq, D).to(f32)
-    k4 = k.reshape(B, Hkv, Tk, D).to(f32)
-    v4 = v.reshape(B, Hkv, Tk, Dv).to(f32)
-    qt6 = q_t.reshape(K, B, Hkv, G, Tq, D).to(f32) if q_t is not None else None
-    kt5 = k_t.reshape(K, B, Hkv, Tk, D).to(f32) if k_t is not None else None
-    vt5 = v_t.reshape(K, B, Hkv, Tk, Dv).to(f32) if v_t is not None else None
-    mask = attn_mask
-    if mask is not None and lead and mask.dim() > 4:
-        mask = mask.reshape(-1, *mask.shape[-3:])
-    m5 = _mask5(mask, B, Hkv, G, Tq, Tk)
-
-    dev = q.device
-    m = torch.full((B, Hkv, G, Tq, 1), float("-inf"), dtype=f32, device=dev)
-    l = torch.zeros((B, Hkv, G, Tq, 1), dtype=f32, device=dev)
-    acc = torch.zeros((B, Hkv, G, Tq, Dv), dtype=f32, device=dev)
-    has_s = qt6 is not None or kt5 is not None
-    A1 = torch.zeros((K, B, Hkv, G, Tq, Dv), dtype=f32, device=dev) if has_s else None
-    A2 = torch.zeros((K, B, Hkv, G, Tq, 1), dtype=f32, device=dev) if has_s else None
-    A3 = torch.zeros((K, B, Hkv, G, Tq, Dv), dtype=f32, device=dev) if vt5 is not None else None
-    qi = torch.arange(Tq, device=dev).view(Tq, 1) if is_causal else None
-
-    for j0 in range(0, Tk, chunk):
-        j1 = min(Tk, j0 + chunk)
-        kc = k4[:, :, None, j0:j1]  # [B, Hkv, 1, C, D]
-        vc = v4[:, :, None, j0:j1]
-        s = torch.matmul(q5, kc.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, Tq, C]
-        if m5 is not None:
-            s = s + m5[..., j0:j1]
-        if is_causal:
-            kj = torch.arange(j0, j1, device=dev).view(1, -1)
-            s = s.masked_fill(kj > qi, float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - m_safe)  # 0 where m was -inf
-        p = torch.exp(s - m_safe)
-        l = l * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + torch.matmul(p, vc)
-        if has_s:
-            ds = None
-            if qt6 is not None:
-                ds = torch.matmul(qt6, kc.transpose(-1, -2))
-            if kt5 is not None:
-                dk = torch.matmul(q5, kt5[:, :, :, None, j0:j1].transpose(-1, -2))
-                ds = dk if ds is None else ds + dk
-            pds = p * ds.mul_(scale)  # [K, B, Hkv, G, Tq, C]
-            A1 = A1 * alpha + torch.matmul(pds, vc)
-            A2 = A2 * alpha + pds.sum(-1, keepdim=True)
-        if A3 is not None:
-            A3 = A3 * alpha + torch.matmul(p, vt5[:, :, :, None, j0:j1])
-        m = m_new
-
-    empty = l == 0  # every key masked: output 0 (torch SDPA's math path does the same)
-    inv_l = torch.where(empty, torch.zeros_like(l), 1.0 / torch.where(empty, torch.ones_like(l), l))
-    o = acc * inv_l
-    out_shape = (*lead, Hq, Tq, Dv)
-    o_ret = o.reshape(out_shape).to(dt)
-    if K == 0:
-        return o_ret, None
-    do = None
-    if has_s:
-        do = (A1 - A2 * o) * inv_l
-    if A3 is not None:
-        d3 = A3 * inv_l
-        do = d3 if do is None else do + d3
-    return o_ret, do.reshape(K, *out_shape).to(dt)
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                        is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
-    """Eager attention (materializes [.., Tq, Tk]; differentiable by forward AD). Same semantics as
-    :func:`dual_attention`; fully masked rows give 0."""
-    Hq, Tq, D = q.shape[-3:]
-    Hkv, Tk = k.shape[-3], k.shape[-2]
-    G = Hq // Hkv
-    if G > 1:
-        k = k.repeat_interleave(G, dim=-3)
-        v = v.repeat_interleave(G, dim=-3)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    keep = None
-    if is_causal:
-        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            keep = attn_mask if keep is None else keep & attn_mask
-        else:
-            s = s + attn_mask
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
-    return torch.matmul(p, v)
+    b = backends.resolve("dual_attention", q.device, backend, dtype=q.dtype, fits=fits)
+    o, ot = _dual_attention_op(q, k, v, q_t, k_t, v_t, attn_mask, bool(is_causal), scale, chunk, b)
+    return o, (ot if K else None)

@@ -12,6 +12,9 @@ from typing import Sequence
 
 import torch
 
+from .. import backends
+from .._seed import split_seed
+
 MASK32 = 0xFFFFFFFF
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -55,7 +58,7 @@ def _stream_words(seed: int, param_id: int, ks: torch.Tensor, rows: int, chunks:
     ks = ks.to(torch.int64).reshape(-1, 1, 1)
     row = torch.arange(rows, dtype=torch.int64).reshape(1, -1, 1)
     chunk = torch.arange(chunks, dtype=torch.int64).reshape(1, 1, -1)
-    w = philox4x32_10(chunk, row, torch.full((), param_id, dtype=torch.int64), ks, seed & MASK32, (seed >> 32) & MASK32)
+    w = philox4x32_10(chunk, row, torch.full((), param_id, dtype=torch.int64), ks, *split_seed(seed))
     return torch.stack(w, dim=-1)
 
 
@@ -89,11 +92,13 @@ def reference_perturbations(shape, seed: int, param_id: int, ks, dist: str = "ra
     return _values(seed, param_id, ks, rows, cols, dist).reshape(ks.numel(), *tuple(shape))
 
 
+@backends.register("perturbation", "reference")
 def reference_perturbation(shape, seed, param_id, k, dist="rademacher", dtype=torch.float32, device="cpu"):
     """One perturbation v(seed, param_id, k) of `shape`, cast to `dtype` on `device`."""
     return reference_perturbations(shape, seed, param_id, [k], dist)[0].to(device=device, dtype=dtype).contiguous()
 
 
+@backends.register("seeded_axpy_", "reference")
 def reference_seeded_axpy_(param: torch.Tensor, seed, param_id, ks, coeffs, dist="rademacher", alpha=1.0):
     """param += alpha * sum_j coeffs[j] * v_j, materializing V [K, n] (fp32 accumulation)."""
     V = reference_perturbations(param.shape, seed, param_id, ks, dist).to(param.device)
@@ -103,7 +108,8 @@ def reference_seeded_axpy_(param: torch.Tensor, seed, param_id, ks, coeffs, dist
     return param
 
 
+@backends.register("seeded_dot", "reference")
 def reference_seeded_dot(tensor: torch.Tensor, seed, param_id, ks, dist="rademacher") -> torch.Tensor:
     """float32 [K]: <v_j, tensor> for every j, materializing V [K, n]."""
     V = reference_perturbations(tensor.shape, seed, param_id, ks, dist).to(tensor.device)
-    return V.reshape(V.shape[0], -1) @ tensor.reshape(-1).to(torch.float32)
+    return V.reshape(V.shape[0], tensor.numel()) @ tensor.reshape(-1).to(torch.float32)

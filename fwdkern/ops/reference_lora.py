@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of the LoRA ops (materializes every perturbation).
 
-This is the executable specification of issue 3; tests and benchmarks compare the
-cpu / triton / cuda backends against it. Perturbations come from
+This is the executable specification of the LoRA ops; tests and benchmarks compare the
+cpu / cuda / triton backends against it. Perturbations come from
 :func:`fwdkern.ops.reference.reference_perturbations` (O(K * numel) memory).
 
 Layer: ``y = x Wᵀ + b + s·(x Aᵀ) Bᵀ``. With ``dA_k = v(seed, pid_A, ks[k])`` [r, in],
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backends
 from .reference import reference_perturbations
 
 
@@ -30,6 +31,15 @@ def lora_perturbations(seed: int, pids, ks: torch.Tensor, r: int, in_features: i
     )
 
 
+def _operands(x, weight, bias, lora_A, lora_B, seed, pids, ks, dist, perturb, cd):
+    """The layer's tensors in `cd` and its perturbations (dA, dB, db)."""
+    x_, W, A, B = (t.to(cd) for t in (x, weight, lora_A, lora_B))
+    b = bias.to(cd) if bias is not None else None
+    perts = lora_perturbations(seed, pids, ks, A.shape[0], W.shape[1], W.shape[0], dist, perturb, x.device, cd)
+    return x_, W, b, A, B, perts
+
+
+@backends.register("lora_linear_dual", "reference")
 def reference_lora_dual(x, x_tangents, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, dist, perturb,
                         compute_dtype=torch.float32, out_dtype=None):
     """(y [..., out], y_tangents [K, ..., out]) in `out_dtype` (default x.dtype), computed in `compute_dtype`.
@@ -38,12 +48,8 @@ def reference_lora_dual(x, x_tangents, weight, bias, lora_A, lora_B, scaling, se
     lora_A [r, in]; lora_B [out, r]; pids/perturb as in :func:`lora_perturbations`.
     """
     cd = compute_dtype
-    K = int(torch.as_tensor(ks).numel())
-    out_f, in_f = weight.shape
-    r = lora_A.shape[0]
-    x_, W, A, B = (t.to(cd) for t in (x, weight, lora_A, lora_B))
-    b = bias.to(cd) if bias is not None else None
-    dA, dB, db = lora_perturbations(seed, pids, ks, r, in_f, out_f, dist, perturb, x.device, cd)
+    x_, W, b, A, B, (dA, dB, db) = _operands(x, weight, bias, lora_A, lora_B, seed, pids, ks, dist, perturb, cd)
+    K, out_f, r = int(torch.as_tensor(ks).numel()), W.shape[0], A.shape[0]
     h = x_ @ A.T  # [..., r]
     y = x_ @ W.T + scaling * (h @ B.T)
     if b is not None:
@@ -67,18 +73,15 @@ def reference_lora_dual(x, x_tangents, weight, bias, lora_A, lora_B, scaling, se
     return y.to(od).contiguous(), yt.to(od).contiguous()
 
 
+@backends.register("lora_linear_perturbed", "reference")
 def reference_lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps, dist, perturb,
                              compute_dtype=torch.float32, out_dtype=None):
     """(y_plus, y_minus), each [K, ..., out] in `out_dtype` (default x.dtype):
     ``y±_k = x (W + s(B ± ε dB_k)(A ± ε dA_k))ᵀ + (b ± ε db_k)``, forming the perturbed
     dense weights explicitly (the naive FwdLLM formulation)."""
     cd = compute_dtype
-    K = int(torch.as_tensor(ks).numel())
-    out_f, in_f = weight.shape
-    r = lora_A.shape[0]
-    x_, W, A, B = (t.to(cd) for t in (x, weight, lora_A, lora_B))
-    b = bias.to(cd) if bias is not None else None
-    dA, dB, db = lora_perturbations(seed, pids, ks, r, in_f, out_f, dist, perturb, x.device, cd)
+    x_, W, b, A, B, (dA, dB, db) = _operands(x, weight, bias, lora_A, lora_B, seed, pids, ks, dist, perturb, cd)
+    K, out_f = int(torch.as_tensor(ks).numel()), W.shape[0]
     batch = x.shape[:-1]
     outs = []
     for sign in (1.0, -1.0):
@@ -98,6 +101,7 @@ def reference_lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pid
     return outs[0], outs[1]
 
 
+@backends.register("seeded_matmul", "reference")
 def reference_seeded_matmul(x, seed, param_id, ks, n, dist):
     """float32 [K, ..., n]: ``x @ v(seed, param_id, ks[k])ᵀ`` with v_k of shape [n, x.shape[-1]]."""
     V = reference_perturbations((n, x.shape[-1]), seed, param_id, ks, dist).to(x.device)

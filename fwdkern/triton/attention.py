@@ -1,20 +1,18 @@
 """Triton kernel of the dual (primal + K tangents) flash attention forward.
 
-Semantics and formula: :mod:`fwdkern.ops.attention` (REFERENCE.md §2). One program
+Semantics and formula: :mod:`fwdkern.ops.reference_attention`. One program
 handles a block of BLOCK_M queries of one (batch, query head) for one tangent k and
 walks the keys in blocks of BLOCK_N with the online softmax: running max m,
 normalizer l, primal accumulator ``Σ e^{s−m} V`` and the three tangent sums
 ``A₁ = Σ e^{s−m}·dS·V``, ``A₂ = Σ e^{s−m}·dS``, ``A₃ = Σ e^{s−m}·dV``. Memory is
 O(T) (nothing of size Tq × Tk is stored).
 
-NOTE (not measured: no GPU in the session that wrote this): the grid has one program
-per tangent, so S = QKᵀ and PV are recomputed per k (about 6 block matmuls per tangent
-instead of the ~4 + 2/K of a kernel that keeps all K accumulators); the program with
-k == 0 writes the primal. Tested under TRITON_INTERPRET=1 (fp32/fp16; bf16 is not
-supported by the interpreter).
+NOTE (unmeasured on GPU, bench/results/README.md): the grid has one program per tangent,
+so S = QKᵀ and PV are recomputed per k (about 6 block matmuls per tangent instead of the
+~4 + 2/K of a kernel that keeps all K accumulators); the program with k == 0 writes the
+primal. Tested under TRITON_INTERPRET=1 (fp32/fp16; bf16 is not supported by the
+interpreter) and on GPU by scripts/gpu_check.sh.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -115,21 +113,14 @@ def _mask_arg(attn_mask, B, Hq, Tq, Tk, device):
     return m, m.stride()
 
 
-def dual_attention_triton(q, k, v, q_t=None, k_t=None, v_t=None, attn_mask=None, is_causal=False, scale=None):
-    """Triton version of :func:`fwdkern.ops.attention.dual_attention` (same arguments and results).
+def dual_attention_triton(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale):
+    """The triton backend of ``fwdkern::dual_attention``: (O, dO [K, ...]; K = 0 without tangents).
 
-    q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, D] (Dv == D), tangents [K, *shape] or None.
+    q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, D] (Dv == D), tangents [K, *shape] or None,
+    as validated by :func:`fwdkern.ops.attention.dual_attention`.
     """
-    if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal cannot both be set (as in torch SDPA)")
-    if q.dim() != 4:
-        raise ValueError(f"q: expected [B, H, T, D], got shape {tuple(q.shape)}")
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    if v.shape[-1] != D:
-        raise ValueError("v: the Triton kernel needs the value head dim equal to the query head dim")
-    if Hq % Hkv:
-        raise ValueError(f"query heads {Hq} are not a multiple of key/value heads {Hkv}")
     dt = q.dtype
     tans = [t for t in (q_t, k_t, v_t) if t is not None]
     K = tans[0].shape[0] if tans else 0
@@ -137,13 +128,12 @@ def dual_attention_triton(q, k, v, q_t=None, k_t=None, v_t=None, attn_mask=None,
     q, k, v = c(q), c(k), c(v.to(dt))
     qt, kt, vt = c(q_t), c(k_t), c(v_t)
     o = torch.empty((B, Hq, Tq, D), dtype=dt, device=q.device)
-    ot = torch.empty((K, B, Hq, Tq, D), dtype=dt, device=q.device) if K else o
+    ot = torch.empty((K, B, Hq, Tq, D), dtype=dt, device=q.device)
     dummy = q
     if attn_mask is not None:
         mask, ms = _mask_arg(attn_mask, B, Hq, Tq, Tk, q.device)
     else:
         mask, ms = dummy, (0, 0, 0, 0)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_M = 32 if BLOCK_D > 64 else 64
     BLOCK_N = 32
@@ -152,10 +142,10 @@ def dual_attention_triton(q, k, v, q_t=None, k_t=None, v_t=None, attn_mask=None,
     st = lambda t: t.stride(0) if t is not None else 0  # noqa: E731
     _dual_attn_kernel[grid](
         q, k, v, qt if qt is not None else dummy, kt if kt is not None else dummy, vt if vt is not None else dummy,
-        mask, o, ot, Tq, Tk, D, Hq, Hq // Hkv, scale,
+        mask, o, ot if K else o, Tq, Tk, D, Hq, Hq // Hkv, float(scale),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), st(qt), st(kt), st(vt), ms[0], ms[1], ms[2], ms[3],
         o.stride(0), o.stride(1), o.stride(2), ot.stride(0) if K else 0,
         HAS_QT=qt is not None, HAS_KT=kt is not None, HAS_VT=vt is not None, HAS_MASK=attn_mask is not None,
         CAUSAL=bool(is_causal), WRITE_T=K > 0, PREC=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    return o, (ot if K else None)
+    return o, ot
