@@ -1,4 +1,5 @@
-"""Whole-model forward gradients (issue 4), CPU target: SmolLM2-135M shapes, batch 4 x 128, K = 8.
+"""Whole-model forward gradients: SmolLM2-135M shapes, batch 4 x 128, K = 8 (CPU; GPU with
+``test_engine_smollm2_gpu``), and the engine's dual attention on its own (GPU).
 
     HF_HUB_OFFLINE=1 python -m pytest bench/bench_engine.py --benchmark-only \
         --benchmark-json=bench/results/engine_cpu_<date>.json
@@ -15,7 +16,12 @@ Providers (one benchmarked call each = one K=8 step, or one forward for inferenc
   perturbed  fwdkern.perturbed_loss (FwdLLM/MeZO: 2K forwards, perturbation applied in place)
   backprop   loss.backward() through the LoRA model (autograd)
 extra_info: environment, median seconds, ratio to inference, peak RSS growth of one call in a
-fresh process (bytes).
+fresh process (bytes; GPU: max_memory_allocated growth).
+
+Dual attention (``test_dual_attention_gpu``, bf16, SmolLM2's heads: 9 query / 3 key-value, D=64,
+B=4, K=8, causal): ``floor`` = torch SDPA over (1+K)·B sequences (what 1+K plain attentions
+cost), ``triton`` / ``chunked`` = fwdkern.ops.attention.dual_attention on the triton / cuda
+backend, ``jvp_vmap`` = torch.func.jvp + vmap of eager attention.
 """
 import os
 
@@ -27,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fwdkern  # noqa: E402
 
-from .common import environment  # noqa: E402
+from .common import environment, repetitions  # noqa: E402
 
 B, T, K, SEED = 4, 128, 8, 1234
 PROVIDERS = ["inference", "fwdkern", "jvp_vmap", "perturbed", "backprop"]
@@ -45,22 +51,23 @@ def smollm2_config(attn="sdpa"):
     return cfg
 
 
-def setup(provider):
+def setup(provider, device="cpu"):
     """(callable step, model) for one provider; importable by the memory subprocess."""
     import transformers
 
     torch.manual_seed(0)
     torch.set_grad_enabled(provider == "backprop")
     attn = "eager" if provider == "jvp_vmap" else "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(smollm2_config(attn), attn_implementation=attn).eval()
+    model = transformers.AutoModelForCausalLM.from_config(smollm2_config(attn), attn_implementation=attn)
+    model = model.to(device).eval()
     fwdkern.patch(model, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     with torch.no_grad():
         for name, _, p in fwdkern.trainable(model):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 49152, (B, T), generator=g)
-    am = torch.ones(B, T, dtype=torch.long)
+    ids = torch.randint(0, 49152, (B, T), generator=g).to(device)
+    am = torch.ones(B, T, dtype=torch.long, device=device)
     am[1, 100:] = 0
     batch = {"input_ids": ids, "attention_mask": am}
     labels = ids.masked_fill(am == 0, -100)
@@ -96,7 +103,7 @@ def setup(provider):
 
         def step():
             with torch.no_grad():
-                tans = {n: torch.stack([fwdkern.perturbation(p.shape, SEED, pid, k) for k in ks])
+                tans = {n: torch.stack([fwdkern.perturbation(p.shape, SEED, pid, k, device=p.device) for k in ks])
                         for n, pid, p in tr}
                 return torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,)))({n: tans[n] for n in names})
     else:
@@ -110,7 +117,7 @@ def test_engine_smollm2_cpu(benchmark, provider):
     benchmark.group = f"smollm2-135M B{B}xT{T} K{K} fp32 cpu"
     # NOTE: 2 rounds, no warm-up: one K=8 step is ~1 min on 2 shared cores; a first call measured within
     # 10% of the second (lazy init is small next to the step).
-    benchmark.pedantic(step, rounds=2, warmup_rounds=0, iterations=1)
+    benchmark.pedantic(step, **repetitions(2, warmup=0))
     med = benchmark.stats.stats.median
     _MEDIANS[provider] = med
     info = {"environment": environment(), "provider": provider, "median_s": med, "K": K, "batch": [B, T],
@@ -118,6 +125,78 @@ def test_engine_smollm2_cpu(benchmark, provider):
     if "inference" in _MEDIANS and provider != "inference":
         info["ratio_to_inference"] = med / _MEDIANS["inference"]
     info["peak_rss_growth_bytes"] = peak_rss_growth(provider)
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_engine_smollm2_gpu(benchmark, provider):
+    """The same K=8 step on the GPU, fp32 weights (the engine's default dtype handling, no autocast)."""
+    step, _ = setup(provider, "cuda")
+
+    def run():
+        out = step()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"smollm2-135M B{B}xT{T} K{K} fp32 cuda"
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    benchmark.pedantic(run, **repetitions(5, warmup=1))
+    med = benchmark.stats.stats.median
+    _MEDIANS[("cuda", provider)] = med
+    info = {"environment": environment(), "provider": provider, "median_s": med, "K": K, "batch": [B, T],
+            "lora": "r=16 q,k,v,o", "peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+    if ("cuda", "inference") in _MEDIANS and provider != "inference":
+        info["ratio_to_inference"] = med / _MEDIANS[("cuda", "inference")]
+    benchmark.extra_info.update(info)
+
+
+ATTN_PROVIDERS = ["floor", "triton", "chunked", "jvp_vmap"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", ATTN_PROVIDERS)
+@pytest.mark.parametrize("T_", [128, 1024])
+def test_dual_attention_gpu(benchmark, T_, provider):
+    from fwdkern.ops.attention import dual_attention, reference_attention
+
+    Hq, Hkv, D, dt = 9, 3, 64, torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=dt)  # noqa: E731
+    q, k, v = r(B, Hq, T_, D), r(B, Hkv, T_, D), r(B, Hkv, T_, D)
+    qt, kt, vt = r(K, B, Hq, T_, D), r(K, B, Hkv, T_, D), r(K, B, Hkv, T_, D)
+    if provider == "floor":
+        qa, ka, va = (torch.cat([p[None], t]).flatten(0, 1) for p, t in ((q, qt), (k, kt), (v, vt)))
+        fn = lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True, enable_gqa=True)  # noqa: E731
+    elif provider in ("triton", "chunked"):
+        backend = "triton" if provider == "triton" else "cuda"
+        if not fwdkern.backends.available(backend, "cuda"):
+            pytest.skip(f"backend {backend!r} unavailable")
+        fn = lambda: dual_attention(q, k, v, qt, kt, vt, is_causal=True, backend=backend)  # noqa: E731
+    else:
+        def f(q_, k_, v_):
+            return reference_attention(q_, k_, v_, is_causal=True)
+
+        fn = lambda: torch.func.vmap(lambda a, b_, c: torch.func.jvp(f, (q, k, v), (a, b_, c)))(qt, kt, vt)  # noqa
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"dual_attention B{B} Hq{Hq} Hkv{Hkv} T{T_} D{D} K{K} bf16 causal"
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    benchmark.pedantic(run, **repetitions(10, warmup=2))
+    med = benchmark.stats.stats.median
+    _MEDIANS[("attn", T_, provider)] = med
+    info = {"environment": environment(), "provider": provider, "median_s": med, "T": T_, "K": K,
+            "peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+    if ("attn", T_, "floor") in _MEDIANS and provider != "floor":
+        info["vs_floor"] = med / _MEDIANS[("attn", T_, "floor")]
     benchmark.extra_info.update(info)
 
 

@@ -1,10 +1,12 @@
-"""LoRA dual forward (issue 3 targets): fused vs reference, jvp+vmap, the dense floor, inference.
+"""LoRA dual forward: fused vs reference, jvp+vmap, the dense floor, inference.
 
     pytest bench/bench_lora.py --benchmark-only --benchmark-json=bench/results/lora_<device>_<date>.json
 
 Grouped by shape; providers (one benchmarked call each):
   fused      fwdkern.lora_linear_dual (cpu backend on CPU, triton on GPU): primal + K tangents,
              perturbations generated in-kernel
+  fused_cuda the same op on the cuda backend (GPU only: torch GEMMs + the CUDA seeded matmul), the
+             comparison that decides the automatic order for CUDA tensors (fwdkern/backends.py AUTO)
   perturbed  fwdkern.lora_linear_perturbed (FwdLLM y±, same K) -- extra, for reference
   reference  (a) fwdkern.ops.reference_lora.reference_lora_dual: materialized perturbations + torch matmuls
   jvp_vmap   (b) torch.func.jvp + vmap over the K tangents; perturbations materialized by the
@@ -30,12 +32,13 @@ import torch.nn.functional as F
 import fwdkern
 from fwdkern.ops.reference_lora import reference_lora_dual
 
-from .common import environment, sync
+from .common import environment, repetitions, sync
 
 HAS_CUDA = torch.cuda.is_available()
 # floor and inference first: later providers report their ratio to them.
 PROVIDERS = ["floor", "inference", "fused", "perturbed", "reference", "jvp_vmap"]
-CPU_SHAPES = [(512, 1024, 1024, 8, 8)]  # (M, in, out, r, K), fp32 -- the issue's CPU target
+GPU_PROVIDERS = PROVIDERS[:3] + ["fused_cuda"] + PROVIDERS[3:]
+CPU_SHAPES = [(512, 1024, 1024, 8, 8)]  # (M, in, out, r, K), fp32 -- the CPU target
 GPU_SHAPES = [(M, 4096, 4096, 16, K) for M in (64, 512, 4096) for K in (1, 8, 32)]
 PIDS = {"A": 101, "B": 102}
 _MEDIANS: dict = {}
@@ -57,7 +60,9 @@ def _runner(provider, st, device):
         return lambda: torch.mm(st["X_all"], W.t())
     if provider == "inference":
         return lambda: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
-    if provider == "fused":
+    if provider in ("fused", "fused_cuda"):
+        if provider == "fused_cuda":
+            backend = "cuda"
         return lambda: fwdkern.lora_linear_dual(x, xt, W, b, A, B, s, 7, PIDS, ks, backend=backend)
     if provider == "perturbed":
         return lambda: fwdkern.lora_linear_perturbed(x, W, b, A, B, s, 7, PIDS, ks, 1e-3, backend=backend)
@@ -154,7 +159,7 @@ def _bench(benchmark, provider, shape, device, dtype):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    benchmark.pedantic(run, rounds=5 if slow else 15, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(run, **repetitions(5 if slow else 15, warmup=2))
     med = benchmark.stats.stats.median
     _MEDIANS[key + (provider,)] = med
     if device == "cpu":
@@ -193,10 +198,12 @@ def test_lora_dual_cpu(benchmark, shape, provider):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "M{}-in{}-out{}-r{}-K{}".format(*s))
 def test_lora_dual_gpu(benchmark, shape, provider):
     M, in_f, out_f, r, K = shape
     if provider == "reference" and K * M * out_f * 2 * 3 > 0.5 * torch.cuda.get_device_properties(0).total_memory:
         pytest.skip("reference does not fit in GPU memory")
+    if provider == "fused_cuda" and not fwdkern.backends.available("cuda", "cuda"):
+        pytest.skip("fwdkern._C was built without the CUDA kernels")
     _bench(benchmark, provider, shape, "cuda", torch.bfloat16)

@@ -1,10 +1,12 @@
-"""seeded_axpy_ / seeded_dot vs the materializing reference (issue 2 targets).
+"""seeded_axpy_ / seeded_dot vs the materializing reference.
 
     pytest bench/bench_seeded.py --benchmark-only --benchmark-json=bench/results/seeded_<device>_<date>.json
 
-Grouped by (op, n, K); providers: cpu (C++), cuda, triton (GPU only), reference
-(materializes V [K, n]: O(K*n) memory). extra_info: element throughput, peak
-memory (CPU: RSS growth in a fresh process; GPU: max_memory_allocated growth).
+Grouped by (op, n, K); providers: cpu (C++) and reference (materializes V [K, n]: O(K*n)
+memory) in ``test_seeded``; cuda, triton and reference_gpu in ``test_seeded_gpu`` (skips
+without CUDA). extra_info: element throughput, peak memory (CPU: RSS growth in a fresh
+process; GPU: max_memory_allocated growth), and on H100/H200 the floor (one pass over the
+tensor at HBM bandwidth + K*n FMAs at fp32 peak) with the time over it.
 """
 import pytest
 import torch
@@ -12,18 +14,19 @@ import torch
 import fwdkern
 from fwdkern.ops.reference import reference_seeded_axpy_, reference_seeded_dot
 
-from .common import environment, peak_memory_subprocess, sync
+from .common import environment, peak_memory_subprocess, repetitions, sync
 
 NS = [1 << 20, 1 << 24]
 KS = [1, 16, 256]
 HAS_CUDA = torch.cuda.is_available()
-PROVIDERS = ["cpu", "reference"] + (["cuda", "triton", "reference_gpu"] if HAS_CUDA else [])
+CPU_PROVIDERS = ["cpu", "reference"]
+GPU_PROVIDERS = ["cuda", "triton", "reference_gpu"]
 # The reference materializes K*n fp32 values plus int64 bit planes; cap its size on CPU.
 REF_MAX_ELEMS_CPU = (1 << 24) * 16
 
 
 def _gpu_peaks(name: str):
-    """Datasheet peaks (dense fp32 FMA/s = FLOP/s / 2, HBM bytes/s) for the floor in issue 2."""
+    """Datasheet peaks (dense fp32 FMA/s = FLOP/s / 2, HBM bytes/s) for the floor."""
     table = {"H100": (67e12 / 2, 3.35e12), "H200": (67e12 / 2, 4.8e12)}
     for key, (fma, bw) in table.items():
         if key in name:
@@ -55,11 +58,25 @@ def _call(op, provider, p, t, ks, coeffs):
         return fwdkern.seeded_dot(t, 1234, 7, ks, backend=provider, check_finite=False)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("op", ["axpy", "dot"])
 def test_seeded(benchmark, op, n, K, provider):
+    _bench(benchmark, op, n, K, provider)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("op", ["axpy", "dot"])
+def test_seeded_gpu(benchmark, op, n, K, provider):
+    _bench(benchmark, op, n, K, provider)
+
+
+def _bench(benchmark, op, n, K, provider):
     why = _skip_reason(provider, n, K)
     if why:
         pytest.skip(why)
@@ -80,7 +97,7 @@ def test_seeded(benchmark, op, n, K, provider):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, **repetitions(rounds))
     info = benchmark.extra_info
     info.update(environment())
     info.update(op=op, n=n, K=K, dtype=str(dtype), provider=provider)

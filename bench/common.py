@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: environment record, timing sync, peak memory."""
+"""Shared benchmark helpers: environment record, timing sync, peak memory, repetitions."""
 from __future__ import annotations
 
 import datetime
@@ -9,6 +9,17 @@ import subprocess
 import sys
 
 import torch
+
+# FWDKERN_BENCH_QUICK=1 (scripts/gpu_check.sh): fewer repetitions so the whole GPU check fits its
+# time budget; medians of 5 calls after one warm-up instead of the suites' defaults.
+QUICK = os.environ.get("FWDKERN_BENCH_QUICK", "") == "1"
+
+
+def repetitions(rounds: int, warmup: int = 1) -> dict:
+    """benchmark.pedantic's rounds / warmup_rounds, reduced under FWDKERN_BENCH_QUICK=1."""
+    if QUICK:
+        rounds, warmup = min(rounds, 5), min(warmup, 1)
+    return dict(rounds=rounds, warmup_rounds=warmup, iterations=1)
 
 
 def environment() -> dict:

@@ -1,5 +1,9 @@
 """Backend registry (fwdkern/backends.py): selection order, the support table and its rules,
-the registered implementations."""
+the registered implementations, and scripts/gpu_check.sh's dry run."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -7,6 +11,7 @@ import fwdkern
 from fwdkern import backends
 from fwdkern.ops.attention import dual_attention
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_ON_CPU = backends.available("triton", "cpu")
 
 
@@ -135,3 +140,30 @@ def test_gpu_automatic_choice():
         assert b == next(x for x in backends.AUTO["cuda"][op] if backends.available(x, "cuda"))
     # 3-D attention inputs do not fit the Triton kernel: automatic choice moves on.
     assert backends.resolve("dual_attention", "cuda", fits=False) != "triton"
+
+
+# ----------------------------------------------------------------------------- scripts/gpu_check.sh
+
+
+def test_device_check_dry_run():
+    """The GPU check's dry run finds every test file, benchmark and selected test/benchmark id."""
+    env = {k: v for k, v in os.environ.items() if k != "FWDKERN_BACKEND"}
+    env["PYTHON"] = sys.executable
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--no-build"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "would run" in r.stdout
+    for piece in ("tests/test_seeded.py", "tests/test_lora.py", "bench/bench_seeded.py::test_seeded_gpu",
+                  "bench/bench_lora.py::test_lora_dual_gpu", "bench/bench_engine.py::test_dual_attention_gpu",
+                  "bench/bench_engine.py::test_engine_smollm2_gpu"):
+        assert piece in r.stdout, piece
+
+
+def test_device_check_dry_run_fails_on_a_missing_piece():
+    """A missing piece (here a test file; likewise a selection that collects nothing) fails the dry run."""
+    env = {k: v for k, v in os.environ.items() if k != "FWDKERN_BACKEND"}
+    env.update(PYTHON=sys.executable, FWDKERN_GPU_CHECK_EXTRA="tests/test_no_such_file.py")
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--no-build"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "MISSING file: tests/test_no_such_file.py" in r.stdout + r.stderr
