@@ -128,26 +128,31 @@ def test_engine_smollm2_cpu(benchmark, provider):
     benchmark.extra_info.update(info)
 
 
+def _time_gpu(benchmark, fn, rounds, warmup):
+    """(median seconds, peak extra bytes) of `fn` on the GPU, synchronized after every call."""
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    benchmark.pedantic(run, **repetitions(rounds, warmup=warmup))
+    return benchmark.stats.stats.median, torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_engine_smollm2_gpu(benchmark, provider):
     """The same K=8 step on the GPU, fp32 weights (the engine's default dtype handling, no autocast)."""
     step, _ = setup(provider, "cuda")
-
-    def run():
-        out = step()
-        torch.cuda.synchronize()
-        return out
-
     benchmark.group = f"smollm2-135M B{B}xT{T} K{K} fp32 cuda"
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    benchmark.pedantic(run, **repetitions(5, warmup=1))
-    med = benchmark.stats.stats.median
+    med, peak = _time_gpu(benchmark, step, 5, 1)
     _MEDIANS[("cuda", provider)] = med
     info = {"environment": environment(), "provider": provider, "median_s": med, "K": K, "batch": [B, T],
-            "lora": "r=16 q,k,v,o", "peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+            "lora": "r=16 q,k,v,o", "peak_extra_bytes": peak}
     if ("cuda", "inference") in _MEDIANS and provider != "inference":
         info["ratio_to_inference"] = med / _MEDIANS[("cuda", "inference")]
     benchmark.extra_info.update(info)
@@ -182,19 +187,11 @@ def test_dual_attention_gpu(benchmark, T_, provider):
 
         fn = lambda: torch.func.vmap(lambda a, b_, c: torch.func.jvp(f, (q, k, v), (a, b_, c)))(qt, kt, vt)  # noqa
 
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
     benchmark.group = f"dual_attention B{B} Hq{Hq} Hkv{Hkv} T{T_} D{D} K{K} bf16 causal"
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    benchmark.pedantic(run, **repetitions(10, warmup=2))
-    med = benchmark.stats.stats.median
+    med, peak = _time_gpu(benchmark, fn, 10, 2)
     _MEDIANS[("attn", T_, provider)] = med
     info = {"environment": environment(), "provider": provider, "median_s": med, "T": T_, "K": K,
-            "peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+            "peak_extra_bytes": peak}
     if ("attn", T_, "floor") in _MEDIANS and provider != "floor":
         info["vs_floor"] = med / _MEDIANS[("attn", T_, "floor")]
     benchmark.extra_info.update(info)
