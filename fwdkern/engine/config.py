@@ -25,9 +25,26 @@ class FwdkernConfig:
     modules_to_save: list = field(default_factory=list)
     fan_in_fan_out: bool = False
     adopted: bool = False
+    peft_type: str = "lora"  # lora | ia3 | bitfit | adapter
+    feedforward_modules: list = field(default_factory=list)  # ia3: layers whose input is scaled
+    reduction: int = 16  # adapter: hidden = dim // reduction
 
     def to_peft_json(self, task_type: Optional[str], base_model: Optional[str]) -> dict:
-        """peft's adapter_config.json for this adapter (peft_type LORA)."""
+        """peft's adapter_config.json for this adapter (peft_type LORA or IA3; BitFit and bottleneck
+        adapters, which peft does not have, use the same file with peft_type BITFIT / ADAPTER)."""
+        targets = self.target_modules
+        targets = list(targets) if isinstance(targets, (list, tuple)) else targets
+        common = {"task_type": task_type, "base_model_name_or_path": base_model, "inference_mode": True,
+                  "modules_to_save": list(self.modules_to_save) or None}
+        if self.peft_type == "ia3":
+            return dict(common, peft_type="IA3", target_modules=targets,
+                        feedforward_modules=list(self.feedforward_modules), fan_in_fan_out=self.fan_in_fan_out,
+                        init_ia3_weights=True)
+        if self.peft_type == "bitfit":
+            return dict(common, peft_type="BITFIT")
+        if self.peft_type == "adapter":
+            return dict(common, peft_type="ADAPTER", target_modules=targets, reduction=self.reduction,
+                        non_linearity="relu")
         if self.train_bias:
             raise ValueError("save_adapter: train_bias=True (peft bias='lora_only') is not supported by the peft "
                              "format writer yet")
@@ -42,8 +59,19 @@ class FwdkernConfig:
 
     @classmethod
     def from_peft_json(cls, cfg: dict, where: str = "adapter_config.json") -> "FwdkernConfig":
-        if cfg.get("peft_type") != "LORA":
-            raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        kind = cfg.get("peft_type")
+        saved = list(cfg.get("modules_to_save") or [])
+        if kind == "IA3":
+            return cls(peft_type="ia3", target_modules=cfg.get("target_modules"), modules_to_save=saved,
+                       feedforward_modules=list(cfg.get("feedforward_modules") or []),
+                       fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
+        if kind == "BITFIT":
+            return cls(peft_type="bitfit", modules_to_save=saved)
+        if kind == "ADAPTER":
+            return cls(peft_type="adapter", target_modules=cfg.get("target_modules"), modules_to_save=saved,
+                       reduction=int(cfg.get("reduction", 16)))
+        if kind != "LORA":
+            raise ValueError(f"{where}: peft_type {kind!r} is not one of LORA, IA3, BITFIT, ADAPTER")
         if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise ValueError(f"{where}: DoRA / rsLoRA / rank or alpha patterns are not supported")
         for key in ("r", "lora_alpha", "target_modules"):

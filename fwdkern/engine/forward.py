@@ -10,6 +10,7 @@ from torch import nn
 
 from ..dual import Dual, make_dual, primal, tangent, track_modules
 from ..nn.lora import LoRALinear
+from ..nn.peft_layers import BottleneckAdapter
 from ..ops import perturbation, seeded_axpy_
 from .losses import causal_loss, cls_loss, logits_of, loss_kind, primal_loss
 from .patching import aliases, selected_ids, trainable
@@ -30,8 +31,11 @@ def _dual_mode(model, seed, ks, dist, selected):
     base_of = {id(m.base_layer): m for m in lora}
     base_tangents: dict = {}  # LoRALinear -> {"weight"|"bias": [K, ...] tangent of a trainable base tensor}
     swapped = []
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
     lora_params = {id(p) for m in lora for p in (m.lora_A.weight, m.lora_B.weight) + (
         (m.base_layer.bias,) if m.train_bias else ()) if p is not None}
+    lora_params |= {id(p) for m in adapters for p in (m.adapter_down.weight, m.adapter_down.bias,
+                                                       m.adapter_up.weight, m.adapter_up.bias)}
     slots = aliases(model)
     try:
         for name, pid, p in trainable(model):
@@ -50,9 +54,11 @@ def _dual_mode(model, seed, ks, dist, selected):
         for mod in lora:
             mod.forward = _make_dual_forward(mod, seed, ks_list, dist, mod.perturbed(selected),
                                              base_tangents.get(mod, {}))
+        for mod in adapters:
+            mod.forward = _make_adapter_dual_forward(mod, seed, ks_list, dist, selected)
         yield
     finally:
-        for mod in lora:
+        for mod in lora + adapters:
             mod.__dict__.pop("forward", None)
         for owner, leaf, orig in reversed(swapped):
             delattr(owner, leaf)
@@ -74,6 +80,18 @@ def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents):
         if bt is not None:
             yt = yt + bt.view(bt.shape[0], *([1] * (yt.dim() - 2)), bt.shape[-1]).to(yt.dtype)
         return make_dual(y, yt)
+    return forward
+
+
+def _make_adapter_dual_forward(mod: BottleneckAdapter, seed, ks, dist, selected):
+    perturb = tuple(n for n, pid in mod.param_ids.items() if pid in selected)
+
+    def forward(x, *args, **kwargs):
+        y = mod.module(x, *args, **kwargs)
+        if tangent(y) is None and not perturb:
+            return mod.adapt(y)
+        out, out_t = mod.forward_dual(primal(y), tangent(y), seed, ks, dist, perturb, {})
+        return make_dual(out, out_t)
     return forward
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..nn.lora import LoRALinear, assign_param_ids, param_id
+from ..nn.peft_layers import BottleneckAdapter, IA3Linear
 from .config import FwdkernConfig
 
 __all__ = ["patch", "trainable", "default_targets", "as_lora_linear", "get_config", "DEFAULT_TARGET_OVERRIDES"]
@@ -22,6 +23,20 @@ DEFAULT_TARGET_OVERRIDES = {
     "gemma3": ["q_proj", "v_proj"],  # peft lists only "gemma3_text"; the multimodal config wraps the same layers
 }
 _HEAD_NAMES = ("classifier", "score")  # peft adds these to modules_to_save for SEQ_CLS
+PEFT_TYPES = ("lora", "ia3", "bitfit", "adapter")
+# Bottleneck adapters go after each attention output and feed-forward output (Houlsby's placement;
+# FwdLLM's DistilBERT adapter is the feed-forward one).
+ADAPTER_TARGETS = {
+    "bert": ["output.dense"], "roberta": ["output.dense"], "xlm-roberta": ["output.dense"],
+    "electra": ["output.dense"], "albert": ["attention.dense", "ffn_output"],
+    "distilbert": ["attention.out_lin", "ffn.lin2"], "gpt2": ["attn.c_proj", "mlp.c_proj"],
+}
+_DECODER_ADAPTER = ["self_attn.o_proj", "mlp.down_proj"]
+IA3_OVERRIDES = {  # families peft's IA3 tables lack: (targets, feed-forward targets)
+    "distilbert": (["k_lin", "v_lin", "ffn.lin2"], ["ffn.lin2"]),
+    "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
+    "electra": (["key", "value", "output.dense"], ["output.dense"]),
+}
 
 
 def _matches(name: str, targets) -> bool:
@@ -46,6 +61,34 @@ def default_targets(model_type: Optional[str]) -> list:
         raise ValueError(f"target_modules: no default for model_type {model_type!r}; pass target_modules=[...] "
                          "(the names of the nn.Linear layers to adapt, e.g. ['q_proj', 'v_proj'])")
     return list(table[model_type])
+
+
+def default_peft_targets(peft: str, model_type: Optional[str]) -> tuple:
+    """(targets, feed-forward targets) of `peft` for a model type."""
+    if peft == "lora":
+        return default_targets(model_type), []
+    if peft == "adapter":
+        return list(ADAPTER_TARGETS.get(model_type, _DECODER_ADAPTER)), []
+    if peft == "ia3":
+        if model_type in IA3_OVERRIDES:
+            t, ff = IA3_OVERRIDES[model_type]
+            return list(t), list(ff)
+        try:
+            from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as ffm,
+                                              TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as tm)
+        except ImportError:
+            tm, ffm = {}, {}
+        if model_type not in tm:
+            raise ValueError(f"target_modules: no IA3 default for model_type {model_type!r}; pass target_modules")
+        return list(tm[model_type]), list(ffm.get(model_type, []))
+    return [], []
+
+
+def _out_features(module) -> int:
+    w = getattr(module, "weight", None)
+    if w is None:
+        raise TypeError(f"{type(module).__name__} has no weight: cannot size an adapter for it")
+    return w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0]
 
 
 def _conv1d_to_linear(conv) -> nn.Linear:
@@ -132,7 +175,8 @@ def _check_no_shared_adapters(model):
 
 
 def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optional[Sequence[str]] = None,
-          dropout: float = 0.0, train_bias: bool = False, modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
+          dropout: float = 0.0, train_bias: bool = False, modules_to_save: Optional[Sequence[str]] = None,
+          peft: str = "lora", feedforward_modules: Optional[Sequence[str]] = None, reduction: int = 16) -> nn.Module:
     """Replace target linear layers by :class:`fwdkern.LoRALinear` and freeze everything else.
 
     Args:
@@ -146,8 +190,15 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
         dropout: adapter dropout (plain forward only). train_bias: the targets' biases are trainable.
         modules_to_save: modules trained as full tensors (perturbed like any other trainable tensor);
             default for ``*ForSequenceClassification``: ``classifier`` / ``score``.
+        peft: "lora" (LoRALinear), "ia3" (:class:`fwdkern.nn.IA3Linear`, peft's IA3; feedforward_modules
+            scale the input), "bitfit" (every bias trainable) or "adapter" (:class:`fwdkern.nn.BottleneckAdapter`
+            after each target, hidden = dim // reduction). Defaults per family for each.
     Returns the patched model (for a PeftModel: its unwrapped base model).
     """
+    if peft not in PEFT_TYPES:
+        raise ValueError(f"peft: {peft!r} is not one of {', '.join(PEFT_TYPES)}")
+    if peft != "lora":
+        return _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction)
     if type(model).__name__.startswith("PeftModel") or hasattr(model, "peft_config"):
         model, cfg = _from_peft(model, dropout, train_bias)
         cfg.modules_to_save = sorted(set(cfg.modules_to_save) | set(modules_to_save or []))
@@ -200,6 +251,57 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
     return model
 
 
+def _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction):
+    """patch() for IA3, BitFit and bottleneck adapters."""
+    if getattr(model, "fwdkern_config", None) is not None:
+        raise ValueError("model: already patched")
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if target_modules is None:
+        target_modules, ff = default_peft_targets(peft, mt)
+        feedforward_modules = ff if feedforward_modules is None else feedforward_modules
+    target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    feedforward_modules = list(feedforward_modules or [])
+    if modules_to_save is None:
+        modules_to_save = [n for n in _HEAD_NAMES if is_seq_cls(model) and hasattr(model, n)]
+    modules_to_save = list(modules_to_save)
+    n = 0
+    if peft != "bitfit":
+        for path, mod in list(model.named_modules()):
+            if not path or not _matches(path, target_modules) or _matches(path, modules_to_save):
+                continue
+            if not (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"):
+                continue
+            if any(path.startswith(p + ".") for p, m in model.named_modules()
+                   if isinstance(m, (IA3Linear, BottleneckAdapter)) and p):
+                continue
+            new = (IA3Linear(mod, feedforward=_matches(path, feedforward_modules)) if peft == "ia3"
+                   else BottleneckAdapter(mod, _out_features(mod), reduction))
+            _set_module(model, path, new)
+            n += 1
+        if n == 0:
+            raise ValueError(f"target_modules: {target_modules} matched no nn.Linear/Conv1D in the model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, mod in model.named_modules():
+        if isinstance(mod, IA3Linear):
+            mod.ia3_l.requires_grad_(True)
+        elif isinstance(mod, BottleneckAdapter):
+            for p in list(mod.adapter_down.parameters()) + list(mod.adapter_up.parameters()):
+                p.requires_grad_(True)
+        elif peft == "bitfit" and isinstance(getattr(mod, "bias", None), nn.Parameter):
+            mod.bias.requires_grad_(True)
+        if path and _matches(path, modules_to_save):
+            for p in mod.parameters():
+                p.requires_grad_(True)
+    if peft == "bitfit" and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("peft='bitfit': the model has no bias to train")
+    model.fwdkern_config = FwdkernConfig(peft_type=peft, target_modules=target_modules if peft != "bitfit" else None,
+                                         modules_to_save=modules_to_save, feedforward_modules=feedforward_modules,
+                                         reduction=reduction, r=0, alpha=0.0)
+    trainable(model)
+    return model
+
+
 def get_config(model: nn.Module) -> FwdkernConfig:
     """The model's FwdkernConfig; a model with hand-inserted LoRALinear layers is adopted as it is."""
     cfg = getattr(model, "fwdkern_config", None)
@@ -234,6 +336,11 @@ def trainable(model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
             raise ValueError(f"param ids collide: {seen[pid]!r} and {n!r}")
         seen[pid] = n
     assign_param_ids(model)
+    for path, mod in model.named_modules():
+        if isinstance(mod, BottleneckAdapter):
+            base = f"{path}." if path else ""
+            mod.param_ids = {"down": param_id(base + "adapter_down.weight"), "down_bias": param_id(base + "adapter_down.bias"),
+                             "up": param_id(base + "adapter_up.weight"), "up_bias": param_id(base + "adapter_up.bias")}
     return out
 
 

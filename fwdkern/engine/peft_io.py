@@ -1,4 +1,5 @@
-"""peft's on-disk adapter format: ``adapter_model.safetensors`` + ``adapter_config.json``."""
+"""peft's on-disk adapter format: ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA and
+IA3 load in peft; BitFit and bottleneck adapters, which peft does not have, use the same two files)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from torch import nn
 from ..nn.lora import LoRALinear
 from .config import FwdkernConfig
 from .losses import loss_kind
-from .patching import _matches, get_config, is_seq_cls, patch
+from .patching import get_config, is_seq_cls, patch, trainable
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state"]
 
@@ -18,22 +19,13 @@ PREFIX = "base_model.model."
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """peft-named adapter tensors of `model` (LoRA A/B of every LoRALinear, full modules_to_save)."""
+    """peft-named adapter tensors of `model`: every trainable tensor (LoRA A/B, IA3 vectors, biases,
+    bottleneck adapters, full modules_to_save) under ``base_model.model.<state-dict name>``."""
     cfg = get_config(model)
-    if cfg.train_bias:
+    if cfg.train_bias and cfg.peft_type == "lora":
         raise ValueError("save_adapter: train_bias=True (peft bias='lora_only') is not supported by the peft "
                          "format writer yet")
-    sd = {}
-    for path, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            sd[f"{PREFIX}{path}.lora_A.weight"] = mod.lora_A.weight
-            sd[f"{PREFIX}{path}.lora_B.weight"] = mod.lora_B.weight
-        elif path and _matches(path, cfg.modules_to_save):
-            for n, t in mod.named_parameters(recurse=True):
-                sd[f"{PREFIX}{path}.{n}"] = t
-            for n, t in mod.named_buffers(recurse=True):
-                sd[f"{PREFIX}{path}.{n}"] = t
-    return sd
+    return {f"{PREFIX}{n}": p for n, _, p in trainable(model)}
 
 
 def _task_type(model):
@@ -69,8 +61,13 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     with open(path) as f:
         pcfg = FwdkernConfig.from_peft_json(json.load(f), where=path)
     if getattr(model, "fwdkern_config", None) is None and not any(isinstance(m, LoRALinear) for m in model.modules()):
-        patch(model, r=pcfg.r, alpha=pcfg.alpha, target_modules=pcfg.target_modules, dropout=pcfg.dropout,
-              modules_to_save=pcfg.modules_to_save or None)
+        if pcfg.peft_type == "lora":
+            patch(model, r=pcfg.r, alpha=pcfg.alpha, target_modules=pcfg.target_modules, dropout=pcfg.dropout,
+                  modules_to_save=pcfg.modules_to_save or None)
+        else:
+            patch(model, peft=pcfg.peft_type, target_modules=pcfg.target_modules,
+                  modules_to_save=pcfg.modules_to_save or None, feedforward_modules=pcfg.feedforward_modules,
+                  reduction=pcfg.reduction)
     sd = load_file(os.path.join(directory, "adapter_model.safetensors"))
     own = adapter_state(model)
     unexpected = sorted(k for k in sd if k not in own)

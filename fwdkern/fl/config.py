@@ -57,6 +57,8 @@ class RunConfig:
     max_length: int = _opt(128, "tokens per example (longer texts are truncated)")
     local_batches: Optional[int] = _opt(None, "batches per client per round (default: about one local epoch, "
                                         "1-4 batches)", type=int)
+    peft: str = _opt("lora", "adapter method: lora, ia3 (peft's IA3), bitfit (biases) or adapter (FwdLLM's "
+                     "bottleneck adapter, reduction 16)", ("lora", "ia3", "bitfit", "adapter"))
     r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
     target_modules: Optional[list] = _opt(None, "module names that get LoRA adapters (default: per model family)",

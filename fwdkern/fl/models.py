@@ -106,5 +106,8 @@ def load_model(cfg, data, task: str):
             model.config.pad_token_id = tok.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
-    model = fwdkern.patch(model, r=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+    if cfg.peft == "lora":
+        model = fwdkern.patch(model, r=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+    else:
+        model = fwdkern.patch(model, peft=cfg.peft, target_modules=cfg.target_modules)
     return model, tok
