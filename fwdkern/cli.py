@@ -71,6 +71,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions")
     sub.add_parser("info", help="versions and which backend runs on which device here")
+    prof = sub.add_parser("profile", help="FwdLLM's PEFT profiler: which adapter to train with forward gradients",
+                          description="Measures, for LoRA ranks/placements, IA3, BitFit and bottleneck adapters, "
+                          "the trainable dimension, the forward-gradient estimate's cosine with the true gradient at "
+                          "--perturbations, the client step's CPU time and peak memory, and recommends one.")
+    for name in ("model", "data", "text_column", "label_column", "task", "max_length", "batch_size", "prompt_template",
+                 "pooling"):
+        _add_field(prof, name)
+    prof.add_argument("--perturbations", type=int, default=16, help="K of the planned client step (default: 16)")
+    prof.add_argument("--batches", type=int, default=2, help="training batches measured per candidate (default: 2)")
+    prof.add_argument("--out", default=None, help="write the report as JSON here (default: print only)")
     tr = sub.add_parser("train", help="federated forward-gradient fine-tuning (embedded simulation)",
                         description="Federated fine-tuning in one process (every client simulated here). Every "
                         "option left out is chosen by the default recipe (fwdkern.fl.recipe) from the model, the "
@@ -90,6 +100,8 @@ def main(argv=None) -> int:
         return bench_seeded(args.n, args.K, args.device or ("cuda" if _cuda() else "cpu"), args.reps)
     if args.cmd == "info":
         return info()
+    if args.cmd == "profile":
+        return _guard(profile, args)
     return 2
 
 
@@ -131,15 +143,44 @@ def _add_run_args(p, overrides: dict):
         text = meta.get("help", "")
         if "choices" in meta:
             text += f" [choices: {', '.join(map(str, meta['choices']))}]"
-        text += f" (default: {shown})"
+        if "(default:" not in text:
+            text += f" (default: {shown})"
         text = text.replace("%", "%%")
-        if f.name == "target_modules":
-            p.add_argument(flag, nargs="+", default=None, metavar="NAME", help=text)
+        if meta.get("nargs"):
+            p.add_argument(flag, nargs=meta["nargs"], type=meta.get("type", str), default=None,
+                           metavar="INDEX" if meta.get("type") is int else "NAME", help=text)
         elif isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", default=f.default, help=text)
         else:
             typ = meta.get("type") or (type(f.default) if f.default is not None else str)
             p.add_argument(flag, type=typ, default=f.default, metavar=f.name.upper(), help=text)
+
+
+def _add_field(p, name):
+    """One RunConfig option (help, default) on a parser other than train/demo."""
+    from .fl.config import fields_help
+
+    f, meta = next((f, m) for f, m in fields_help() if f.name == name)
+    shown = "auto" if f.default is None else f.default
+    p.add_argument("--" + name.replace("_", "-"), type=meta.get("type") or (type(f.default) if f.default is not None
+                                                                           else str),
+                   default=f.default, help=(meta.get("help", "") + f" (default: {shown})").replace("%", "%%"))
+
+
+def profile(args) -> int:
+    from .fl.config import RunConfig
+    from .fl.profile import profile as run_profile, write
+
+    kw = {k: getattr(args, k) for k in ("model", "data", "text_column", "label_column", "task", "max_length",
+                                         "batch_size", "prompt_template", "pooling")}
+    if isinstance(kw["label_column"], str) and kw["label_column"].lower() == "none":
+        kw["label_column"] = None
+    cfg = RunConfig(**kw, clients=max(args.batches, 2), clients_per_round=1).validate()
+    report = run_profile(cfg, perturbations=args.perturbations, batches=args.batches)
+    print(f"recommended: {report['recommended']} ({report['rule']})")
+    if args.out:
+        write(report, args.out)
+    return 0
 
 
 def _guard(fn, args) -> int:

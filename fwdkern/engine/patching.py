@@ -3,6 +3,7 @@ tensors with their stable ids (the one source every other part of fwdkern reads 
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -43,6 +44,28 @@ def _matches(name: str, targets) -> bool:
     if isinstance(targets, str):
         targets = [targets]
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def _layer_filter(model, layers):
+    """path -> whether it lies in one of `layers` (block indices; negative count from the end), as
+    peft's layers_to_transform; None keeps every path."""
+    if layers is None:
+        return lambda path: True
+    found = [int(m.group(1)) for path, _ in model.named_modules() for m in [_BLOCK.search(path)] if m]
+    if not found:
+        raise ValueError("layers: the model has no numbered blocks (layer.N / layers.N / h.N)")
+    n = max(found) + 1
+    want = {i % n if -n <= i < n else None for i in layers}
+    if None in want:
+        raise ValueError(f"layers: {list(layers)} outside the model's {n} blocks")
+
+    def keep(path):
+        m = _BLOCK.search(path)
+        return m is not None and int(m.group(1)) in want
+    return keep
 
 
 def is_seq_cls(model) -> bool:
@@ -176,7 +199,8 @@ def _check_no_shared_adapters(model):
 
 def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optional[Sequence[str]] = None,
           dropout: float = 0.0, train_bias: bool = False, modules_to_save: Optional[Sequence[str]] = None,
-          peft: str = "lora", feedforward_modules: Optional[Sequence[str]] = None, reduction: int = 16) -> nn.Module:
+          peft: str = "lora", feedforward_modules: Optional[Sequence[str]] = None, reduction: int = 16,
+          layers: Optional[Sequence[int]] = None) -> nn.Module:
     """Replace target linear layers by :class:`fwdkern.LoRALinear` and freeze everything else.
 
     Args:
@@ -193,12 +217,14 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
         peft: "lora" (LoRALinear), "ia3" (:class:`fwdkern.nn.IA3Linear`, peft's IA3; feedforward_modules
             scale the input), "bitfit" (every bias trainable) or "adapter" (:class:`fwdkern.nn.BottleneckAdapter`
             after each target, hidden = dim // reduction). Defaults per family for each.
+        layers: only these transformer blocks get adapters (indices; -1 = the last), like peft's
+            layers_to_transform; default all.
     Returns the patched model (for a PeftModel: its unwrapped base model).
     """
     if peft not in PEFT_TYPES:
         raise ValueError(f"peft: {peft!r} is not one of {', '.join(PEFT_TYPES)}")
     if peft != "lora":
-        return _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction)
+        return _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction, layers)
     if type(model).__name__.startswith("PeftModel") or hasattr(model, "peft_config"):
         model, cfg = _from_peft(model, dropout, train_bias)
         cfg.modules_to_save = sorted(set(cfg.modules_to_save) | set(modules_to_save or []))
@@ -217,8 +243,9 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
             modules_to_save = [n for n in _HEAD_NAMES if is_seq_cls(model) and hasattr(model, n)]
         modules_to_save = list(modules_to_save)
         fifo, n = False, 0
+        in_layers = _layer_filter(model, layers)
         for path, mod in list(model.named_modules()):
-            if not path or not _matches(path, target_modules) or _matches(path, modules_to_save):
+            if not path or not _matches(path, target_modules) or _matches(path, modules_to_save) or not in_layers(path):
                 continue
             if any(path.startswith(p + ".") for p, m in model.named_modules() if isinstance(m, LoRALinear) and p):
                 continue  # inside a LoRALinear (its base_layer / lora_A / lora_B)
@@ -251,7 +278,7 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
     return model
 
 
-def _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction):
+def _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction, layers=None):
     """patch() for IA3, BitFit and bottleneck adapters."""
     if getattr(model, "fwdkern_config", None) is not None:
         raise ValueError("model: already patched")
@@ -265,9 +292,10 @@ def _patch_other(model, peft, target_modules, modules_to_save, feedforward_modul
         modules_to_save = [n for n in _HEAD_NAMES if is_seq_cls(model) and hasattr(model, n)]
     modules_to_save = list(modules_to_save)
     n = 0
+    in_layers = _layer_filter(model, layers)
     if peft != "bitfit":
         for path, mod in list(model.named_modules()):
-            if not path or not _matches(path, target_modules) or _matches(path, modules_to_save):
+            if not path or not _matches(path, target_modules) or _matches(path, modules_to_save) or not in_layers(path):
                 continue
             if not (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"):
                 continue

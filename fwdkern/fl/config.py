@@ -61,8 +61,10 @@ class RunConfig:
                      "bottleneck adapter, reduction 16)", ("lora", "ia3", "bitfit", "adapter"))
     r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
-    target_modules: Optional[list] = _opt(None, "module names that get LoRA adapters (default: per model family)",
+    target_modules: Optional[list] = _opt(None, "module names that get adapters (default: per model family)",
                                           nargs="+")
+    layers: Optional[list] = _opt(None, "transformer blocks that get adapters, e.g. -1 for the last (default: all)",
+                                  nargs="+", type=int)
     optimizer: str = _opt("auto", "server optimizer of the body (auto: per method, see fwdkern.fl.recipe)",
                           OPTIMIZERS)
     lr: Optional[float] = _opt(None, "server learning rate (default: per method and optimizer)", type=float)
@@ -169,6 +171,9 @@ class RunConfig:
                 raise ConfigError(f"--pacing: expected off, auto or a positive number, got {self.pacing!r}") from None
             need(thr > 0 and math.isfinite(thr), "pacing", f"a threshold must be positive, got {self.pacing}")
         need("{text}" in self.prompt_template, "prompt-template", "must contain {text}")
+        if self.layers is not None:
+            need(isinstance(self.layers, list) and self.layers and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers), "layers", "expected block indices")
         if self.target_modules is not None:
             need(isinstance(self.target_modules, list) and self.target_modules
                  and all(isinstance(t, str) and t for t in self.target_modules), "target-modules",

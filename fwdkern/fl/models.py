@@ -107,7 +107,8 @@ def load_model(cfg, data, task: str):
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
     if cfg.peft == "lora":
-        model = fwdkern.patch(model, r=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+        model = fwdkern.patch(model, r=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
+                              layers=cfg.layers)
     else:
-        model = fwdkern.patch(model, peft=cfg.peft, target_modules=cfg.target_modules)
+        model = fwdkern.patch(model, peft=cfg.peft, target_modules=cfg.target_modules, layers=cfg.layers)
     return model, tok
