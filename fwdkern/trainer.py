@@ -22,7 +22,10 @@ import os
 import torch
 from transformers import Trainer
 
-from .engine import jvp, load_adapter, save_adapter, trainable
+import torch.nn.functional as F
+
+from .engine import capture_input, jvp, load_adapter, save_adapter, trainable
+from .engine.losses import IGNORE, loss_kind
 from .engine.patching import get_config
 from .ops import seeded_axpy_
 
@@ -44,16 +47,33 @@ class ForwardGradientTrainer(Trainer):
             grows like sqrt(K / d) for d trainable values).
         dist: "rademacher" or "gaussian" perturbations.
         loss: "auto" (from the model class), "classification" or "causal_lm".
+        head: "exact" (classification: the classifier head -- a patched model's ``modules_to_save`` -- gets
+            its exact gradient from its own input features, a backward through the head only; the body
+            gets the forward-gradient estimate), "perturb" (every trainable tensor gets the forward-gradient
+            estimate) or "auto" (exact when there is such a head).
     The model must be patched (:func:`fwdkern.patch`) or hold :class:`fwdkern.LoRALinear` layers.
     """
 
-    def __init__(self, *args, perturbations: int = 16, dist: str = "rademacher", loss: str = "auto", **kwargs):
+    def __init__(self, *args, perturbations: int = 16, dist: str = "rademacher", loss: str = "auto",
+                 head: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if isinstance(perturbations, bool) or not isinstance(perturbations, int) or perturbations < 1:
             raise ValueError(f"perturbations: expected a positive int, got {perturbations!r}")
-        get_config(self.model)  # fails early, with the fix, on a model without adapters
+        cfg = get_config(self.model)  # fails early, with the fix, on a model without adapters
+        if head not in ("auto", "exact", "perturb"):
+            raise ValueError(f"head: {head!r} is not one of auto, exact, perturb")
         self.perturbations, self.dist, self.loss_kind = perturbations, dist, loss
         self._micro = 0
+        self.head_path, self.head_names = None, []
+        names = [n for n, _, _ in trainable(self.model)]
+        if head != "perturb" and loss_kind(self.model, loss) == "classification":
+            for path in cfg.modules_to_save:
+                mine = [n for n in names if n.startswith(path + ".")]
+                if mine:
+                    self.head_path, self.head_names = path, mine
+                    break
+        if head == "exact" and self.head_path is None:
+            raise ValueError("head='exact' needs a classification model with a trainable head (modules_to_save)")
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         inputs = self._prepare_inputs(inputs)
@@ -62,13 +82,43 @@ class ForwardGradientTrainer(Trainer):
         seed = _seed(self.args.seed, step, self._micro)
         self._micro = (self._micro + 1) % accum
         K = self.perturbations
-        loss, jv = jvp(model, inputs, seed, range(K), dist=self.dist, loss=self.loss_kind)
-        coeffs = (jv.double() / (K * accum)).tolist()
-        for _, pid, p in trainable(model):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            seeded_axpy_(p.grad, seed, pid, list(range(K)), coeffs, self.dist)
+        tr = trainable(model)
+        head = set(self.head_names)
+        body = [n for n, _, _ in tr if n not in head]
+        if self.head_path is None:
+            loss, jv = jvp(model, inputs, seed, range(K), dist=self.dist, loss=self.loss_kind)
+        else:
+            with capture_input(model.get_submodule(self.head_path)) as cap:
+                if body:
+                    loss, jv = jvp(model, inputs, seed, range(K), dist=self.dist, loss=self.loss_kind, params=body)
+                else:
+                    with torch.no_grad():
+                        model.eval()
+                        loss, jv = model(**inputs).loss, None
+            self._head_grad(model, cap.x, inputs["labels"], accum)
+        if jv is not None:
+            coeffs = (jv.double() / (K * accum)).tolist()
+            for n, pid, p in tr:
+                if n in head:
+                    continue
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                seeded_axpy_(p.grad, seed, pid, list(range(K)), coeffs, self.dist)
         return loss.detach() / accum
+
+    def _head_grad(self, model, x, labels, accum):
+        """The head's exact gradient from its captured input (a backward through the head only)."""
+        head = model.get_submodule(self.head_path)
+        prefix = self.head_path + "."
+        params = {n[len(prefix):]: p for n, _, p in trainable(model) if n in set(self.head_names)}
+        keep = labels != IGNORE
+        with torch.enable_grad():
+            local = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            logits = torch.func.functional_call(head, local, (x,))
+            loss = F.cross_entropy(logits.float()[keep], labels[keep])
+            grads = torch.autograd.grad(loss, list(local.values()))
+        for p, g in zip(params.values(), grads):
+            p.grad = (g / accum).to(p.dtype) if p.grad is None else p.grad + (g / accum).to(p.dtype)
 
     def _save(self, output_dir=None, state_dict=None):
         """The adapter in peft's format, plus the tokenizer and training arguments as the Trainer saves them."""

@@ -94,7 +94,7 @@ def test_gradient_accumulation_adds_tangents(tmp_path):
     model = _bert()
     ds = _cls_data(n=32)
     tr = ForwardGradientTrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2, max_steps=1),
-                                train_dataset=ds, perturbations=4)
+                                train_dataset=ds, perturbations=4, head="perturb")
     batches = [{k: torch.stack([r[k] for r in ds.rows[i:i + 16]]) for k in ds.rows[0]} for i in (0, 16)]
     for b in batches:
         tr.training_step(model, b)
@@ -111,6 +111,32 @@ def test_gradient_accumulation_adds_tangents(tmp_path):
                 ref[n] += jv[k] / 8 * fwdkern.perturbation(p.shape, seed, pid, k)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6)
+
+
+def test_exact_head_gradient_and_body_estimate(tmp_path):
+    model = _bert()
+    ds = _cls_data(n=16)
+    tr = ForwardGradientTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=ds, perturbations=4)
+    assert tr.head_path == "classifier"
+    b = {k: torch.stack([r[k] for r in ds.rows]) for k in ds.rows[0]}
+    tr.training_step(model, b)
+    params = [p for _, _, p in fwdkern.trainable(model)]
+    names = [n for n, _, _ in fwdkern.trainable(model)]
+    got = {n: p.grad.clone() for n, p in zip(names, params)}
+    with torch.enable_grad():
+        ref = torch.autograd.grad(model(**b).loss, params)
+    for n, g in zip(names, ref):
+        if n.startswith("classifier."):  # exact
+            torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-6)
+    # the body got the K=4 forward-gradient estimate of its own tensors only
+    from fwdkern.trainer import _seed
+
+    body = [n for n in names if not n.startswith("classifier.")]
+    _, jv = fwdkern.jvp(model, b, _seed(0, 0, 0), range(4), params=body)
+    for n, pid, p in fwdkern.trainable(model):
+        if n in body:
+            est = sum(jv[k] / 4 * fwdkern.perturbation(p.shape, _seed(0, 0, 0), pid, k) for k in range(4))
+            torch.testing.assert_close(got[n], est, rtol=1e-4, atol=1e-6)
 
 
 def test_unpatched_model_is_refused(tmp_path):

@@ -15,7 +15,27 @@ from ..ops import perturbation, seeded_axpy_
 from .losses import causal_loss, cls_loss, logits_of, loss_kind, primal_loss
 from .patching import aliases, selected_ids, trainable
 
-__all__ = ["jvp", "perturbed_loss"]
+__all__ = ["jvp", "perturbed_loss", "capture_input"]
+
+
+class capture_input:
+    """``with capture_input(module) as cap: model(...)`` keeps ``cap.x``, the (primal, detached) first
+    input of `module`'s last forward: e.g. a classifier head's features, from which its exact
+    gradient costs no pass through the body."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.x, self._handle = module, None, None
+
+    def _hook(self, module, args):
+        self.x = primal(args[0]).detach()
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
 
 
 @contextlib.contextmanager

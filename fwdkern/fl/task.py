@@ -15,6 +15,7 @@ import contextlib
 import numpy as np
 import torch
 
+from ..engine import capture_input
 from ..ops import seeded_axpy_
 from .data import federated_split, load_dataset
 from .models import load_model, resolve_task
@@ -118,7 +119,7 @@ class ClientTask:
         loss = 0.0
         n = 0
         feats = []
-        capture = _InputCapture(self.model.get_submodule(self.head_path)) if plan.head_ks else None
+        capture = capture_input(self.model.get_submodule(self.head_path)) if plan.head_ks else None
         for batch in self.client_batches(client, plan.round):
             bs = int(batch["input_ids"].shape[0])
             if self.cfg.method == "fwdkern" and not plan.ks:  # the head block only: one plain forward
@@ -239,26 +240,6 @@ class ClientTask:
         b = self.batch(texts, labels.tolist())
         b.pop("labels")
         return self.model(**b).logits.argmax(-1)
-
-
-class _InputCapture:
-    """Keeps the (primal) input of `module`'s next forward: the head's features."""
-
-    def __init__(self, module):
-        self.module, self.x, self.handle = module, None, None
-
-    def _hook(self, module, args):
-        from ..dual import primal
-
-        self.x = primal(args[0]).detach()
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        return False
 
 
 @contextlib.contextmanager
