@@ -61,7 +61,9 @@ SUITES = {
                 methods=_methods(), sweep_rounds=20, final_rounds={"fwdkern": 80, "backprop": 80, "default": 80},
                 final_default_rounds=40, seeds=[0, 1],
                 # the memory-matched rival: the best backprop setting with activation checkpointing
-                also=dict(backprop_ckpt=("backprop", dict(checkpointing=True)))),
+                also=dict(backprop_ckpt=("backprop", dict(checkpointing=True)),
+                          # the upload encodings: fp16 values, and sign only (1 bit per value, FeedSign style)
+                          fwdkern_fp16=("fwdkern", dict(wire="fp16")), fwdkern_sign=("fwdkern", dict(wire="sign")))),
     "rotten_tomatoes": dict(common=dict(model="all-minilm-l6-v2", data="rotten_tomatoes", max_length=48,
                                         max_test=1000, eval_every=5, target_modules=MINILM_QV),
                             methods={k: v for k, v in _methods().items()

@@ -25,6 +25,7 @@ from .server import derive_seed
 __all__ = ["ClientTask", "load_task", "apply_replay"]
 
 
+@torch.no_grad()
 def apply_replay(params: dict, names_by_id: dict, record: dict, dist: str = "rademacher"):
     """Reproduce a server SGD step from its replay record (``Server.replay_chain``)."""
     for seed, pid, ks, coeffs in record["ops"]:
