@@ -113,9 +113,9 @@ def _run(kw: dict, label: str):
 
     cfg = RunConfig(**kw)
     done = _summary(cfg.out)
-    if done is not None and done["client_rounds"] >= cfg.max_client_rounds:
+    if done is not None and done.get("client_rounds", len(_metrics(cfg.out))) >= cfg.max_client_rounds:
         cmp = {k: v for k, v in done["config"].items() if k not in ("rounds", "max_client_rounds", "eval_every")}
-        if all(cmp.get(k) == v for k, v in cfg.to_json().items() if k in cmp and v is not None):
+        if all(cmp.get(k) == v for k, v in cfg.to_json().items() if k in cmp and v not in (None, "auto")):
             return done
     print(f"[{label}] running {cfg.out}", flush=True)
     sim = build(cfg, log=lambda s: print(f"[{label}] {s}", flush=True))

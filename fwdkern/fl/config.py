@@ -190,8 +190,11 @@ class RunConfig:
                 "out"}
         if self.decay != "constant":  # the schedule's length is --rounds
             free.discard("rounds")
+        # A field the saved run does not name (it predates the field) had the field's default.
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(RunConfig)}
         keys = sorted(set(mine) | set(saved))
-        return [k for k in keys if k not in free and mine.get(k) != saved.get(k)]
+        return [k for k in keys if k not in free and mine.get(k) != saved.get(k, defaults.get(k))]
 
 
 def fields_help():
