@@ -15,6 +15,7 @@ using fwdkern_bind::view;
 
 // Further op families register themselves from their own binding files.
 void fwdkern_bind_lora(py::module_& m);  // python/bind_lora.cpp
+void fwdkern_bind_quant(py::module_& m);  // python/bind_quant.cpp
 #ifdef FWDKERN_WITH_CUDA
 void fwdkern_bind_lora_cuda(py::module_& m);  // python/bind_lora_cuda.cpp
 #endif
@@ -94,4 +95,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   fwdkern_bind_lora(m);
+  fwdkern_bind_quant(m);
 }
