@@ -2,7 +2,8 @@
 
 Everything about which backend can run what lives here and nowhere else:
 
-* ``IMPLEMENTED``: op -> backend -> what runs (every public op has all four backends);
+* ``IMPLEMENTED``: op -> backend -> what runs (every public op has all four backends; the
+  ``quant_*`` ops are the frozen linear and LoRA ops on an int8 / int4 base);
 * the conditions under which an implemented backend still cannot run a call: the device and
   build rule of each backend (:func:`_device_rule`) and ``RULES`` (the Triton interpreter's
   missing bfloat16, the Triton attention kernel's shape limits);
@@ -31,7 +32,7 @@ import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 OPS = ("perturbation", "seeded_axpy_", "seeded_dot", "seeded_matmul", "lora_linear_dual", "lora_linear_perturbed",
-       "dual_attention")
+       "dual_attention", "quant_linear_dual", "quant_lora_linear_dual", "quant_lora_linear_perturbed")
 
 # Backend names an op accepts besides BACKENDS (kept for existing callers).
 ALIASES = {"dual_attention": {"torch": "reference"}}
@@ -44,6 +45,27 @@ _LORA_IMPL = {"cpu": "torch GEMMs + C++ shrink/expand kernels (csrc/cpu/lora_ops
               "triton": "fused Triton kernels (fwdkern/triton/lora.py)",
               "reference": "materialized perturbations (fwdkern/ops/reference_lora.py)"}
 _CHUNKED = "chunked pure-torch dual attention (fwdkern/ops/reference_attention.py)"
+# Quantized frozen base (int8 per channel / int4 group-wise, fwdkern/ops/_qformat.py): what runs the
+# dense GEMM over the (1+K)·M stacked rows; the low-rank parts are those of the float ops.
+# NOTE (cpu): torch's weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) were
+# measured here and lose: [1536 x 576] weight, 4608 stacked rows, 1 thread of a 2-core EPYC: fp32 GEMM
+# 105 ms; the int kernels with fp32 activations 6100 / 9200 ms (a scalar fallback), with bf16
+# activations 212 ms each (and bf16-rounded tangents); C++ dequantization (0.2 ms int8, 0.9 ms int4)
+# then the same fp32 GEMM ~105 ms. torchao 0.18's int8 weight-only tensor (cast + mm) was 1.13-1.46x
+# the fp32 GEMM, its int4 CPU path needs the mslk package (not installable here). So the cpu backend
+# dequantizes one layer at a time (row blocks for a large LM head) and runs torch's fp32 GEMM;
+# fp16/bf16 activations are computed in fp32 and rounded once (fp32 GEMM + casts 13 ms vs 30 ms for
+# the int kernels at 512 rows; torch's bf16 GEMM on this CPU is slower still, 115 ms).
+_QUANT_DENSE = {"cpu": "C++ dequantization (csrc/cpu/quant_ops.cpp), one layer at a time, + torch fp32 GEMM",
+                "cuda": "dequantization (torch ops) + torch GEMM in x's dtype, fwdkern/ops/_compose.py",
+                "triton": "dequant-in-registers Triton kernel (fwdkern/triton/lora.py: int8 per-channel scale "
+                          "after the K loop, int4 nibbles x group scale + offset per tile)",
+                "reference": "dequantize (fwdkern/ops/_qformat.py), then the float reference"}
+_QUANT_LORA = {"cpu": _QUANT_DENSE["cpu"] + "; low-rank parts: the cpu float op",
+               "cuda": _QUANT_DENSE["cuda"] + "; low-rank parts: CUDA seeded matmul",
+               "triton": _QUANT_DENSE["triton"] + "; low-rank parts fused as in the float kernels",
+               "reference": "dequantize (fwdkern/ops/_qformat.py), then materialized perturbations "
+                            "(fwdkern/ops/reference_lora.py)"}
 
 # op -> backend -> what runs.
 IMPLEMENTED = {
@@ -59,6 +81,9 @@ IMPLEMENTED = {
     # still runs whole models.
     "dual_attention": {"cpu": _CHUNKED, "cuda": _CHUNKED, "reference": _CHUNKED,
                        "triton": "Triton flash-style kernel (fwdkern/triton/attention.py)"},
+    "quant_linear_dual": _QUANT_DENSE,
+    "quant_lora_linear_dual": _QUANT_LORA,
+    "quant_lora_linear_perturbed": _QUANT_LORA,
 }
 
 # Automatic choice per device type, first backend that can run the call wins.
@@ -77,6 +102,12 @@ AUTO = {
         "lora_linear_dual": ("triton", "cuda", "reference"),
         "lora_linear_perturbed": ("triton", "cuda", "reference"),
         "dual_attention": ("triton", "cuda", "reference"),
+        # NOTE (unmeasured on GPU): the dequant-in-registers kernel reads int8/int4 tiles (1/4-1/8 of
+        # the fp32 bytes) once for all 1+K row sets; the cuda composition writes a float copy of each
+        # layer first. scripts/gpu_check.sh times both (bench/bench_quant.py).
+        "quant_linear_dual": ("triton", "cuda", "reference"),
+        "quant_lora_linear_dual": ("triton", "cuda", "reference"),
+        "quant_lora_linear_perturbed": ("triton", "cuda", "reference"),
     },
 }
 
@@ -266,7 +297,8 @@ _IMPL_MODULES = {
     "cpu": ("fwdkern.ops._cpu",),
     "cuda": ("fwdkern.ops._cuda",),
     "triton": ("fwdkern.ops._triton",),
-    "reference": ("fwdkern.ops.reference", "fwdkern.ops.reference_lora", "fwdkern.ops.reference_attention"),
+    "reference": ("fwdkern.ops.reference", "fwdkern.ops.reference_lora", "fwdkern.ops.reference_attention",
+                  "fwdkern.ops.reference_quant"),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from .. import backends
 from . import _compose
 from ._validate import DIST_CODE, DTYPE_CODE, as2d, dims2d
+from .quant import dense_chunks
 from .reference_attention import chunked_dual_attention
 
 F32 = torch.float32
@@ -88,3 +89,75 @@ def lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps
 
 
 backends.register("dual_attention", "cpu")(chunked_dual_attention)
+
+
+# ----------------------------------------------------------------------------- quantized base
+
+
+def dequantize(qw, dtype=F32) -> torch.Tensor:
+    """The float weight [out, in] of a CPU QuantizedWeight in `dtype` (csrc/cpu/quant_ops.cpp)."""
+    out_f, in_f = qw.shape
+    out = torch.empty((out_f, in_f), dtype=dtype)
+    if out.numel() == 0:
+        return out
+    ext = backends.extension()
+    if qw.bits == 8:
+        ext.cpu_dequant_int8(qw.qdata.data_ptr(), qw.qdata.stride(0), qw.scales.data_ptr(), out.data_ptr(),
+                             DTYPE_CODE[dtype], out_f, in_f, in_f, 1)
+    else:
+        ext.cpu_dequant_int4(qw.qdata.data_ptr(), qw.qdata.stride(0), qw.scales.data_ptr(), qw.offsets.data_ptr(),
+                             qw.groups, qw.group_size, out.data_ptr(), DTYPE_CODE[dtype], out_f, in_f, in_f, 1)
+    return out
+
+
+def _f32(t):
+    return None if t is None else t.to(F32)
+
+
+@backends.register("quant_linear_dual", "cpu")
+def quant_linear_dual(x, x_tangents, qw, bias):
+    """y = x Wqᵀ + b, ẏ_k = ẋ_k Wqᵀ: each row block of Wq is dequantized once (fp32) and serves the primal
+    rows and all K·M tangent rows (two GEMMs); fp16/bf16 inputs are computed in fp32 and rounded once."""
+    out_f, in_f = qw.shape
+    dt = x.dtype
+    x2 = _compose.rows2d(x, in_f).to(F32)
+    M = x2.shape[0]
+    K = x_tangents.shape[0] if x_tangents is not None else 0
+    xt2 = x_tangents.reshape(K * M, in_f).to(F32) if x_tangents is not None else None
+    b = _f32(bias)
+    y = torch.empty((M, out_f), dtype=F32)
+    yt = torch.empty((K * M, out_f), dtype=F32)
+    for n0, n1, Wc in dense_chunks(qw, F32, dequantize):
+        whole = n0 == 0 and n1 == out_f
+        bc = None if b is None else b[n0:n1]
+        if whole:
+            torch.mm(x2, Wc.t(), out=y) if bc is None else torch.addmm(bc, x2, Wc.t(), out=y)
+            if xt2 is not None:
+                torch.mm(xt2, Wc.t(), out=yt)
+        else:
+            y[:, n0:n1] = x2 @ Wc.t() if bc is None else torch.addmm(bc, x2, Wc.t())
+            if xt2 is not None:
+                yt[:, n0:n1] = xt2 @ Wc.t()
+    y = y.reshape(*x.shape[:-1], out_f).to(dt)
+    yt = yt.reshape(K, *x.shape[:-1], out_f).to(dt)
+    return y, yt
+
+
+def _in_f32(x, *tensors):
+    """fp16/bf16 operands computed in fp32 (rounded once at the end): torch's fp32 GEMM is the fast one here."""
+    return (x, *tensors) if x.dtype == F32 else (x.to(F32), *[_f32(t) for t in tensors])
+
+
+@backends.register("quant_lora_linear_dual", "cpu")
+def quant_lora_dual(x, x_tangents, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, dist, perturb):
+    """The float cpu op on W = Wq dequantized to fp32 (one [out, in] temporary for this layer)."""
+    x_, xt_, b_, A_, B_ = _in_f32(x, x_tangents, bias, lora_A, lora_B)
+    y, yt = lora_dual(x_, xt_, dequantize(qw, F32), b_, A_, B_, scaling, seed, pids, ks, dist, perturb)
+    return y.to(x.dtype), yt.to(x.dtype)
+
+
+@backends.register("quant_lora_linear_perturbed", "cpu")
+def quant_lora_perturbed(x, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, eps, dist, perturb):
+    x_, b_, A_, B_ = _in_f32(x, bias, lora_A, lora_B)
+    yp, ym = lora_perturbed(x_, dequantize(qw, F32), b_, A_, B_, scaling, seed, pids, ks, eps, dist, perturb)
+    return yp.to(x.dtype), ym.to(x.dtype)

@@ -57,3 +57,24 @@ def lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps
 @backends.register("dual_attention", "triton")
 def dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk):
     return tri_attention.dual_attention_triton(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale)
+
+
+# The quantized base: the same kernels with the dense loop dequantizing W tiles in registers.
+@backends.register("quant_linear_dual", "triton")
+def quant_linear_dual(x, x_tangents, qw, bias):
+    out_f, in_f = qw.shape
+    x2 = _compose.rows2d(x, in_f)
+    K = x_tangents.shape[0] if x_tangents is not None else 0
+    xt3 = x_tangents.reshape(K, x2.shape[0], in_f) if x_tangents is not None else None
+    y, yt = tri_lora.linear_dual(x2, xt3, qw, bias)
+    return y.reshape(*x.shape[:-1], out_f), yt.reshape(K, *x.shape[:-1], out_f)
+
+
+@backends.register("quant_lora_linear_dual", "triton")
+def quant_lora_dual(x, x_tangents, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, dist, perturb):
+    return lora_dual(x, x_tangents, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, dist, perturb)
+
+
+@backends.register("quant_lora_linear_perturbed", "triton")
+def quant_lora_perturbed(x, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, eps, dist, perturb):
+    return lora_perturbed(x, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, eps, dist, perturb)

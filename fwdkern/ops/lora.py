@@ -13,6 +13,11 @@ have zero tangent.
 
 * :func:`seeded_matmul` — ``x @ v(seed, param_id, ks[k])ᵀ``, the seeded rank-r product.
 
+A frozen base kept quantized (int8 / int4, :class:`fwdkern.ops.quant.QuantizedWeight`) is passed as
+``weight``; the call then runs ``fwdkern::quant_lora_linear_dual`` / ``..._perturbed``, whose
+backends compute the dense GEMM over the (1+K)·M stacked rows on the quantized weight (docs/quantization.md).
+The result equals the float op on ``weight.dequantize()`` up to rounding.
+
 Each is a ``torch.library`` custom op (``fwdkern::lora_linear_dual``, ...) with a fake
 kernel. The public functions below validate every argument once, resolve the backend
 (:mod:`fwdkern.backends`) and call the op, whose body checks the ks values and runs the
@@ -26,6 +31,7 @@ from typing import Optional
 import torch
 
 from .. import backends
+from ._qformat import QuantizedWeight
 from ._validate import (
     check_dist,
     check_float_tensor,
@@ -79,6 +85,48 @@ def _lora_perturbed_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 def _(x, weight, bias, lora_A, lora_B, scaling, seed, pid_A, pid_B, pid_bias, ks, eps, dist, perturb_A, perturb_B,
       perturb_bias, backend):
     shape = (ks.shape[0], *x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("fwdkern::quant_lora_linear_dual", mutates_args=())
+def _quant_lora_dual_op(x: torch.Tensor, x_tangents: Optional[torch.Tensor], qdata: torch.Tensor,
+                        scales: torch.Tensor, offsets: Optional[torch.Tensor], bits: int, group_size: int,
+                        bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                        seed: int, pid_A: int, pid_B: int, pid_bias: int, ks: torch.Tensor, dist: str,
+                        perturb_A: bool, perturb_B: bool, perturb_bias: bool,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_ks_values(ks)
+    qw = QuantizedWeight(qdata, scales, offsets, bits, group_size, x.shape[-1])
+    return backends.implementation("quant_lora_linear_dual", backend)(
+        x, x_tangents, qw, bias, lora_A, lora_B, scaling, seed_from_i64(seed), (pid_A, pid_B, pid_bias), ks, dist,
+        (perturb_A, perturb_B, perturb_bias))
+
+
+@_quant_lora_dual_op.register_fake
+def _(x, x_tangents, qdata, scales, offsets, bits, group_size, bias, lora_A, lora_B, scaling, seed, pid_A, pid_B,
+      pid_bias, ks, dist, perturb_A, perturb_B, perturb_bias, backend):
+    out_shape = (*x.shape[:-1], qdata.shape[0])
+    return x.new_empty(out_shape), x.new_empty((ks.shape[0], *out_shape))
+
+
+@torch.library.custom_op("fwdkern::quant_lora_linear_perturbed", mutates_args=())
+def _quant_lora_perturbed_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch.Tensor,
+                             offsets: Optional[torch.Tensor], bits: int, group_size: int,
+                             bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                             scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int, ks: torch.Tensor,
+                             eps: float, dist: str, perturb_A: bool, perturb_B: bool, perturb_bias: bool,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_ks_values(ks)
+    qw = QuantizedWeight(qdata, scales, offsets, bits, group_size, x.shape[-1])
+    return backends.implementation("quant_lora_linear_perturbed", backend)(
+        x, qw, bias, lora_A, lora_B, scaling, seed_from_i64(seed), (pid_A, pid_B, pid_bias), ks, eps, dist,
+        (perturb_A, perturb_B, perturb_bias))
+
+
+@_quant_lora_perturbed_op.register_fake
+def _(x, qdata, scales, offsets, bits, group_size, bias, lora_A, lora_B, scaling, seed, pid_A, pid_B, pid_bias, ks,
+      eps, dist, perturb_A, perturb_B, perturb_bias, backend):
+    shape = (ks.shape[0], *x.shape[:-1], qdata.shape[0])
     return x.new_empty(shape), x.new_empty(shape)
 
 
@@ -139,14 +187,19 @@ def _check_param_ids(param_ids, perturb) -> tuple[int, int, int]:
 
 
 def _check_layer(x, weight, bias, lora_A, lora_B):
+    quantized = isinstance(weight, QuantizedWeight)
+    if quantized:  # format, shapes, device of the quantized base; the float checks below for the rest
+        from .quant import check_quant_layer
+
+        check_quant_layer(x, weight, bias)
     check_float_tensor(x, "x")
-    for t, name in ((weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")):
+    for t, name in (((weight, "weight"),) if not quantized else ()) + ((lora_A, "lora_A"), (lora_B, "lora_B")):
         check_float_tensor(t, name)
     if bias is not None:
         check_float_tensor(bias, "bias")
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension [..., in_features]")
-    if weight.dim() != 2:
+    if not quantized and weight.dim() != 2:
         raise ValueError(f"weight: expected [out_features, in_features], got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
@@ -158,7 +211,7 @@ def _check_layer(x, weight, bias, lora_A, lora_B):
         raise ValueError(f"lora_B: expected [{out_f}, {r}] (out_features, r), got shape {tuple(lora_B.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
         raise ValueError(f"bias: expected [{out_f}], got shape {tuple(bias.shape)}")
-    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    named = ([] if quantized else [("weight", weight)]) + [("lora_A", lora_A), ("lora_B", lora_B)]
     if bias is not None:
         named.append(("bias", bias))
     for name, t in named:
@@ -183,6 +236,8 @@ def _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks, dist,
         if on:
             check_stream_shape(rows, cols, dist, name)
     ks_t = check_ks(ks, x.device)
+    if isinstance(weight, QuantizedWeight):
+        op = "quant_" + op
     b = backends.resolve(op, x.device, backend, dtype=x.dtype)
     return s, seed, flags, pids, ks_t, b
 
@@ -203,8 +258,9 @@ def lora_linear_dual(x: torch.Tensor, x_tangents: Optional[torch.Tensor], weight
     Args:
         x: [..., in] float32/float16/bfloat16 (any number of batch dims, incl. none).
         x_tangents: [K, ..., in] same dtype/device as x, or None (ẋ = 0: the first perturbed layer).
-        weight: [out, in] frozen base weight; bias: [out] or None. lora_A: [r, in]; lora_B: [out, r].
-            All in x's dtype and on x's device.
+        weight: [out, in] frozen base weight, or a :class:`fwdkern.ops.quant.QuantizedWeight` (int8 / int4
+            base: the dense GEMM runs on the quantized weight); bias: [out] or None. lora_A: [r, in];
+            lora_B: [out, r]. All in x's dtype (a quantized weight: any compute dtype) and on x's device.
         scaling: s (alpha / r). seed: int in [0, 2^64).
         param_ids: dict {"A", "B", "bias"} -> int in [0, 2^32), or tuple (A, B[, bias]);
             ids of unperturbed tensors may be None. See :func:`fwdkern.nn.param_id`.
@@ -226,6 +282,9 @@ def lora_linear_dual(x: torch.Tensor, x_tangents: Optional[torch.Tensor], weight
             raise TypeError(f"x_tangents: dtype {x_tangents.dtype} differs from x.dtype {x.dtype}")
         if x_tangents.device != x.device:
             raise ValueError(f"x_tangents: on {x_tangents.device}, but x is on {x.device}")
+    if isinstance(weight, QuantizedWeight):
+        return _quant_lora_dual_op(x, x_tangents, *weight.tensors(), weight.bits, weight.group_size, bias, lora_A,
+                                   lora_B, s, seed_to_i64(seed), *pids, ks_t, dist, *flags, b)
     return _lora_dual_op(x, x_tangents, weight, bias, lora_A, lora_B, s, seed_to_i64(seed), *pids, ks_t, dist,
                          *flags, b)
 
@@ -247,6 +306,9 @@ def lora_linear_perturbed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     s, seed, flags, pids, ks_t, b = _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks, dist,
                                             perturb, backend, "lora_linear_perturbed")
     e = check_scalar(eps, "eps", positive=True)
+    if isinstance(weight, QuantizedWeight):
+        return _quant_lora_perturbed_op(x, *weight.tensors(), weight.bits, weight.group_size, bias, lora_A, lora_B,
+                                        s, seed_to_i64(seed), *pids, ks_t, e, dist, *flags, b)
     return _lora_perturbed_op(x, weight, bias, lora_A, lora_B, s, seed_to_i64(seed), *pids, ks_t, e, dist, *flags, b)
 
 

@@ -180,6 +180,44 @@ def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride
 
 
 @triton.jit
+def _dense(acc, X, x_rows, row_ok, W, S, Z, offs_n, mask_n, stride_w, D, d_end, G, GS, QBITS: tl.constexpr,
+           PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + x_tile @ W^T over columns [0, d_end) of a [BLOCK_M, BLOCK_N] output tile.
+
+    QBITS = 0: W float [N, D]. QBITS = 8: W int8 [N, D]; the per-channel scale S[n] multiplies the
+    product once after the loop (exact in any dtype: |q| <= 127). QBITS = 4: W uint8 [N, ceil(D/2)],
+    two columns per byte; each [BLOCK_K, BLOCK_N] tile is dequantized in registers, q * S[n, g] + Z[n, g]
+    with g = d // GS (G groups per row). Either way W is read once per tile for every row it serves.
+    NOTE: the int4 tile loads each byte for its two columns (two lanes, one memory transaction) and
+    gathers the group scale per element (cached lines); unmeasured on GPU.
+    """
+    cdt = X.dtype.element_ty
+    offs_k = tl.arange(0, BLOCK_K)
+    w_cols = W + offs_n.to(tl.int64) * stride_w
+    for d0 in range(0, d_end, BLOCK_K):
+        kk = d0 + offs_k
+        mk = kk < D
+        xa = tl.load(x_rows[:, None] + kk[None, :], mask=row_ok[:, None] & mk[None, :], other=0.0)
+        if QBITS == 0:
+            w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
+        elif QBITS == 8:
+            w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0)
+        else:
+            wmask = mk[:, None] & mask_n[None, :]
+            byte = tl.load(w_cols[None, :] + (kk >> 1)[:, None], mask=wmask, other=0).to(tl.int32)
+            nib = (byte >> ((kk & 1) * 4)[:, None]) & 15
+            sidx = offs_n.to(tl.int64)[None, :] * G + (kk // GS)[:, None]
+            sc = tl.load(S + sidx, mask=wmask, other=0.0)
+            off = tl.load(Z + sidx, mask=wmask, other=0.0)
+            w = nib.to(tl.float32) * sc + off
+        acc = tl.dot(xa.to(cdt), w.to(cdt), acc, input_precision=PREC)
+    if QBITS == 8:
+        sc = tl.load(S + offs_n, mask=mask_n, other=0.0)
+        acc = acc * sc[None, :]
+    return acc
+
+
+@triton.jit
 def _swizzle(num_m, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped tile order over num_m row tiles: consecutive programs share W tiles in L2."""
     pid = tl.program_id(0)
@@ -195,10 +233,11 @@ def _swizzle(num_m, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 @triton.autotune(configs=_gemm_configs(), key=["T", "N", "D", "R"],
                  prune_configs_by={"early_config_prune": _prune_for("T")})
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pid_b", "pid_bias"])
-def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_x, stride_xt, stride_w, stride_b,
-                 scaling, seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_B: tl.constexpr,
+def _dual_kernel(X, XT, W, S, Z, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, G, GS, stride_x, stride_xt, stride_w,
+                 stride_b, scaling, seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_B: tl.constexpr,
                  PERTURB_BIAS: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr, RB: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 QBITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
     """Stacked rows t in [0, T = (1+K) M): t < M is y[t], else yt[(t-M) // M, (t-M) % M].
 
     Row tiles come in two segments, x/y rows [0, M) and xt/yt rows [0, K M) (xt and
@@ -238,14 +277,7 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
     x_base = tl.where(seg1, XT, X)
     x_stride = tl.where(seg1, stride_xt, stride_x)
     x_rows = x_base + lrows64 * x_stride
-    offs_k = tl.arange(0, BLOCK_K)
-    w_cols = W + offs_n.to(tl.int64) * stride_w
-    for d0 in range(0, d_end, BLOCK_K):
-        kk = d0 + offs_k
-        mk = kk < D
-        xa = tl.load(x_rows[:, None] + kk[None, :], mask=row_ok[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(xa.to(cdt), w.to(cdt), acc, input_precision=PREC)
+    acc = _dense(acc, X, x_rows, row_ok, W, S, Z, offs_n, mask_n, stride_w, D, d_end, G, GS, QBITS, PREC, BLOCK_K)
 
     # Epilogue 1: + s H B^T (an extra K=r step of the GEMM), rank in chunks of RB <= 128.
     rl = tl.arange(0, RB)
@@ -297,11 +329,11 @@ def _dual_kernel(X, XT, W, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, stride_
 @triton.autotune(configs=_gemm_configs(max_tile=128 * 128), key=["M", "N", "D", "R"],
                  prune_configs_by={"early_config_prune": _prune_for("M")})
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pid_b", "pid_bias", "K"])
-def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, stride_w, stride_b, scaling, eps,
-                      seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_A: tl.constexpr,
+def _perturbed_kernel(X, W, S, Z, BIAS, H, B, YP, YM, KS, M, N, D, R, K, G, GS, stride_x, stride_w, stride_b, scaling,
+                      eps, seed_lo, seed_hi, pid_b, pid_bias, HAS_BIAS: tl.constexpr, PERTURB_A: tl.constexpr,
                       PERTURB_B: tl.constexpr, PERTURB_BIAS: tl.constexpr, DIST: tl.constexpr, PREC: tl.constexpr,
-                      RB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      RB: tl.constexpr, QBITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """YP[k], YM[k] = base +- eps T_k + eps^2 Q_k (module docstring); H rows: [h; g_1..g_K]."""
     pid_m, pid_n = _swizzle(tl.cdiv(M, BLOCK_M), N, BLOCK_M, BLOCK_N, GROUP_M)
     cdt = X.dtype.element_ty
@@ -313,15 +345,8 @@ def _perturbed_kernel(X, W, BIAS, H, B, YP, YM, KS, M, N, D, R, K, stride_x, str
     base = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     # base = x W^T + b + s h B^T, once for all K perturbations (W read once).
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = X + m64 * stride_x
-    w_cols = W + offs_n.to(tl.int64) * stride_w
-    for d0 in range(0, D, BLOCK_K):
-        kk = d0 + offs_k
-        mk = kk < D
-        xa = tl.load(x_rows[:, None] + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_cols[None, :] + kk[:, None], mask=mk[:, None] & mask_n[None, :], other=0.0)
-        base = tl.dot(xa.to(cdt), w.to(cdt), base, input_precision=PREC)
+    base = _dense(base, X, x_rows, mask_m, W, S, Z, offs_n, mask_n, stride_w, D, D, G, GS, QBITS, PREC, BLOCK_K)
     rl = tl.arange(0, RB)
     b_rows = B + offs_n.to(tl.int64) * stride_b
     for r0 in range(0, R, RB):
@@ -431,12 +456,23 @@ def seeded_matmul_nt(X: torch.Tensor, seed: int, pid: int, ks: torch.Tensor, N: 
     return out
 
 
+def _weight_args(weight):
+    """(W, S, Z, G, GS, QBITS) kernel arguments of a float weight [N, D] or a QuantizedWeight."""
+    bits = getattr(weight, "bits", None)
+    if bits is None:
+        w = _rowmajor(weight)
+        return w, w, w, 1, 1, 0  # S, Z: placeholders never read (QBITS = 0)
+    z = weight.offsets if weight.offsets is not None else weight.scales
+    return weight.qdata, weight.scales, z, weight.groups, weight.group_size, bits
+
+
 def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int, ks,
               dist_code: int, perturb_A: bool, perturb_B: bool, perturb_bias: bool):
     """Fused dual forward: x2d [M, in], xt [K, M, in] or None -> (y [M, out], yt [K, M, out]) in x2d's dtype.
 
     yt[k] = xt[k] W^T + s (xt[k] A^T + x dA_k^T) B^T + s (x A^T) dB_k^T + db_k,
-    with xt = 0 when None and each perturbation zero unless its flag is set.
+    with xt = 0 when None and each perturbation zero unless its flag is set. `weight` may be a
+    fwdkern QuantizedWeight (int8 / int4: dequantized tile by tile in the dense loop).
     """
     M, D = x2d.shape
     N, R = weight.shape[0], A.shape[0]
@@ -446,7 +482,8 @@ def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int
     yt = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y, yt
-    x2d, weight, A, B = (_rowmajor(t) for t in (x2d, weight, A, B))
+    weight, S, Z, G, GS, QBITS = _weight_args(weight)
+    x2d, A, B = (_rowmajor(t) for t in (x2d, A, B))
     bias = bias.contiguous() if bias is not None else None
     xt_rows = _rowmajor(xt.reshape(K * M, D)) if xt is not None and K > 0 else None
 
@@ -463,11 +500,40 @@ def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(T - M, meta["BLOCK_M"]))  # noqa: E731
                          * triton.cdiv(N, meta["BLOCK_N"]),)
     xt_arg = x2d if xt_rows is None else xt_rows
-    _dual_kernel[grid](x2d, xt_arg, weight, bias if bias is not None else weight, H, B, y, yt, _ks_arg(ks), M, N, D,
-                       R_eff, T, TD, HR, x2d.stride(0), xt_arg.stride(0), weight.stride(0), B.stride(0),
+    _dual_kernel[grid](x2d, xt_arg, weight, S, Z, bias if bias is not None else weight, H, B, y, yt, _ks_arg(ks), M, N,
+                       D, R_eff, T, TD, HR, G, GS, x2d.stride(0), xt_arg.stride(0), weight.stride(0), B.stride(0),
                        float(scaling), *split_seed(seed), pid_B, pid_bias, HAS_BIAS=bias is not None,
                        PERTURB_B=bool(perturb_B) and K > 0 and R_eff > 0, PERTURB_BIAS=bool(perturb_bias) and K > 0,
-                       DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
+                       DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R), QBITS=QBITS)
+    return y, yt
+
+
+def linear_dual(x2d, xt, weight, bias):
+    """Frozen layer, float or QuantizedWeight W: (y = x W^T + b [M, out], yt[k] = xt[k] W^T [K, M, out]); xt
+    [K, M, in] or None (K = 0). The dual kernel without its rank-r and seeded epilogues: one pass over
+    the stacked rows, W read once for all of them."""
+    M, D = x2d.shape
+    N = weight.shape[0]
+    K = xt.shape[0] if xt is not None else 0
+    dtype = x2d.dtype
+    y = torch.empty(M, N, dtype=dtype, device=x2d.device)
+    yt = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return y, yt
+    weight, S, Z, G, GS, QBITS = _weight_args(weight)
+    x2d = _rowmajor(x2d)
+    bias = bias.contiguous() if bias is not None else None
+    xt_rows = _rowmajor(xt.reshape(K * M, D)) if K > 0 else None
+    T = (1 + K) * M
+    H = torch.empty(1, 1, dtype=torch.float32, device=x2d.device)  # placeholder: no rank-r rows (HR = 0)
+    grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(T - M, meta["BLOCK_M"]))  # noqa: E731
+                         * triton.cdiv(N, meta["BLOCK_N"]),)
+    xt_arg = x2d if xt_rows is None else xt_rows
+    ks = torch.zeros(1, dtype=torch.int64, device=x2d.device)
+    _dual_kernel[grid](x2d, xt_arg, weight, S, Z, bias if bias is not None else x2d, H, x2d, y, yt, ks, M, N, D, 0,
+                       T, 0 if D == 0 else T, 0, G, GS, x2d.stride(0), xt_arg.stride(0), weight.stride(0), 0, 0.0, 0,
+                       0, 0, 0, HAS_BIAS=bias is not None, PERTURB_B=False, PERTURB_BIAS=False, DIST=0,
+                       PREC=_prec(dtype), RB=16, QBITS=QBITS)
     return y, yt
 
 
@@ -485,7 +551,8 @@ def lora_perturbed(x2d, weight, bias, A, B, scaling: float, seed: int, pid_A: in
     ym = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
     if yp.numel() == 0:
         return yp, ym
-    x2d, weight, A, B = (_rowmajor(t) for t in (x2d, weight, A, B))
+    weight, S, Z, G, GS, QBITS = _weight_args(weight)
+    x2d, A, B = (_rowmajor(t) for t in (x2d, A, B))
     bias = bias.contiguous() if bias is not None else None
     R_eff = R if D > 0 else 0
     J = 1 + K if perturb_A else 1
@@ -493,9 +560,10 @@ def lora_perturbed(x2d, weight, bias, A, B, scaling: float, seed: int, pid_A: in
     if R_eff > 0:
         _shrink(x2d, None, A, H, J, 1, perturb_A, seed, pid_A, ks, dist_code)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _perturbed_kernel[grid](x2d, weight, bias if bias is not None else weight, H, B, yp, ym, _ks_arg(ks), M, N, D,
-                            R_eff, K, x2d.stride(0), weight.stride(0), B.stride(0), float(scaling), float(eps),
+    _perturbed_kernel[grid](x2d, weight, S, Z, bias if bias is not None else weight, H, B, yp, ym, _ks_arg(ks), M, N, D,
+                            R_eff, K, G, GS, x2d.stride(0), weight.stride(0), B.stride(0), float(scaling), float(eps),
                             *split_seed(seed), pid_B, pid_bias, HAS_BIAS=bias is not None,
                             PERTURB_A=bool(perturb_A) and R_eff > 0, PERTURB_B=bool(perturb_B) and R_eff > 0,
-                            PERTURB_BIAS=bool(perturb_bias), DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R))
+                            PERTURB_BIAS=bool(perturb_bias), DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R),
+                            QBITS=QBITS)
     return yp, ym
