@@ -769,3 +769,28 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     o, ot = dual_attention(primal(query), primal(key), primal(value), tangent(query), tangent(key), tangent(value),
                            attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return make_dual(o, ot)
+
+
+# --- quantized frozen linear layers (fwdkern.nn.QuantLinear)
+
+
+def _quant_linear(x, weight, bias=None):
+    """y = x Wqᵀ + b; ẏ_k = ẋ_k Wqᵀ (+ ḃ_k for a trainable bias): the primal and every tangent row
+    in one quant_linear_dual call (the backend reads the quantized weight once for all of them)."""
+    from .ops.quant import quant_linear_dual
+
+    xp, bp, xt, bt = primal(x), primal(bias), tangent(x), tangent(bias)
+    y, t = quant_linear_dual(xp, xt, weight, bp)
+    if bt is not None:
+        tb = _align(bt, y.dim())
+        t = tb if t is None else t + tb
+    return _fix(y, t)
+
+
+def _register_quant_rule():
+    from .ops.quant import quant_linear
+
+    RULES[quant_linear] = _quant_linear
+
+
+_register_quant_rule()

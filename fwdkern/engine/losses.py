@@ -79,15 +79,19 @@ def causal_targets(inputs, labels):
 
 def lm_head_grad(h: torch.Tensor, head: nn.Module, y: torch.Tensor, chunk: Optional[int] = None):
     """For CE over ``logits = head(h)``: (sum of token losses, ∂(sum)/∂h [N, d]), one online pass over
-    vocabulary chunks (K × tokens × vocab never exists; one [N, chunk] block at a time)."""
-    W = head.weight
+    vocabulary chunks (K × tokens × vocab never exists; one [N, chunk] block at a time). A quantized
+    head (fwdkern.nn.QuantLinear) dequantizes one chunk of rows at a time."""
+    rows = getattr(head, "dequantize_rows", None)
+    W = None if rows is not None else head.weight
     b = getattr(head, "bias", None)
     N, d = h.shape
-    V = W.shape[0]
+    V = head.out_features if rows is not None else W.shape[0]
     bad = y[(y < 0) | (y >= V)]
     if bad.numel():
         raise ValueError(f"labels: token id {int(bad[0])} is outside the vocabulary [0, {V})")
     chunk = chunk or max(1024, min(V, (1 << 24) // max(N, 1)))
+    if rows is not None:  # the dequantized chunk is a temporary too: at most 4M elements of it
+        chunk = min(chunk, max(1024, (1 << 22) // max(d, 1)))
     hf = h.float()
     m = torch.full((N, 1), float("-inf"), device=h.device)
     l = torch.zeros((N, 1), device=h.device)
@@ -95,7 +99,7 @@ def lm_head_grad(h: torch.Tensor, head: nn.Module, y: torch.Tensor, chunk: Optio
     zy = torch.zeros(N, device=h.device)
     for c0 in range(0, V, chunk):
         c1 = min(V, c0 + chunk)
-        Wc = W[c0:c1].float()
+        Wc = rows(c0, c1) if rows is not None else W[c0:c1].float()
         z = hf @ Wc.t()
         if b is not None:
             z = z + b[c0:c1].float()
@@ -109,7 +113,7 @@ def lm_head_grad(h: torch.Tensor, head: nn.Module, y: torch.Tensor, chunk: Optio
         m = m_new
     lse = m + torch.log(l)
     loss_sum = (lse.squeeze(1) - zy).sum()
-    grad = acc / l - W[y].float()
+    grad = acc / l - (head.dequantize_index(y) if rows is not None else W[y].float())
     return loss_sum, grad
 
 
@@ -119,7 +123,8 @@ def causal_loss(model, inputs, labels, perturbed: set):
     h = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
     head = model.get_output_embeddings()
     head_ids = {id(t) for t in (getattr(head, "weight", None), getattr(head, "bias", None)) if t is not None}
-    if isinstance(head.weight, Dual) or isinstance(getattr(head, "bias", None), Dual) or head_ids & perturbed:
+    if isinstance(getattr(head, "weight", None), Dual) or isinstance(getattr(head, "bias", None), Dual) \
+            or head_ids & perturbed:
         # The LM head is applied to the primal only (no tangent): a perturbed head would be dropped.
         raise ValueError("params: the LM head (or an embedding tied to it) is perturbed; the causal-LM loss "
                          "does not propagate LM-head tangents -- exclude it with params=...")

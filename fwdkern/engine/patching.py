@@ -200,7 +200,8 @@ def _check_no_shared_adapters(model):
 def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optional[Sequence[str]] = None,
           dropout: float = 0.0, train_bias: bool = False, modules_to_save: Optional[Sequence[str]] = None,
           peft: str = "lora", feedforward_modules: Optional[Sequence[str]] = None, reduction: int = 16,
-          layers: Optional[Sequence[int]] = None) -> nn.Module:
+          layers: Optional[Sequence[int]] = None, base_quant: Optional[str] = None, quant_group_size: int = 64,
+          embed_quant: Optional[str] = "int8") -> nn.Module:
     """Replace target linear layers by :class:`fwdkern.LoRALinear` and freeze everything else.
 
     Args:
@@ -219,12 +220,29 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
             after each target, hidden = dim // reduction). Defaults per family for each.
         layers: only these transformer blocks get adapters (indices; -1 = the last), like peft's
             layers_to_transform; default all.
+        base_quant: None (float base), "int8" (per channel) or "int4" (group-wise): the frozen base is kept
+            quantized (:func:`fwdkern.nn.quantize_base`): every frozen linear layer, including the LoRA
+            targets' base layers, becomes a :class:`fwdkern.nn.QuantLinear`; the dual and perturbed forwards
+            run their dense GEMMs on the quantized weights. quant_group_size: int4 columns per group (even;
+            one that does not divide in_features leaves a shorter last group). embed_quant: "int8" (default),
+            "int4" or None (float) for the embeddings and the LM head (a tied pair is quantized once).
+            Trainable tensors (adapters, modules_to_save, trained biases) stay float. Not with peft="ia3".
     Returns the patched model (for a PeftModel: its unwrapped base model).
     """
     if peft not in PEFT_TYPES:
         raise ValueError(f"peft: {peft!r} is not one of {', '.join(PEFT_TYPES)}")
+    if base_quant is not None:
+        from ..nn.quant import check_group_size, parse_quant
+
+        parse_quant(base_quant, "base_quant")
+        parse_quant(embed_quant, "embed_quant")
+        check_group_size(quant_group_size, "quant_group_size")
+        if peft == "ia3":
+            raise ValueError("base_quant: not supported with peft='ia3' (IA3Linear scales its base layer's output "
+                             "through the float weight); use peft='lora', 'bitfit' or 'adapter'")
     if peft != "lora":
-        return _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction, layers)
+        model = _patch_other(model, peft, target_modules, modules_to_save, feedforward_modules, reduction, layers)
+        return _quantize(model, base_quant, quant_group_size, embed_quant)
     if type(model).__name__.startswith("PeftModel") or hasattr(model, "peft_config"):
         model, cfg = _from_peft(model, dropout, train_bias)
         cfg.modules_to_save = sorted(set(cfg.modules_to_save) | set(modules_to_save or []))
@@ -275,6 +293,17 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
     _check_no_shared_adapters(model)
     model.fwdkern_config = cfg
     trainable(model)  # assigns and validates the ids (collisions)
+    return _quantize(model, base_quant, quant_group_size, embed_quant)
+
+
+def _quantize(model, base_quant, group_size, embed_quant):
+    """The frozen base quantized in place (after the trainable tensors are marked, which stay float)."""
+    if base_quant is None:
+        return model
+    from ..nn.quant import quantize_base
+
+    quantize_base(model, base_quant, group_size, embed_quant, skip=model.fwdkern_config.modules_to_save or ())
+    trainable(model)
     return model
 
 

@@ -66,7 +66,8 @@ class LoRALinear(nn.Module):
         r: rank (≥ 1). alpha: LoRA alpha; ``scaling = alpha / r``.
         dropout: dropout on the adapter input (plain forward only; see :meth:`forward_dual`).
         train_bias: the base bias is trainable and perturbed by default (BitFit).
-        base_layer: an existing nn.Linear to wrap (its weight is frozen, any float dtype).
+        base_layer: an existing nn.Linear to wrap (its weight is frozen, any float dtype), or a
+            :class:`fwdkern.nn.QuantLinear` (an int8 / int4 base: the seeded forwards run the quantized ops).
         adapter_dtype: dtype of lora_A / lora_B (default float32, like peft's autocast_adapter_dtype).
     """
 
@@ -78,17 +79,21 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        from .quant import QuantLinear
+
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        elif not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer: expected an nn.Linear, got {type(base_layer).__name__}")
+        elif not isinstance(base_layer, (nn.Linear, QuantLinear)):
+            raise TypeError(f"base_layer: expected an nn.Linear (or fwdkern.nn.QuantLinear), got "
+                            f"{type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.base_layer.weight.requires_grad_(False)
+        if isinstance(base_layer, nn.Linear):
+            self.base_layer.weight.requires_grad_(False)
         if self.base_layer.bias is not None:
             self.base_layer.bias.requires_grad_(bool(train_bias))
         elif train_bias:
             raise ValueError("train_bias: the base layer has no bias")
-        dev = self.base_layer.weight.device
+        dev = self.base_layer.weight.device if isinstance(base_layer, nn.Linear) else base_layer.qweight.device
         adt = adapter_dtype or torch.float32
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=adt)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=adt)
@@ -127,6 +132,14 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight
 
     @property
+    def quantized(self) -> bool:
+        """Whether the frozen base is kept quantized (a :class:`fwdkern.nn.QuantLinear`)."""
+        return not isinstance(self.base_layer, nn.Linear)
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.base_layer.dtype if self.quantized else self.base_layer.weight.dtype
+
+    @property
     def bias(self) -> Optional[torch.Tensor]:
         return self.base_layer.bias
 
@@ -144,6 +157,7 @@ class LoRALinear(nn.Module):
     def merge(self):
         """W += s·BA in place (rounded once to W's dtype; a low-precision W makes unmerge inexact)."""
         if not self.merged:
+            self._refuse_quantized("merge")
             W = self.base_layer.weight
             W.copy_((W.float() + self._delta_weight()).to(W.dtype))
             self.merged = True
@@ -153,14 +167,20 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         """W -= s·BA in place (inverse of :meth:`merge`)."""
         if self.merged:
+            self._refuse_quantized("unmerge")
             W = self.base_layer.weight
             W.copy_((W.float() - self._delta_weight()).to(W.dtype))
             self.merged = False
         return self
 
+    def _refuse_quantized(self, op):
+        if self.quantized:
+            raise RuntimeError(f"{op}: the base is quantized ({self.base_layer.extra_repr()}); merging s·BA into it "
+                               "would need a requantization (not done: it would change the frozen base)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain inference, x [..., in] -> [..., out] in x's dtype."""
-        y = self.base_layer(x.to(self.base_layer.weight.dtype))
+        y = self.base_layer(x.to(self._base_dtype()))
         if not self.merged:
             a = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
             y = y + (self.scaling * self.lora_B(a)).to(y.dtype)
@@ -176,8 +196,10 @@ class LoRALinear(nn.Module):
                                       "use dropout=0")
         dt = x.dtype
         b = self.base_layer.bias
-        # The ops take one dtype; detach: the seeded forwards are not differentiated by autograd.
-        return (self.base_layer.weight.detach().to(dt), b.detach().to(dt) if b is not None else None,
+        # The ops take one dtype (a quantized base: its QuantizedWeight, any compute dtype); detach: the
+        # seeded forwards are not differentiated by autograd.
+        W = self.base_layer.quantized_weight() if self.quantized else self.base_layer.weight.detach().to(dt)
+        return (W, b.detach().to(dt) if b is not None else None,
                 self.lora_A.weight.detach().to(dt), self.lora_B.weight.detach().to(dt))
 
     def _ids(self, param_ids):
