@@ -312,7 +312,7 @@ def test_run_lock_is_exclusive(tmp_path):
     (dict(clients=5, clients_per_round=6), "--clients-per-round"), (dict(batch_size=0), "--batch-size"),
     (dict(rounds=0), "--rounds"), (dict(lr=-0.1), "--lr"), (dict(eps=0.0), "--eps"), (dict(eps=-1.0), "--eps"),
     (dict(local_lr=0.0), "--local-lr"), (dict(optimizer="adamw"), "--optimizer"), (dict(pacing="fast"), "--pacing"),
-    (dict(lr=float("nan")), "--lr"), (dict(perturbations=0), "--perturbations"), (dict(method="sgd"), "--method"),
+    (dict(lr=float("nan")), "--lr"), (dict(perturbations=-1), "--perturbations"), (dict(method="sgd"), "--method"),
     (dict(wire="xml"), "--wire"), (dict(max_failed_rounds=0), "--max-failed-rounds"),
 ])
 def test_impossible_settings_are_refused(kw, flag):
