@@ -16,10 +16,10 @@ server only through its public methods: ``plan_round``, ``submit``, ``reject``,
 
 Robustness: every update is parsed strictly (:mod:`fwdkern.fl.protocol`); within a round an
 update whose values are far outside the round's own spread is rejected (the bound needs no
-history: median + 10·max(MAD, median/2) of the per-update magnitudes, or of the smaller one
-when two arrived), sample counts are clipped to the plan's cap and to twice the round's
-median claim, and a step that would leave a weight or the optimizer state non-finite is
-rolled back (the round counts as failed).
+history: median + 10·max(MAD, median/2) of the per-update magnitudes), of two updates the
+larger is scaled down to that bound around the smaller, sample counts are capped by the plan
+and clipped to twice the round's median claim, and a step that would leave a weight or the
+optimizer state non-finite is rolled back (the round counts as failed).
 """
 from __future__ import annotations
 
