@@ -15,7 +15,7 @@ def test_csv_and_jsonl(tmp_path):
     jl.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two"]))
     d2 = load_dataset(str(jl))
     assert d2.texts == ["one", "two"] and d2.labels is None
-    with pytest.raises(ValueError, match="text_column"):
+    with pytest.raises(ValueError, match="--text-column"):
         load_dataset(str(csv_path), text_column="nope")
     with pytest.raises(FileNotFoundError, match="bundled"):
         load_dataset(str(tmp_path / "missing.csv"))

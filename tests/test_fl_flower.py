@@ -59,7 +59,8 @@ def _restore_threads():
 def _cfg(tiny, out, **kw):
     base = dict(model=str(tiny), data=str(tiny / "data.csv"), text_column="sentence", label_column="sentiment",
                 out=str(out), clients=2, clients_per_round=2, rounds=3, perturbations=4, lr=0.05, max_length=12,
-                eval_every=3, checkpoint_every=0, max_test=24, pacing="off", num_threads=1)
+                eval_every=3, checkpoint_every=0, max_test=24, pacing="off", num_threads=1,
+                optimizer="sgd")  # plain SGD: its steps replay from seeds and scalars
     base.update(kw)
     return RunConfig(**base)
 
@@ -552,7 +553,9 @@ def _strategy_setup(tiny):
         with torch.no_grad():
             return float(model(**enc, labels=torch.tensor([y for _, y in rows])).loss)
 
-    handlers = {1000 + i: (lambda msg, i=i: answer_plan(msg, model, batches(i))) for i in range(3)}
+    # Node ids as a SuperLink hands them out: uint64, two of them above 2**63 (which float64 cannot hold)
+    node_ids = (1000, 1002, 2**63 + 4097, 2**64 - 3)
+    handlers = {nid: (lambda msg, i=i: answer_plan(msg, model, batches(i % 3))) for i, nid in enumerate(node_ids)}
     return model, SeedStrategy, handlers, loss
 
 

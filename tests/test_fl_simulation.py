@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 from fwdkern.fl.simulation import build  # noqa: E402
 from fwdkern.fl.checkpoint import load_checkpoint  # noqa: E402
 from fwdkern.fl.config import RunConfig  # noqa: E402
-from fwdkern.fl.simulation import Simulation  # noqa: E402
+from fwdkern.fl.simulation import Interrupted, Simulation  # noqa: E402
 from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
@@ -66,7 +66,7 @@ def test_kill_and_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Simulation, "run_round", dying)
     first = build(_cfg(tiny, tmp_path / "killed"), log=lambda *a: None)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="rerun the same command to resume"):
         first.run()
     monkeypatch.setattr(Simulation, "run_round", orig)
     resumed = build(_cfg(tiny, tmp_path / "killed"), log=lambda *a: None)
@@ -147,5 +147,7 @@ def test_demo_replaces_a_stale_demo_run_but_train_refuses(tiny, tmp_path):
     other = _cfg(tiny, out, rounds=2, lr=0.5)
     with pytest.raises(ValueError, match="different configuration"):
         build(other, log=lambda *a: None).run()  # train: refuses
-    build(other, log=lambda *a: None).run(replace_other_run=True)  # demo: replaced
-    assert load_checkpoint(out / "checkpoint.safetensors")["config"] == other.to_json()
+    replaced = build(other, log=lambda *a: None)
+    replaced.run(replace_other_run=True)  # demo: replaced
+    saved = load_checkpoint(out / "checkpoint.safetensors")["config"]
+    assert saved == replaced.cfg.to_json() and saved["lr"] == 0.5  # the resolved settings of the new run

@@ -125,6 +125,28 @@ class QuantEmbedding(_QuantStorage):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self._quant_repr()}"
 
 
+def _rehome_float_tensors(model: nn.Module) -> None:
+    """Copy the float tensors that stay (norms, biases, adapters) into their own memory.
+
+    A checkpoint loaded from safetensors can hold its tensors as views of one memory-mapped file; one
+    kept norm weight then keeps the whole mapping, float weights included, resident.
+    NOTE: SmolLM2-135M loaded by from_pretrained, int4 base: 904 MiB resident after quantization
+    without this copy, the size of the fp32 file; the copy costs the kept tensors' size once.
+    Parameters keep their identity (their .data is replaced), so tied tensors stay tied."""
+    done: dict = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and id(p) not in done:
+                done[id(p)] = p
+                p.data = p.data.clone()
+        for name, b in list(mod._buffers.items()):
+            if b is None or (isinstance(mod, _QuantStorage) and name in ("qweight", "scales", "offsets")):
+                continue
+            if id(b) not in done:
+                done[id(b)] = b.clone()
+            mod._buffers[name] = done[id(b)]
+
+
 def _set(root: nn.Module, path: str, new: nn.Module):
     parent, _, leaf = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -218,6 +240,8 @@ def quantize_base(model: nn.Module, base_quant: str, group_size: int = DEFAULT_G
             parent_of_lora[path].base_layer = new
         else:
             _set(model, path, new)
+    if replace:
+        _rehome_float_tensors(model)
     if not replace:
         raise ValueError("quantize_base: no frozen nn.Linear / nn.Embedding to quantize (it quantizes weights with "
                          "requires_grad=False: use fwdkern.patch(model, base_quant=...), or freeze the base first)")

@@ -107,7 +107,9 @@ class SeedStrategy(Strategy):
             nodes = sorted(grid.get_node_ids())
         n = len(nodes) if self.clients_per_round is None else min(self.clients_per_round, len(nodes))
         rng = np.random.default_rng(derive_seed(self.seed, self.server.round, self.server.attempt, 1) % 2**63)
-        chosen = sorted(int(x) for x in rng.choice(nodes, size=n, replace=False)) if n else []
+        # Sample positions, not the ids: numpy turns a list of uint64 node ids above 2**63 into float64,
+        # and the rounded id then addresses no node.
+        chosen = sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=n, replace=False)) if n else []
         plans = self.server.plan_round([str(nid) for nid in chosen])
         weights = ArrayRecord(torch_state_dict={k: v.clone() for k, v in self.params.items()})
         return [Message(RecordDict({"arrays": weights, "plan": plan_to_record(plans[str(nid)]),
