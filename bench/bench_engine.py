@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fwdkern  # noqa: E402
 
-from .common import environment, repetitions  # noqa: E402
+from .common import environment, repetitions, time_gpu  # noqa: E402
 
 B, T, K, SEED = 4, 128, 8, 1234
 PROVIDERS = ["inference", "fwdkern", "jvp_vmap", "perturbed", "backprop"]
@@ -128,20 +128,6 @@ def test_engine_smollm2_cpu(benchmark, provider):
     benchmark.extra_info.update(info)
 
 
-def _time_gpu(benchmark, fn, rounds, warmup):
-    """(median seconds, peak extra bytes) of `fn` on the GPU, synchronized after every call."""
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    benchmark.pedantic(run, **repetitions(rounds, warmup=warmup))
-    return benchmark.stats.stats.median, torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -149,7 +135,7 @@ def test_engine_smollm2_gpu(benchmark, provider):
     """The same K=8 step on the GPU, fp32 weights (the engine's default dtype handling, no autocast)."""
     step, _ = setup(provider, "cuda")
     benchmark.group = f"smollm2-135M B{B}xT{T} K{K} fp32 cuda"
-    med, peak = _time_gpu(benchmark, step, 5, 1)
+    med, peak = time_gpu(benchmark, step, 5, 1)
     _MEDIANS[("cuda", provider)] = med
     info = {"environment": environment(), "provider": provider, "median_s": med, "K": K, "batch": [B, T],
             "lora": "r=16 q,k,v,o", "peak_extra_bytes": peak}
@@ -188,7 +174,7 @@ def test_dual_attention_gpu(benchmark, T_, provider):
         fn = lambda: torch.func.vmap(lambda a, b_, c: torch.func.jvp(f, (q, k, v), (a, b_, c)))(qt, kt, vt)  # noqa
 
     benchmark.group = f"dual_attention B{B} Hq{Hq} Hkv{Hkv} T{T_} D{D} K{K} bf16 causal"
-    med, peak = _time_gpu(benchmark, fn, 10, 2)
+    med, peak = time_gpu(benchmark, fn, 10, 2)
     _MEDIANS[("attn", T_, provider)] = med
     info = {"environment": environment(), "provider": provider, "median_s": med, "T": T_, "K": K,
             "peak_extra_bytes": peak}

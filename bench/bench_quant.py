@@ -48,7 +48,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import fwdkern  # noqa: E402
-from bench.common import environment, repetitions  # noqa: E402
+from bench.common import environment, time_gpu  # noqa: E402
 
 K, SEED, R_LORA = 8, 1234, 16
 BASES = ("fp32", "int8", "int4")
@@ -352,18 +352,6 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 _MED: dict = {}
 
 
-def _time_gpu(benchmark, fn, rounds, warmup):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    benchmark.pedantic(run, **repetitions(rounds, warmup=warmup))
-    return benchmark.stats.stats.median, torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("provider", ["float", "int8_triton", "int8_cuda", "int4_triton", "int4_cuda"])
@@ -386,7 +374,7 @@ def test_quant_lora_dual_gpu(benchmark, provider):
     fn = lambda: fwdkern.lora_linear_dual(x, xt, weight, None, A, B, 2.0, SEED, (1, 2, 3), list(range(K)),  # noqa
                                           backend=backend)
     benchmark.group = f"lora_linear_dual quantized base M{M} in{D} out{N} r{r} K{K} bf16"
-    med, peak = _time_gpu(benchmark, fn, 20, 3)
+    med, peak = time_gpu(benchmark, fn, 20, 3)
     _MED[provider] = med
     info = {"environment": environment(), "provider": provider, "median_s": med, "peak_extra_bytes": peak}
     if "float" in _MED and provider != "float":
@@ -406,7 +394,7 @@ def test_quant_engine_gpu(benchmark, base, provider):
     try:
         step = step_fn(model, "inference_chunked" if provider == "inference" else provider, batch, labels)
         benchmark.group = f"smollm2-135M shapes B4xT128 K{K} {base} base cuda"
-        med, peak = _time_gpu(benchmark, step, 5, 1)
+        med, peak = time_gpu(benchmark, step, 5, 1)
     finally:
         torch.set_grad_enabled(True)
     _MED[(base, provider)] = med

@@ -22,6 +22,20 @@ def repetitions(rounds: int, warmup: int = 1) -> dict:
     return dict(rounds=rounds, warmup_rounds=warmup, iterations=1)
 
 
+
+def time_gpu(benchmark, fn, rounds: int, warmup: int):
+    """(median seconds, peak extra bytes) of `fn` on the GPU, synchronized after every call."""
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    benchmark.pedantic(run, **repetitions(rounds, warmup=warmup))
+    return benchmark.stats.stats.median, torch.cuda.max_memory_allocated() - base
+
 def environment() -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -38,3 +38,26 @@ def sentiment_rows(words, n, seed=0):
         toks.insert(0, rng.choice(words[:3] if lab else words[3:6]))
         rows.append([" ".join(toks), "pos" if lab else "neg"])
     return rows
+
+
+LEARNABLE_WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
+
+
+def save_learnable(d):
+    """A tiny random BERT whose pooled features separate the classes (linear probe ~98%), with its
+    data.csv (sentence, sentiment): sentences are mostly polarity words, and initializer_range 0.1
+    keeps the pooler out of tanh saturation."""
+    import random
+
+    save_tiny_bert(d, LEARNABLE_WORDS, initializer_range=0.1)
+    words = LEARNABLE_WORDS
+    rng = random.Random(0)
+    rows = []
+    for _ in range(240):
+        lab = rng.randrange(2)
+        toks = [rng.choice(words[:3] if lab else words[3:6]) for _ in range(rng.randrange(2, 5))]
+        toks += [rng.choice(words[6:]) for _ in range(rng.randrange(0, 3))]
+        rng.shuffle(toks)
+        rows.append([" ".join(toks), "pos" if lab else "neg"])
+    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
+    return d

@@ -1,9 +1,6 @@
 """What decides how well the federated loop learns: pacing that follows the gradient's scale and
 counts client noise, discriminative sampling's bias, bias-corrected FedAdam, backprop's server
 optimizer, and the default recipe learning on a small set."""
-import math
-import random
-
 import pytest
 import torch
 
@@ -99,20 +96,9 @@ def test_fedadam_bias_correction():
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
     pytest.importorskip("transformers")
-    from _tiny_models import save_tiny_bert, write_csv
+    from _tiny_models import save_learnable
 
-    words = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
-    d = save_tiny_bert(tmp_path_factory.mktemp("learn"), words, initializer_range=0.1)
-    rng = random.Random(0)
-    rows = []
-    for _ in range(240):
-        lab = rng.randrange(2)
-        toks = [rng.choice(words[:3] if lab else words[3:6]) for _ in range(rng.randrange(2, 5))]
-        toks += [rng.choice(words[6:]) for _ in range(rng.randrange(0, 3))]
-        rng.shuffle(toks)
-        rows.append([" ".join(toks), "pos" if lab else "neg"])
-    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
-    return d
+    return save_learnable(tmp_path_factory.mktemp("learn"))
 
 
 def _cfg(d, out, **kw):

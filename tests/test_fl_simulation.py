@@ -1,7 +1,6 @@
 """Embedded federated simulation end to end on a tiny random BERT (no downloads)."""
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from fwdkern.fl.simulation import build  # noqa: E402
 from fwdkern.fl.checkpoint import load_checkpoint  # noqa: E402
 from fwdkern.fl.config import RunConfig  # noqa: E402
 from fwdkern.fl.simulation import Interrupted, Simulation  # noqa: E402
-from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
+from _tiny_models import save_learnable, save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
 
@@ -105,20 +104,8 @@ def test_dropouts_do_not_block(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
-    """A tiny random BERT whose pooled features separate the classes (linear probe ~98%):
-    sentences are mostly polarity words, and initializer_range 0.1 keeps the pooler out of
-    tanh saturation. (The `tiny` fixture's features are near-constant: nothing can learn there.)"""
-    d = save_tiny_bert(tmp_path_factory.mktemp("learnable"), WORDS, initializer_range=0.1)
-    rng = random.Random(0)
-    rows = []
-    for _ in range(240):
-        lab = rng.randrange(2)
-        toks = [rng.choice(WORDS[:3] if lab else WORDS[3:6]) for _ in range(rng.randrange(2, 5))]
-        toks += [rng.choice(WORDS[6:]) for _ in range(rng.randrange(0, 3))]
-        rng.shuffle(toks)
-        rows.append([" ".join(toks), "pos" if lab else "neg"])
-    write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
-    return d
+    """(The `tiny` fixture's features are near-constant: nothing can learn there.)"""
+    return save_learnable(tmp_path_factory.mktemp("learnable"))
 
 
 def test_accuracy_rises_end_to_end(learnable, tmp_path):
