@@ -107,3 +107,18 @@ def test_prompt_run_end_to_end(tiny_lm, tmp_path, method):
     assert any(not torch.equal(before[n], t) for n, t in sim.server.params.items())
     if method == "fwdkern":
         assert all(r["bytes_up_per_client"] < 1024 for r in rows)
+
+
+def test_profile_skips_a_method_the_model_cannot_use(tiny_lm):
+    """LLaMA has no biases: BitFit is reported as skipped (with the reason) and the others are measured."""
+    from fwdkern.fl.profile import CANDIDATES, profile
+
+    cfg = RunConfig(model=str(tiny_lm), data=str(tiny_lm / "data.csv"), task="prompt", max_length=12,
+                    prompt_template="{text} Topic:", num_threads=1, clients=4, clients_per_round=2)
+    cands = [c for c in CANDIDATES if c["peft"] == "bitfit" or (c["peft"] == "lora" and c["placement"] == "last")]
+    rep = profile(cfg, perturbations=4, batches=1, candidates=cands, log=lambda *a: None, repeats=1)
+    assert [r["peft"] for r in rep["skipped"]] == ["bitfit"] and "bias" in rep["skipped"][0]["reason"]
+    assert [r["peft"] for r in rep["candidates"]] == ["lora"] and rep["recommended"] == rep["candidates"][0]["name"]
+    with pytest.raises(ValueError, match="no candidate applies"):
+        profile(cfg, perturbations=4, batches=1, candidates=[c for c in CANDIDATES if c["peft"] == "bitfit"],
+                log=lambda *a: None, repeats=1)

@@ -79,9 +79,14 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
 
     data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     task = resolve_task(cfg.task, data)
-    rows = []
+    rows, skipped = [], []
     for cand in candidates or CANDIDATES:
-        model, tok = load_model(_cfg_for(cfg, cand), data, task)
+        try:
+            model, tok = load_model(_cfg_for(cfg, cand), data, task)
+        except ValueError as e:  # the method does not apply to this model (e.g. BitFit without biases)
+            skipped.append({"name": cand["name"], "peft": cand["peft"], "reason": str(e)})
+            log(f"{cand['name']:<32} skipped: {e}")
+            continue
         ct = ClientTask(cfg, model, tok, data, task=task)
         tr = fwdkern.trainable(model)
         head = set(ct.head_names)
@@ -137,10 +142,13 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
             f"{row['expected_cosine_body']:.3f}) step {step_s:.2f} CPU s peak {row['peak_mib']} MiB")
         del model, ct
         gc.collect()
+    if not rows:
+        raise ValueError("profile: no candidate applies to this model (" +
+                         "; ".join(f"{r['name']}: {r['reason']}" for r in skipped) + ")")
     best = max(rows, key=lambda r: r["score"])
     return {"model": cfg.model, "data": cfg.data, "task": task, "perturbations": perturbations, "batches": batches,
             "repeats": repeats, "head_trained_exactly": bool(rows and rows[0]["d"] != rows[0]["d_body"]),
-            "batch_size": cfg.batch_size, "max_length": cfg.max_length, "candidates": rows,
+            "batch_size": cfg.batch_size, "max_length": cfg.max_length, "candidates": rows, "skipped": skipped,
             "recommended": best["name"],
             "rule": "max cosine_body^2 / step CPU s (expected progress of a forward-gradient step per second)"}
 
