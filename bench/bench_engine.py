@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fwdkern  # noqa: E402
 
-from .common import environment, repetitions, time_gpu  # noqa: E402
+from .common import causal_lm_loss, environment, repetitions, time_gpu  # noqa: E402
 
 B, T, K, SEED = 4, 128, 8, 1234
 PROVIDERS = ["inference", "fwdkern", "jvp_vmap", "perturbed", "backprop"]
@@ -74,8 +74,7 @@ def setup(provider, device="cpu"):
     ks = list(range(K))
 
     def lm_loss(logits):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        return causal_lm_loss(logits, labels)
 
     if provider == "inference":
         def step():

@@ -41,14 +41,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import fwdkern  # noqa: E402
-from bench.common import environment, time_gpu  # noqa: E402
+from bench.common import causal_lm_loss, environment, time_gpu  # noqa: E402
 
 K, SEED, R_LORA = 8, 1234, 16
 BASES = ("fp32", "int8", "int4")
@@ -138,8 +137,7 @@ def step_fn(model, provider, batch, labels):
     ks = list(range(K))
 
     def lm_loss(logits):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        return causal_lm_loss(logits, labels)
 
     if provider == "inference":
         def step():

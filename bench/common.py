@@ -23,6 +23,14 @@ def repetitions(rounds: int, warmup: int = 1) -> dict:
 
 
 
+def causal_lm_loss(logits, labels):
+    """Next-token cross entropy over the full logits (what an HF causal-LM loss costs), fp32."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
 def time_gpu(benchmark, fn, rounds: int, warmup: int):
     """(median seconds, peak extra bytes) of `fn` on the GPU, synchronized after every call."""
 
