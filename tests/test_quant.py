@@ -13,7 +13,6 @@ weight against the float reference on the dequantized weight, and whole models.
   weights (fwdkern.nn.dequantize_base), within 1e-4 (the tolerance of tests/test_engine.py).
 """
 import copy
-import math
 import os
 
 import pytest
@@ -25,6 +24,7 @@ from fwdkern.nn import QuantEmbedding, QuantLinear, dequantize_base, quantize_ba
 from fwdkern.ops import quant as Q
 from fwdkern.ops import reference_lora as R
 from fwdkern.ops._qformat import dequantize_reference, step_size
+from test_lora import _assert_close32, _layer as _float_layer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,24 +64,11 @@ def _case_id(c):
 
 
 def _layer(batch, in_f, out_f, r, K, with_bias, with_xt, bits, gs, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*batch, in_f, generator=g)
-    xt = torch.randn(K, *batch, in_f, generator=g) if with_xt else None
-    W = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
-    b = torch.randn(out_f, generator=g) if with_bias else None
-    A = torch.randn(r, in_f, generator=g) / math.sqrt(in_f)
-    B = torch.randn(out_f, r, generator=g) / math.sqrt(r)
+    """test_lora's float layer (same draws) plus W quantized; W itself stays fp32 (the reference's input)."""
+    x, xt, W, b, A, B = _float_layer(batch, in_f, out_f, r, K, with_bias, with_xt, seed=seed)
     qw = Q.quantize_weight(W, bits, gs or 64)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(x), cast(xt), W, qw, cast(b), cast(A), cast(B)
-
-
-def _assert_close32(out, ref, what):
-    assert out.shape == ref.shape, (what, out.shape, ref.shape)
-    if ref.numel() == 0:
-        return
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(out.to(F64), ref, rtol=1e-5, atol=1e-5 * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
 # The interpreter runs every program in Python: there the triton backend gets three shapes, one per
