@@ -107,6 +107,16 @@ def test_final_round_is_always_evaluated(tiny, tmp_path):
     assert "accuracy" in rows[-1] and rows[-1]["round"] == 2
 
 
+def test_final_evaluation_reuses_the_last_rounds(tiny, tmp_path):
+    # eval_every divides the run: the last round's evaluation is the final one, the test set runs once
+    sim = build(_cfg(tiny, tmp_path / "once", rounds=4, eval_every=2), log=lambda *a: None)
+    calls, evaluate = [], sim.task.evaluate
+    sim.task.evaluate = lambda data: calls.append(sim.server.model_version) or evaluate(data)
+    summary = sim.run()
+    assert calls == [0, 2, 4], calls
+    assert summary["final"] == {"accuracy": _rows(tmp_path / "once")[-1]["accuracy"]}
+
+
 _CHILD = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})

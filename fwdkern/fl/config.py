@@ -87,7 +87,7 @@ class RunConfig:
     local_lr: Optional[float] = _opt(None, "client learning rate of backprop (SGD) and spry (AdamW) local steps "
                                      "(default: per method)", type=float)
     task: str = _opt("auto", "auto (classification if labelled, else causal LM), classification, prompt "
-                     "(causal LM predicts the label word) or causal_lm", TASKS)
+                     "(a causal LM's label-word logits as the classifier) or causal_lm", TASKS)
     prompt_template: str = _opt("{text}\nTopic:", "task=prompt: the label word follows this prompt")
     pooling: str = _opt("auto", "classification model: auto (the pooling a sentence-transformers checkpoint declares, "
                         "else the Hugging Face classification head), hf, mean, cls or max", POOLINGS)
@@ -97,7 +97,8 @@ class RunConfig:
                      ("auto", "exact", "perturb"))
     head_directions: int = _opt(200, "seeded directions a client projects its head update on (scalars uploaded)")
     head_epochs: int = _opt(5, "local passes over the client's batches when training the head exactly")
-    head_lr: float = _opt(2.0, "client learning rate of the exact head training")
+    head_lr: float = _opt(8.0, "client learning rate of the exact head training (per unit of the features' "
+                                "mean squared norm: scale-free)")
     head_server_lr: float = _opt(1.0, "server SGD learning rate on the head update (1 = FedAvg)")
     checkpointing: bool = _opt(False, "backprop: activation checkpointing (recompute activations in the backward "
                                "pass; the memory-matched rival of forward gradients)")

@@ -104,6 +104,12 @@ def load_model(cfg, data, task: str):
                 path, len(data.label_names), pooling=None if cfg.pooling == "auto" else pooling)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
+    elif task == "prompt":  # the LM head's label-word rows as the classifier (fwdkern.nn.verbalizer)
+        from ..nn.verbalizer import VerbalizerForSequenceClassification
+        from .prompt import verbalizer_ids
+
+        model = VerbalizerForSequenceClassification(AutoModelForCausalLM.from_pretrained(path),
+                                                    verbalizer_ids(tok, data.label_names))
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
     if cfg.peft == "lora":

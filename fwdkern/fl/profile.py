@@ -98,7 +98,7 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
         grads = [torch.zeros_like(p) for p in params]
         for b in bs:
             with torch.enable_grad():
-                loss = model(**b).loss if task != "prompt" else _prompt_loss(model, b)
+                loss = model(**b).loss
                 for g, gi in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                     if gi is not None:
                         g += gi / len(bs)
@@ -162,13 +162,6 @@ def _cfg_for(cfg, cand):
     d.update(peft=cand["peft"], r=cand.get("r", cfg.r), lora_alpha=2.0 * cand.get("r", cfg.r), target_modules=None,
              layers=[-1] if cand.get("placement") == "last" else None)
     return RunConfig(**d)
-
-
-def _prompt_loss(model, batch):
-    from ..engine.losses import primal_loss
-
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return primal_loss(model, "causal_lm", inputs, batch["labels"], 0.0)
 
 
 def write(report: dict, path: str):

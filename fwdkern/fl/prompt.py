@@ -1,10 +1,10 @@
 """Classification as next-token prediction for causal LMs (prompt classification).
 
-Each example becomes ``template.format(text=...)`` followed by the first token of
-`` " " + label_name`` (the verbalizer); only that token carries a loss, so
-``fwdkern.jvp``'s causal-LM path applies the LM head to one position per example.
-Prediction compares the LM's logits for the verbalizer tokens at the last prompt
-position (the LM head is applied to those positions only: [B, vocab] never [B, T, vocab]).
+Each example becomes ``template.format(text=...)``; its class is read from the LM's logits of the
+label words (the first token of ``" " + label_name``: the verbalizer) at the last prompt position.
+The model is a :class:`fwdkern.nn.VerbalizerForSequenceClassification`: the verbalizer rows of the
+LM head as a classifier head, trained with cross-entropy over the label words (see there why not
+over the vocabulary), so every method trains and evaluates it as a sequence classifier.
 """
 from __future__ import annotations
 
@@ -24,11 +24,8 @@ class PromptTask:
         enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
         bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
         self.prefix, self.suffix = bos + enc(pre), enc(post)
-        self.verbalizer = [enc(" " + str(n).replace("_", " "))[0] for n in label_names]
-        if len(set(self.verbalizer)) != len(self.verbalizer):
-            raise ValueError(f"label names {list(label_names)} share a first token; rename them so each starts "
-                             f"with a distinct token")
-        self.budget = self.max_length - len(self.prefix) - len(self.suffix) - 1
+        self.verbalizer = verbalizer_ids(tokenizer, label_names)
+        self.budget = self.max_length - len(self.prefix) - len(self.suffix)
         if self.budget < 1:
             raise ValueError(f"max_length {max_length} leaves no room for text in the prompt template")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -47,22 +44,19 @@ class PromptTask:
         return ids, mask
 
     def batch(self, texts, labels: Optional[Sequence[int]]) -> dict:
-        if labels is None:
-            raise ValueError("prompt classification needs labels")
-        prompts = self._prompts(texts)
-        rows = [p + [self.verbalizer[y]] for p, y in zip(prompts, labels)]
-        ids, mask = self._pad(rows)
-        lab = torch.full_like(ids, -100)
-        for i, (p, y) in enumerate(zip(prompts, labels)):
-            lab[i, len(p)] = self.verbalizer[y]
-        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+        """Right-padded prompts and their class ids (labels None: inputs only)."""
+        ids, mask = self._pad(self._prompts(texts))
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            batch["labels"] = torch.tensor(list(labels), dtype=torch.long)
+        return batch
 
-    @torch.no_grad()
-    def predict(self, model, texts) -> torch.Tensor:
-        prompts = self._prompts(texts)
-        ids, mask = self._pad(prompts)
-        out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-        h = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        last = torch.tensor([len(p) - 1 for p in prompts])
-        logits = model.get_output_embeddings()(h[torch.arange(len(prompts)), last])
-        return logits[:, self.verbalizer].argmax(-1)
+
+def verbalizer_ids(tokenizer, label_names: Sequence[str]) -> list:
+    """The first token of " " + name for each label name (underscores read as spaces); distinct."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = [enc(" " + str(n).replace("_", " "))[0] for n in label_names]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label names {list(label_names)} share a first token; rename them so each starts "
+                         f"with a distinct token")
+    return ids

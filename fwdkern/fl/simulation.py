@@ -103,13 +103,22 @@ class Simulation:
         # Transport of a seed-and-scalar round: callable({client index: RoundPlan}) -> [Update, ...];
         # None = embedded (`_local_exchange`). fwdkern.fl.flower plugs Flower in here.
         self.exchange: Optional[Callable] = None
+        self._evaluated: Optional[tuple] = None  # (model version, metrics) of the last evaluation
 
     @property
     def model(self):
         return self.task.model
 
     def evaluate(self) -> dict:
-        return self.task.evaluate(self.test)
+        """Test metrics of the current weights. The result is kept per model version, so the final
+        evaluation reuses the one of the last round instead of running the test set twice (on
+        SmolLM2 one pass over 445 prompts costs more CPU than a training round)."""
+        version = self.server.model_version
+        if self._evaluated is not None and self._evaluated[0] == version:
+            return dict(self._evaluated[1])
+        metrics = self.task.evaluate(self.test)
+        self._evaluated = (version, dict(metrics))
+        return metrics
 
     # ------------------------------------------------------------------ rounds
     def _run_round_weights(self) -> dict:
@@ -260,6 +269,7 @@ class Simulation:
             self.log(f"{self.cfg.out} holds a run with other settings; starting a fresh one")
             return
         self.server.load_state_dict(sd["server"])
+        self._evaluated = None
         self.metrics, self.wall, self.cpu = sd["metrics"], sd["wall"], sd.get("cpu", 0.0)
         self.failed, self.initial = sd.get("failed", 0), sd.get("initial", {})
         self.log(f"resumed from {ckpt} at round {self.server.round}")

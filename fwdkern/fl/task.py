@@ -50,14 +50,14 @@ class ClientTask:
         self.n_trainable = sum(t.numel() for t in self.params.values())
         self.head_path, self.head_names = self._exact_head(cfg, model, task)
         self.prompt = None
-        if task == "prompt":  # causal LM predicting the label word (fwdkern.fl.prompt)
+        if task == "prompt":  # label-word logits of a causal LM (fwdkern.fl.prompt)
             from .prompt import PromptTask
 
             self.prompt = PromptTask(tokenizer, dataset.label_names, cfg.prompt_template, cfg.max_length)
 
     def _exact_head(self, cfg, model, task):
         """(module path, trainable tensor names) of the head trained exactly on the clients, or (None, [])."""
-        if cfg.head == "perturb" or task != "classification":
+        if cfg.head == "perturb" or task not in ("classification", "prompt"):
             return None, []
         info = getattr(model, "fwdkern_config", None)
         for path in (info.modules_to_save if info is not None else []):
@@ -155,7 +155,13 @@ class ClientTask:
         prefix = self.head_path + "."
         start = {n[len(prefix):]: self.params[n].detach() for n in self.head_names}
         local = {k: v.clone().float().requires_grad_(True) for k, v in start.items()}
-        lr = self.cfg.head_lr
+        # The step is divided by the features' mean squared norm (the curvature scale of a linear
+        # head's cross-entropy), so one head_lr fits any encoder: sentence-transformers embeddings
+        # are unit-norm (scale 1), a causal LM's last hidden state has a squared norm in the
+        # thousands (~2200 for SmolLM2-135M), which would multiply an unscaled step by as much.
+        sq = torch.cat([x.float().reshape(-1, x.shape[-1]) for x, _ in feats]).pow(2).sum(-1)
+        scale = max(1.0, float(sq.mean()))
+        lr = self.cfg.head_lr / scale
         for _ in range(self.cfg.head_epochs):
             for x, y in feats:
                 keep = y != -100
@@ -236,8 +242,6 @@ class ClientTask:
         return {"accuracy": correct / max(1, tot)}
 
     def _predict(self, texts, labels) -> torch.Tensor:
-        if self.prompt is not None:  # label-word logits at the last prompt position
-            return self.prompt.predict(self.model, texts)
         b = self.batch(texts, labels.tolist())
         b.pop("labels")
         return self.model(**b).logits.argmax(-1)

@@ -466,6 +466,32 @@ def _weight_args(weight):
     return weight.qdata, weight.scales, z, weight.groups, weight.group_size, bits
 
 
+def _launch_dual(x2d, xt_rows, weight, bias, H, B, ks, y, yt, R_eff: int, HR: int, scaling: float = 0.0,
+                 seed: int = 0, pid_B: int = 0, pid_bias: int = 0, perturb_B: bool = False, perturb_bias: bool = False,
+                 dist_code: int = 0, RB: int = 16):
+    """One pass of the dual kernel over the M primal rows and the K * M tangent rows (W read once for
+    all of them); R_eff = 0 drops the rank-r epilogue (H and B are then never read)."""
+    M, D = x2d.shape
+    N, K = y.shape[1], yt.shape[0]
+    weight, S, Z, G, GS, QBITS = _weight_args(weight)
+    T = (1 + K) * M
+    TD = 0 if D == 0 else (T if xt_rows is not None else M)
+    grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(T - M, meta["BLOCK_M"]))  # noqa: E731
+                         * triton.cdiv(N, meta["BLOCK_N"]),)
+    xt_arg = x2d if xt_rows is None else xt_rows
+    _dual_kernel[grid](x2d, xt_arg, weight, S, Z, bias if bias is not None else weight, H, B, y, yt, ks, M, N,
+                       D, R_eff, T, TD, HR, G, GS, x2d.stride(0), xt_arg.stride(0), weight.stride(0), B.stride(0),
+                       float(scaling), *split_seed(seed), pid_B, pid_bias, HAS_BIAS=bias is not None,
+                       PERTURB_B=bool(perturb_B) and K > 0 and R_eff > 0, PERTURB_BIAS=bool(perturb_bias) and K > 0,
+                       DIST=dist_code, PREC=_prec(x2d.dtype), RB=RB, QBITS=QBITS)
+
+
+def _outputs(x2d, N: int, K: int):
+    M = x2d.shape[0]
+    return (torch.empty(M, N, dtype=x2d.dtype, device=x2d.device),
+            torch.empty(K, M, N, dtype=x2d.dtype, device=x2d.device))
+
+
 def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int, ks,
               dist_code: int, perturb_A: bool, perturb_B: bool, perturb_bias: bool):
     """Fused dual forward: x2d [M, in], xt [K, M, in] or None -> (y [M, out], yt [K, M, out]) in x2d's dtype.
@@ -477,17 +503,13 @@ def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int
     M, D = x2d.shape
     N, R = weight.shape[0], A.shape[0]
     K = ks.numel()
-    dtype = x2d.dtype
-    y = torch.empty(M, N, dtype=dtype, device=x2d.device)
-    yt = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
+    y, yt = _outputs(x2d, N, K)
     if M == 0 or N == 0:
         return y, yt
-    weight, S, Z, G, GS, QBITS = _weight_args(weight)
     x2d, A, B = (_rowmajor(t) for t in (x2d, A, B))
     bias = bias.contiguous() if bias is not None else None
     xt_rows = _rowmajor(xt.reshape(K * M, D)) if xt is not None and K > 0 else None
 
-    T = (1 + K) * M
     h_tangents = K > 0 and (xt_rows is not None or perturb_A)
     J = 1 + K if h_tangents else 1
     HR = J * M
@@ -496,44 +518,25 @@ def lora_dual(x2d, xt, weight, bias, A, B, scaling: float, seed: int, pid_A: int
     if R_eff > 0:
         _shrink(x2d, xt_rows, A, H, J, J if xt_rows is not None else 1, perturb_A and K > 0, seed, pid_A, ks,
                 dist_code)
-    TD = 0 if D == 0 else (T if xt_rows is not None else M)
-    grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(T - M, meta["BLOCK_M"]))  # noqa: E731
-                         * triton.cdiv(N, meta["BLOCK_N"]),)
-    xt_arg = x2d if xt_rows is None else xt_rows
-    _dual_kernel[grid](x2d, xt_arg, weight, S, Z, bias if bias is not None else weight, H, B, y, yt, _ks_arg(ks), M, N,
-                       D, R_eff, T, TD, HR, G, GS, x2d.stride(0), xt_arg.stride(0), weight.stride(0), B.stride(0),
-                       float(scaling), *split_seed(seed), pid_B, pid_bias, HAS_BIAS=bias is not None,
-                       PERTURB_B=bool(perturb_B) and K > 0 and R_eff > 0, PERTURB_BIAS=bool(perturb_bias) and K > 0,
-                       DIST=dist_code, PREC=_prec(dtype), RB=_pow2_block(R), QBITS=QBITS)
+    _launch_dual(x2d, xt_rows, weight, bias, H, B, _ks_arg(ks), y, yt, R_eff, HR, scaling, seed, pid_B, pid_bias,
+                 perturb_B, perturb_bias, dist_code, _pow2_block(R))
     return y, yt
 
 
 def linear_dual(x2d, xt, weight, bias):
     """Frozen layer, float or QuantizedWeight W: (y = x W^T + b [M, out], yt[k] = xt[k] W^T [K, M, out]); xt
-    [K, M, in] or None (K = 0). The dual kernel without its rank-r and seeded epilogues: one pass over
-    the stacked rows, W read once for all of them."""
+    [K, M, in] or None (K = 0). The dual kernel without its rank-r and seeded epilogues."""
     M, D = x2d.shape
-    N = weight.shape[0]
     K = xt.shape[0] if xt is not None else 0
-    dtype = x2d.dtype
-    y = torch.empty(M, N, dtype=dtype, device=x2d.device)
-    yt = torch.empty(K, M, N, dtype=dtype, device=x2d.device)
-    if M == 0 or N == 0:
+    y, yt = _outputs(x2d, weight.shape[0], K)
+    if M == 0 or weight.shape[0] == 0:
         return y, yt
-    weight, S, Z, G, GS, QBITS = _weight_args(weight)
     x2d = _rowmajor(x2d)
     bias = bias.contiguous() if bias is not None else None
     xt_rows = _rowmajor(xt.reshape(K * M, D)) if K > 0 else None
-    T = (1 + K) * M
     H = torch.empty(1, 1, dtype=torch.float32, device=x2d.device)  # placeholder: no rank-r rows (HR = 0)
-    grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(T - M, meta["BLOCK_M"]))  # noqa: E731
-                         * triton.cdiv(N, meta["BLOCK_N"]),)
-    xt_arg = x2d if xt_rows is None else xt_rows
-    ks = torch.zeros(1, dtype=torch.int64, device=x2d.device)
-    _dual_kernel[grid](x2d, xt_arg, weight, S, Z, bias if bias is not None else x2d, H, x2d, y, yt, ks, M, N, D, 0,
-                       T, 0 if D == 0 else T, 0, G, GS, x2d.stride(0), xt_arg.stride(0), weight.stride(0), 0, 0.0, 0,
-                       0, 0, 0, HAS_BIAS=bias is not None, PERTURB_B=False, PERTURB_BIAS=False, DIST=0,
-                       PREC=_prec(dtype), RB=16, QBITS=QBITS)
+    ks = torch.zeros(1, dtype=torch.int64, device=x2d.device)  # placeholder: nothing seeded
+    _launch_dual(x2d, xt_rows, weight, bias, H, x2d, ks, y, yt, R_eff=0, HR=0)  # B: placeholder, never read
     return y, yt
 
 
