@@ -341,7 +341,7 @@ def report(suite, suite_name, out_root, methods):
 def markdown(out) -> str:
     env = out["environment"]
     lines = [f"{out['suite']}: {env['cpu']} ({env['cpu_count']} cores, 1 torch thread per run), torch {env['torch']}, "
-             f"{env['date']}. Accuracy = mean over seeds (n) at that many client rounds; spread = max - min.", "",
+             f"{env['date']}. Accuracy = mean over seeds (n) at that many client rounds, ± half the spread (max - min).", "",
              "| method | setting | acc @10 | acc @20 | acc @40 | acc @80 | CPU s / client round | forward passes "
              "/ client round | upload B / client round | client peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
