@@ -178,3 +178,20 @@ def test_default_recipe_trains_the_prompt_head(tiny_lm, tmp_path):
     assert all(r["bytes_up_per_client"] < 1024 for r in rows)
     assert sum(r["loss"] for r in rows[-3:]) / 3 < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
     assert summary["final"]["accuracy"] > summary["initial"]["accuracy"], summary
+
+
+def test_profile_skips_a_method_the_model_cannot_use(tiny_lm):
+    """LLaMA has no biases: BitFit would train only the label-word head's bias and weight, which the
+    recipe trains exactly, so it is reported as skipped (with the reason) and the others are measured."""
+    from fwdkern.fl.profile import CANDIDATES, profile
+
+    cfg = RunConfig(model=str(tiny_lm), data=str(tiny_lm / "data.csv"), task="prompt", max_length=12,
+                    prompt_template="{text} Topic:", num_threads=1, clients=4, clients_per_round=2)
+    cands = [c for c in CANDIDATES if c["peft"] == "bitfit" or (c["peft"] == "lora" and c["placement"] == "last")]
+    rep = profile(cfg, perturbations=4, batches=1, candidates=cands, log=lambda *a: None, repeats=1)
+    assert [r["peft"] for r in rep["skipped"]] == ["bitfit"] and "outside the head" in rep["skipped"][0]["reason"]
+    assert [r["peft"] for r in rep["candidates"]] == ["lora"] and rep["recommended"] == rep["candidates"][0]["name"]
+    assert rep["head_trained_exactly"] and rep["candidates"][0]["d_body"] < rep["candidates"][0]["d"]
+    with pytest.raises(ValueError, match="no candidate applies"):
+        profile(cfg, perturbations=4, batches=1, candidates=[c for c in CANDIDATES if c["peft"] == "bitfit"],
+                log=lambda *a: None, repeats=1)

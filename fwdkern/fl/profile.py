@@ -90,6 +90,13 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
         ct = ClientTask(cfg, model, tok, data, task=task)
         tr = fwdkern.trainable(model)
         head = set(ct.head_names)
+        if all(n in head for n, _, _ in tr):  # e.g. BitFit when the only bias is the head's
+            skipped.append({"name": cand["name"], "peft": cand["peft"],
+                            "reason": f"peft={cand['peft']!r}: trains no tensor outside the head, which trains "
+                                      "exactly (nothing for forward gradients to train)"})
+            log(f"{cand['name']:<32} skipped: {skipped[-1]['reason']}")
+            del model, ct
+            continue
         bs = [ct.batch([ct.train.texts[i] for i in ct.parts[c][:cfg.batch_size]],
                        [ct.train.labels[i] for i in ct.parts[c][:cfg.batch_size]] if ct.train.labels else None)
               for c in range(batches)]
