@@ -73,7 +73,8 @@ SUITES = {
     "rotten_tomatoes": dict(common=dict(model="all-minilm-l6-v2", data="rotten_tomatoes", max_length=48,
                                         max_test=1000, eval_every=5, target_modules=MINILM_QV),
                             methods={k: v for k, v in _methods().items()
-                                     if k in ("fwdkern", "backprop", "mezo", "default")},
+                                     if k in ("fwdkern", "backprop", "backprop_fedadam", "mezo", "fwdllm", "spry",
+                                              "default")},
                             sweep_rounds=20, final_rounds={}, final_default_rounds=40, seeds=[0, 1],
                             also={}),
     # Causal-LM prompt classification: the label words' logits at the last prompt position, the LM
