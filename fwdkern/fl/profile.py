@@ -80,21 +80,23 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
     data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     task = resolve_task(cfg.task, data)
     rows, skipped = [], []
+
+    def skip(cand, reason):
+        skipped.append({"name": cand["name"], "peft": cand["peft"], "reason": reason})
+        log(f"{cand['name']:<32} skipped: {reason}")
+
     for cand in candidates or CANDIDATES:
         try:
             model, tok = load_model(_cfg_for(cfg, cand), data, task)
         except ValueError as e:  # the method does not apply to this model (e.g. BitFit without biases)
-            skipped.append({"name": cand["name"], "peft": cand["peft"], "reason": str(e)})
-            log(f"{cand['name']:<32} skipped: {e}")
+            skip(cand, str(e))
             continue
         ct = ClientTask(cfg, model, tok, data, task=task)
         tr = fwdkern.trainable(model)
         head = set(ct.head_names)
         if all(n in head for n, _, _ in tr):  # e.g. BitFit when the only bias is the head's
-            skipped.append({"name": cand["name"], "peft": cand["peft"],
-                            "reason": f"peft={cand['peft']!r}: trains no tensor outside the head, which trains "
-                                      "exactly (nothing for forward gradients to train)"})
-            log(f"{cand['name']:<32} skipped: {skipped[-1]['reason']}")
+            skip(cand, f"peft={cand['peft']!r}: trains no tensor outside the head, which trains exactly (nothing "
+                       "for forward gradients to train)")
             del model, ct
             continue
         bs = [ct.batch([ct.train.texts[i] for i in ct.parts[c][:cfg.batch_size]],
