@@ -139,3 +139,26 @@ def test_backprop_honours_the_server_optimizer(learnable, tmp_path):
     for n in outs[("sgd", 1.0)]:
         torch.testing.assert_close(outs[("sgd", 0.5)][n], 0.5 * outs[("sgd", 1.0)][n], rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(outs[("fedadam", 0.01)][n], outs[("sgd", 1.0)][n]) for n in outs[("sgd", 1.0)])
+
+
+def test_head_calibration_shifts_logits_by_the_clients_label_prior():
+    """Logit adjustment (--head-calibration tau): tau * log of the client's Laplace-smoothed label
+    frequencies, ignoring padding labels; off (0) adds nothing."""
+    from types import SimpleNamespace
+
+    from fwdkern.fl.task import ClientTask
+
+    feats = [(None, torch.tensor([0, 0, -100])), (None, torch.tensor([0, 1]))]
+    on = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.5))
+    shift = ClientTask._label_shift(on, feats, 3)
+    prior = torch.tensor([4.0, 2.0, 1.0]) / 7  # counts (3, 1, 0) + 1 over 4 + 3
+    torch.testing.assert_close(shift, 0.5 * prior.log())
+    assert ClientTask._label_shift(SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.0)), feats, 3) == 0.0
+
+
+@pytest.mark.parametrize("tau", [-0.5, float("nan"), 5.0])
+def test_head_calibration_out_of_range_is_refused(tau):
+    from fwdkern.fl.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="head-calibration"):
+        RunConfig(head_calibration=tau).validate()

@@ -328,6 +328,17 @@ def test_resume_differences_allow_extending_rounds():
         RunConfig(rounds=10, decay="cosine").to_json()) == ["rounds"]
 
 
+def test_resume_ignores_fields_the_method_never_reads():
+    # A backprop run saved under an older head_lr default resumes; a fwdkern run (which trains the
+    # exact head with it) does not, and neither does a change of method.
+    old = RunConfig(method="backprop", head_lr=2.0).to_json()
+    assert RunConfig(method="backprop", head_lr=8.0).resume_differences(old) == []
+    assert RunConfig(method="backprop", head_lr=8.0, lr=0.5).resume_differences(old) == ["lr"]
+    assert RunConfig(method="fwdkern", head_lr=8.0).resume_differences(
+        RunConfig(method="fwdkern", head_lr=2.0).to_json()) == ["head_lr"]
+    assert set(RunConfig(method="mezo", head_lr=8.0).resume_differences(old)) == {"head_lr", "method"}
+
+
 def test_plan_config_is_parsed_strictly():
     plan = RoundPlan("c0", 1, 1, 2**63 + 5, (0, 1), (7,), head_ks=(9,), head_ids=(8,))
     assert RoundPlan.from_config(plan.to_config()) == plan

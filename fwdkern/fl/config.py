@@ -100,6 +100,9 @@ class RunConfig:
     head_lr: float = _opt(8.0, "client learning rate of the exact head training (per unit of the features' "
                                 "mean squared norm: scale-free)")
     head_server_lr: float = _opt(1.0, "server SGD learning rate on the head update (1 = FedAvg)")
+    head_calibration: float = _opt(0.0, "label-skew calibration of the exact head's client training: tau * log of "
+                                   "the client's label frequencies is added to its logits (logit adjustment, as in "
+                                   "FedLC); 0 = off")
     checkpointing: bool = _opt(False, "backprop: activation checkpointing (recompute activations in the backward "
                                "pass; the memory-matched rival of forward gradients)")
     wire: str = _opt("fp32", "encoding of the clients' uploads: fp32 / fp16 binary, sign (1 bit per value, "
@@ -165,6 +168,8 @@ class RunConfig:
         need(1 <= self.head_directions <= 4096, "head-directions", f"must be in [1, 4096], got {self.head_directions}")
         need(self.head_epochs >= 1, "head-epochs", f"must be at least 1, got {self.head_epochs}")
         need(self.head_lr > 0 and self.head_server_lr > 0, "head-lr/--head-server-lr", "must be positive")
+        need(math.isfinite(self.head_calibration) and 0 <= self.head_calibration <= 4, "head-calibration",
+             f"must be in [0, 4], got {self.head_calibration}")
         if self.pacing not in ("off", "auto"):
             try:
                 thr = float(self.pacing)
@@ -195,7 +200,19 @@ class RunConfig:
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(RunConfig)}
         keys = sorted(set(mine) | set(saved))
+        if mine.get("method") == saved.get("method"):
+            free |= self.unread_fields()
         return [k for k in keys if k not in free and mine.get(k) != saved.get(k, defaults.get(k))]
+
+    def unread_fields(self) -> set:
+        """Fields this config's method never reads: a change of their default between releases must
+        not block resuming (or reusing) a run of another method."""
+        if self.method == "fwdkern":
+            return set()
+        return set(EXACT_HEAD_FIELDS)  # the exact head trains on fwdkern clients only (ClientTask._exact_head)
+
+
+EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration")
 
 
 def fields_help():

@@ -162,12 +162,15 @@ class ClientTask:
         sq = torch.cat([x.float().reshape(-1, x.shape[-1]) for x, _ in feats]).pow(2).sum(-1)
         scale = max(1.0, float(sq.mean()))
         lr = self.cfg.head_lr / scale
+        shift = None
         for _ in range(self.cfg.head_epochs):
             for x, y in feats:
                 keep = y != -100
                 with torch.enable_grad():
                     logits = torch.func.functional_call(head, local, (x.float(),))
-                    loss = torch.nn.functional.cross_entropy(logits.float()[keep], y[keep])
+                    if shift is None:
+                        shift = self._label_shift(feats, logits.shape[-1])
+                    loss = torch.nn.functional.cross_entropy(logits.float()[keep] + shift, y[keep])
                     grads = torch.autograd.grad(loss, list(local.values()))
                 with torch.no_grad():
                     for t, g in zip(local.values(), grads):
@@ -178,6 +181,18 @@ class ClientTask:
             pg = (start[n].float() - local[n].detach()).contiguous()
             vals += seeded_dot(pg, plan.seed, pid, list(plan.head_ks), plan.dist).double()
         return tuple(float(v) for v in vals)
+
+    def _label_shift(self, feats, C: int):
+        """tau * log(the client's label prior) over C classes (Laplace-smoothed), or 0 (calibration off).
+
+        Logit adjustment for label skew (FedLC): the client fits logits + this shift, so the head it
+        returns leaves out what only its own label mix explains; evaluation adds nothing."""
+        if not self.cfg.head_calibration:
+            return 0.0
+        ys = torch.cat([y.reshape(-1) for _, y in feats])
+        ys = ys[(ys >= 0) & (ys < C)]
+        prior = (torch.bincount(ys, minlength=C).float() + 1) / (ys.numel() + C)
+        return self.cfg.head_calibration * prior.log()
 
     def local_backprop(self, client: int, rnd: int) -> tuple:
         """Backprop baseline: SGD steps (autograd) from the current weights on the client's batches.
