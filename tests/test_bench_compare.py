@@ -1,5 +1,25 @@
 """bench/fl_compare.py's target arithmetic: the numbers the README quotes come from it."""
-from bench.fl_compare import _curve, targets
+import importlib.util
+import os
+import sys
+
+
+def _load_fl_compare():
+    # Load by path: the suite runs from tests/ against the installed package, so bench/ is not
+    # importable, and fl_compare's own sys.path entry (the repo root) must not leak into other tests.
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fl_compare.py")
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("_fl_compare_under_test", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved
+    return mod
+
+
+_fl = _load_fl_compare()
+_curve, targets = _fl._curve, _fl.targets
 
 
 def _row(curves, rounds):
