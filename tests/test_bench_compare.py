@@ -58,3 +58,7 @@ def test_backprop_and_default_targets():
     assert abs(t["fwdkern_minus_backprop_at_80"]["delta"] + 0.01) < 1e-9
     assert t["default_over_fwdkern"]["at"] == 40 and abs(t["default_over_fwdkern"]["ratio"] - 0.93 / 0.94) < 1e-3
     assert targets({"backprop": bp}) == {}  # nothing to compare without fwdkern
+    # a better tuned variant (here the calibrated head) is the one the default is measured against
+    cal = _row({0: [(40, 120, 0.98)]}, [40])
+    t = targets({"fwdkern": fk, "fwdkern_calibrated": cal, "default": d})["default_over_fwdkern"]
+    assert t["best"] == "fwdkern_calibrated" and abs(t["ratio"] - 0.93 / 0.98) < 1e-3

@@ -19,15 +19,15 @@ the runs are in bench/results/fl_bbc_cpu/, bench/results/README.md has the table
   it means the same for unit-norm sentence embeddings and a causal LM's hidden states). Accuracy
   at 32 / 8 / 2 / 0.5: BBC News 0.937 / 0.930 / 0.921 / 0.910 after 20 client rounds, Rotten
   Tomatoes 0.690 / 0.677 / 0.671 / 0.622, SmolLM2 prompt classification 0.882 / 0.888 / 0.865 /
-  0.828 after 10 (bench/results/fl_{bbc,rt,smollm2}_cpu/, one seed). 32 and 8 are within a seed's
-  spread of each other on all three; 8 stays because it was chosen first and 32 is not better on
-  every set. Both were picked on these sweeps, so on these data sets the default is a tuned
-  setting, not an independent check of it.
+  0.828 after 10 (bench/results/fl_{bbc,rt,smollm2}_cpu/, one seed). 32 wins two 20-round sweeps
+  by less than a seed's spread, but on BBC News it peaks and slips: 0.929 vs 0.949 for 8 after 80
+  rounds (2 seeds). So 8 stays. It was picked on these sweeps, so on these data sets the default
+  is a tuned setting, not an independent check of it.
 * head_calibration 0 (off). Logit adjustment for label skew (tau 2) lifts Rotten Tomatoes from
-  0.684 to about 0.73 after 20 client rounds, but costs 1.3 points on BBC News (tau 0.5: +0.3), and
-  it fits each client's logits against its own label prior, which aims at balanced error: on data
-  whose global labels are imbalanced it would tilt predictions toward the rare classes. So it
-  stays opt-in until it is calibrated against the global prior (bench/results/README.md).
+  0.684 to 0.728 after 20 client rounds (2 seeds), but costs 1.3 points on BBC News (tau 0.5: +0.3;
+  one seed). It fits each client's logits against its own label prior, which aims at balanced
+  error: on data whose global labels are imbalanced it would tilt predictions toward the rare
+  classes. So it stays opt-in until it is calibrated against the global prior.
 * backprop (LoRA FedAvg): about one local epoch (local_batches below), client SGD lr 2, FedAvg
   (server SGD lr 1 on the averaged update): the best FedAvg setting of the sweep.
 """
