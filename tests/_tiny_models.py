@@ -43,6 +43,21 @@ def sentiment_rows(words, n, seed=0):
 LEARNABLE_WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
 
 
+def declare_mean_pooling(d, normalize: bool = True):
+    """Make the folder `d` a sentence-transformers checkpoint that declares masked mean pooling (and
+    L2 normalisation), as all-MiniLM-L6-v2 does: pooling "auto" then picks it up."""
+    import json
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (d / "modules.json").write_text(json.dumps(modules))
+    (d / "1_Pooling").mkdir(exist_ok=True)
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return d
+
+
 def save_learnable(d):
     """A tiny random BERT whose pooled features separate the classes (linear probe ~98%), with its
     data.csv (sentence, sentiment): sentences are mostly polarity words, and initializer_range 0.1

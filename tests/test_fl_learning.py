@@ -110,17 +110,36 @@ def _cfg(d, out, **kw):
     return RunConfig(**base)
 
 
-def test_default_recipe_learns(learnable, tmp_path):
+@pytest.fixture(scope="module")
+def learnable_encoder(tmp_path_factory):
+    """The learnable set on a tiny sentence encoder (declared mean pooling + normalisation, like
+    all-MiniLM-L6-v2)."""
+    pytest.importorskip("transformers")
+    from _tiny_models import declare_mean_pooling, save_learnable
+
+    return declare_mean_pooling(save_learnable(tmp_path_factory.mktemp("learn_st")))
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_default_recipe_learns(learnable_encoder, tmp_path, seed):
     """`fwdkern train` with nothing but model, data and columns: the recipe (exact head + 200 seeded
-    projections, FedAvg on the head) learns a separable binary set within 12 client rounds.
-    NOTE: this plain BERT has no sentence-transformers pooling, so the HF pooler (CLS + a random tanh
-    layer) feeds the head: measured 0.44 / 0.73 / 0.98 after 4 / 8 / 12 rounds."""
+    projections, FedAvg on the head, calibrated to the global label mix) learns a separable binary
+    set within 8 client rounds.
+    NOTE: measured on seeds 0-3: 0.85-0.96 after 2 rounds, 0.98-1.0 after 4 to 16. With the plain
+    HF pooler (CLS + a random tanh layer: 99 % of the features' squared norm is their common mean,
+    0.066 of 6.6 separates the classes) the same recipe is seed-fragile (seed 1 stays at 0.48-0.54
+    for 16 rounds with or without calibration; --head-centering on fixes it, see below)."""
     from fwdkern.fl.simulation import build
 
-    sim = build(_cfg(learnable, tmp_path / "rec", rounds=12), log=lambda *a: None)
+    sim = build(_cfg(learnable_encoder, tmp_path / "rec", seed=seed), log=lambda *a: None)
     assert sim.cfg.head == "auto" and sim.task.head_names and sim.cfg.perturbations == 0
+    from fwdkern.nn.pooling import SentenceEncoderForSequenceClassification
+
+    assert isinstance(sim.task.model, SentenceEncoderForSequenceClassification) and sim.task.model.pooling == "mean"
+    assert sim.cfg.head_calibration == 1.0
     summary = sim.run()
-    assert summary["initial"]["accuracy"] < 0.65 and summary["final"]["accuracy"] >= 0.85, summary
+    assert summary["initial"]["accuracy"] < 0.65 and summary["final"]["accuracy"] >= 0.9, summary
+    assert sim.metrics[-1]["round"] == sim.cfg.rounds - 1 and "accuracy" in sim.metrics[-1]  # last round evaluated
     assert max(r["bytes_up_per_client"] for r in sim.metrics) <= 1024  # seeds + scalars
 
 
@@ -141,19 +160,70 @@ def test_backprop_honours_the_server_optimizer(learnable, tmp_path):
     assert any(not torch.allclose(outs[("fedadam", 0.01)][n], outs[("sgd", 1.0)][n]) for n in outs[("sgd", 1.0)])
 
 
-def test_head_calibration_shifts_logits_by_the_clients_label_prior():
-    """Logit adjustment (--head-calibration tau): tau * log of the client's Laplace-smoothed label
-    frequencies, ignoring padding labels; off (0) adds nothing."""
+def test_head_calibration_shifts_logits_from_the_clients_label_prior_to_the_global_one():
+    """Logit adjustment (--head-calibration tau): tau * (log of the client's Laplace-smoothed label
+    frequencies - log of the training split's), ignoring padding labels; without a global prior the
+    split counts as uniform; off (0) adds nothing."""
+    from types import SimpleNamespace
+
+    from fwdkern.fl.task import ClientTask, label_prior
+
+    feats = [(None, torch.tensor([0, 0, -100])), (None, torch.tensor([0, 1]))]
+    client = torch.tensor([4.0, 2.0, 1.0]) / 7  # counts (3, 1, 0) + 1 over 4 + 3
+    torch.testing.assert_close(label_prior(torch.tensor([0, 0, -100, 0, 1, 7]), 3), client)
+    glob = torch.tensor([0.5, 0.3, 0.2])
+    on = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.5), train_prior=glob)
+    torch.testing.assert_close(ClientTask._label_shift(on, feats, 3), 0.5 * (client.log() - glob.log()))
+    # a client whose labels follow the global mix gets no shift: nothing to correct
+    same = SimpleNamespace(cfg=SimpleNamespace(head_calibration=1.0), train_prior=client)
+    torch.testing.assert_close(ClientTask._label_shift(same, feats, 3), torch.zeros(3))
+    uniform = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.5), train_prior=None)
+    torch.testing.assert_close(ClientTask._label_shift(uniform, feats, 3), 0.5 * (client.log() - torch.tensor(1 / 3).log()))
+    off = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.0), train_prior=glob)
+    assert ClientTask._label_shift(off, feats, 3) == 0.0
+
+
+def test_head_calibration_corrects_toward_the_global_prior_of_the_loaded_split(learnable, tmp_path):
+    """The task's global prior is the training split's label mix (every client loads the same split)."""
+    from fwdkern.fl.simulation import build
+    from fwdkern.fl.task import label_prior
+
+    sim = build(_cfg(learnable, tmp_path / "prior", rounds=1), log=lambda *a: None)
+    C = len(sim.task.dataset.label_names)
+    torch.testing.assert_close(sim.task.train_prior, label_prior(torch.tensor(sim.task.train.labels), C))
+    assert sim.cfg.head_calibration == 1.0  # the default: the Bayes correction
+
+
+def test_head_centering_applies_to_a_linear_head_with_a_bias_only():
+    """--head-centering on: the client's mean feature for a head with a bias (which absorbs it);
+    off (the default) or a head without a bias: none."""
     from types import SimpleNamespace
 
     from fwdkern.fl.task import ClientTask
 
-    feats = [(None, torch.tensor([0, 0, -100])), (None, torch.tensor([0, 1]))]
-    on = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.5))
-    shift = ClientTask._label_shift(on, feats, 3)
-    prior = torch.tensor([4.0, 2.0, 1.0]) / 7  # counts (3, 1, 0) + 1 over 4 + 3
-    torch.testing.assert_close(shift, 0.5 * prior.log())
-    assert ClientTask._label_shift(SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.0)), feats, 3) == 0.0
+    rows = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * 0.1 + 3.0
+    bias_head = {"weight": torch.zeros(2, 8), "bias": torch.zeros(2)}
+
+    def center(mode, local=bias_head):
+        return ClientTask._head_center(SimpleNamespace(cfg=SimpleNamespace(head_centering=mode)), rows, local)
+
+    torch.testing.assert_close(center("on"), rows.mean(0))
+    assert center("off") is None
+    assert center("on", {"weight": torch.zeros(2, 8)}) is None
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_centred_head_learns_from_a_common_mode_pooler(learnable, tmp_path, seed):
+    """The plain HF pooler of the tiny BERT (CLS + a random tanh layer) puts 99 % of the features'
+    squared norm in their mean: uncentred, this seed stays at 0.48-0.54 for 16 rounds;
+    --head-centering on trains the same head on centred features (the bias absorbs the mean), the
+    head it returns is an ordinary (weight, bias), and it learns."""
+    from fwdkern.fl.simulation import build
+
+    sim = build(_cfg(learnable, tmp_path / "pooler", seed=seed, head_centering="on"), log=lambda *a: None)
+    summary = sim.run()
+    assert summary["final"]["accuracy"] >= 0.85, summary
+    assert set(sim.task.head_names) == {"classifier.weight", "classifier.bias"}
 
 
 @pytest.mark.parametrize("tau", [-0.5, float("nan"), 5.0])

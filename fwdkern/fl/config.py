@@ -100,9 +100,14 @@ class RunConfig:
     head_lr: float = _opt(8.0, "client learning rate of the exact head training (per unit of the features' "
                                 "mean squared norm: scale-free)")
     head_server_lr: float = _opt(1.0, "server SGD learning rate on the head update (1 = FedAvg)")
-    head_calibration: float = _opt(0.0, "label-skew calibration of the exact head's client training: tau * log of "
-                                   "the client's label frequencies is added to its logits (logit adjustment, as in "
-                                   "FedLC); 0 = off")
+    head_calibration: float = _opt(1.0, "label-skew calibration of the exact head's client training: tau * log of "
+                                   "the client's label frequencies over the training split's is added to its "
+                                   "logits (logit adjustment; 1 = the Bayes correction to the global label mix, "
+                                   "0 = off)")
+    head_centering: str = _opt("off", "on: centre the features of the exact head's client training on the client's "
+                               "mean (a linear head with a bias absorbs it; helps a feature set dominated by a common "
+                               "mode, such as a random HF pooler, and diverges on SmolLM2's hidden states)",
+                               ("off", "on"))
     checkpointing: bool = _opt(False, "backprop: activation checkpointing (recompute activations in the backward "
                                "pass; the memory-matched rival of forward gradients)")
     wire: str = _opt("fp32", "encoding of the clients' uploads: fp32 / fp16 binary, sign (1 bit per value, "
@@ -212,7 +217,7 @@ class RunConfig:
         return set(EXACT_HEAD_FIELDS)  # the exact head trains on fwdkern clients only (ClientTask._exact_head)
 
 
-EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration")
+EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration", "head_centering")
 
 
 def fields_help():
