@@ -121,8 +121,7 @@ SUITES = {
                                       {"local_lr": [1e-4, 1e-3, 1e-2]}),
                              "default": (dict(), {})},
                     sweep_rounds=10,
-                    # backprop FedAdam stops at the sweep (1 seed), to fit the CPU
-                    final_rounds={"fwdllm": 10, "spry": 10, "backprop_fedadam": 0}, final_default_rounds=20,
+                    final_rounds={"fwdllm": 10, "spry": 10}, final_default_rounds=20,
                     seeds=[0, 1], also=dict(backprop_ckpt=("backprop", dict(checkpointing=True), 0))),
 }
 

@@ -212,13 +212,13 @@ class ClientTask:
         NOTE (measured, why it is opt-in): a random tiny BERT's HF pooler (CLS + tanh) puts 99 % of
         E|x|^2 in the mean (0.066 of 6.6 separates the classes); uncentred, the default recipe stays
         at 0.48-0.54 for 16 rounds on seed 1 and swings between 0.48 and 0.92 on seed 2; centred,
-        seeds 0-3 end at 0.96-1.0. On
-        all-MiniLM-L6-v2 (10-37 % of E|x|^2 in a client's mean) it is neutral: 0.926 vs 0.933 (BBC
-        News) and 0.710 vs 0.715 (Rotten Tomatoes) after 20 client rounds, 1 seed. On SmolLM2-135M
-        (85-92 % in the mean) it diverges at head lr 8: the step grows ~9x, and the bias's update
-        (minus the weight's update times a mean of norm ~45) dominates the 200 projections, whose
-        sketch noise then lands on the weight: loss 4 -> 27 and accuracy 0.42 after 10 rounds
-        (bench/results/fl_smollm2_cpu/centering_probe/)."""
+        seeds 0-3 end at 0.96-1.0. On all-MiniLM-L6-v2 (10-37 % of E|x|^2 in a client's mean) it is
+        neutral: 0.926 vs 0.933 (BBC News) and 0.710 vs 0.715 (Rotten Tomatoes) after 20 client
+        rounds, 1 seed. On SmolLM2-135M (85-92 % in the mean) it diverges at head lr 8: loss 4 -> 27
+        and accuracy 0.42 after 10 rounds (bench/results/fl_smollm2_cpu/centering_probe/). The step
+        grows ~9x there; our reading (not measured separately) is that the bias's update (minus the
+        weight's update times a mean of norm ~45) then dominates the 200 projections, whose sketch
+        noise lands on the weight."""
         if self.cfg.head_centering != "on" or set(local) != {"weight", "bias"}:
             return None
         return rows.mean(0)
