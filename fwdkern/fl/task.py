@@ -57,7 +57,7 @@ class ClientTask:
         self.n_trainable = sum(t.numel() for t in self.params.values())
         self.head_path, self.head_names = self._exact_head(cfg, model, task)
         # the global label mix that --head-calibration corrects the clients' own toward
-        self.train_prior = label_prior(torch.as_tensor(self.train.labels), len(dataset.label_names)) \
+        self.train_prior = label_prior(self.train.labels, len(dataset.label_names)) \
             if self.head_names and self.train.labels and getattr(dataset, "label_names", None) else None
         self.prompt = None
         if task == "prompt":  # label-word logits of a causal LM (fwdkern.fl.prompt)
@@ -201,7 +201,7 @@ class ClientTask:
         vals = torch.zeros(len(plan.head_ks), dtype=torch.float64)
         for pid in plan.head_ids:
             n = self.names_by_id[pid][len(prefix):]
-            pg = (start[n].float() - local[n].detach()).contiguous()
+            pg = (start[n].float() - local[n]).contiguous()
             vals += seeded_dot(pg, plan.seed, pid, list(plan.head_ks), plan.dist).double()
         return tuple(float(v) for v in vals)
 
