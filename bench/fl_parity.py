@@ -1,0 +1,136 @@
+"""Fingerprints of federated runs on tiny random models: what a refactor of fwdkern.fl must keep.
+
+Runs every method family of the embedded runner for a few rounds on tiny random models (a BERT
+classifier, a LLaMA causal LM) and prints, per run, a SHA-256 of the final trainable tensors and
+of the metrics rows (timings left out). Run it before and after a change that must not change
+what is computed and compare the two files:
+
+    python bench/fl_parity.py --out before.json      # at the old commit
+    python bench/fl_parity.py --out after.json --compare before.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+TIMING = {"wall_time_s", "cpu_time_s"}
+
+# name -> RunConfig overrides on the tiny BERT classifier (or the tiny LLaMA with task causal_lm)
+RUNS = {
+    "fwdkern_head_only": dict(method="fwdkern"),
+    "fwdkern_body_fedadam_pacing": dict(method="fwdkern", perturbations=4, optimizer="fedadam", pacing="auto"),
+    "fwdkern_body_sgd_momentum": dict(method="fwdkern", perturbations=4, optimizer="sgd", lr=0.05, momentum=0.9),
+    "fwdkern_split_candidates": dict(method="fwdkern", perturbations=4, split=True, candidates=3, head="perturb"),
+    "backprop": dict(method="backprop"),
+    "backprop_fedadam": dict(method="backprop", optimizer="fedadam", local_batches=2),
+    "spry": dict(method="spry"),
+    "mezo": dict(method="mezo"),
+    "fwdllm": dict(method="fwdllm", pacing="0.1"),
+    "fwdkern_fp16_wire": dict(method="fwdkern", wire="fp16", perturbations=2),
+    "causal_lm_fwdkern": dict(method="fwdkern", lm=True),
+    "causal_lm_backprop": dict(method="backprop", lm=True, local_lr=0.05),
+}
+
+
+def _tiny_lm(d):
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "rug", "."] + [f"w{i}" for i in range(20)]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    rng = random.Random(0)
+    with open(os.path.join(d, "text.txt"), "w") as f:
+        for _ in range(80):
+            f.write(" ".join([rng.choice(["the", "a"]), rng.choice(["cat", "dog"]), rng.choice(["sat", "ran"]), "on",
+                              "the", rng.choice(["mat", "rug"]), "."] + [rng.choice(words[10:])
+                                                                         for _ in range(rng.randrange(0, 4))]) + "\n")
+    return d
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(name, over, root):
+    import torch
+
+    from _tiny_models import save_tiny_bert, sentiment_rows, write_csv
+    from fwdkern.fl.config import RunConfig
+    from fwdkern.fl.simulation import build
+
+    over = dict(over)
+    lm = over.pop("lm", False)
+    if lm:
+        d = os.path.join(root, "lm")
+        if not os.path.exists(os.path.join(d, "config.json")):
+            os.makedirs(d, exist_ok=True)
+            _tiny_lm(d)
+        base = dict(model=d, data=os.path.join(d, "text.txt"), label_column=None, max_length=16, clients=8,
+                    clients_per_round=3, rounds=4, eval_every=2, checkpoint_every=2, max_test=16)
+    else:
+        from pathlib import Path
+
+        d = Path(root) / "bert"
+        if not (d / "config.json").exists():
+            d.mkdir(parents=True, exist_ok=True)
+            words = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(40)]
+            save_tiny_bert(d, words)
+            write_csv(d / "data.csv", ["sentence", "sentiment"], sentiment_rows(words, 200))
+        base = dict(model=str(d), data=str(d / "data.csv"), text_column="sentence", label_column="sentiment",
+                    max_length=12, clients=12, clients_per_round=4, rounds=5, eval_every=2, checkpoint_every=2,
+                    max_test=40)
+    base.update(over, out=os.path.join(root, "runs", name), num_threads=1)
+    sim = build(RunConfig(**base), log=lambda *a: None)
+    summary = sim.run()
+    params = {n: hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+              for n, t in sorted(sim.server.params.items())}
+    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in sim.metrics]
+    return {"params": _digest(params), "metrics": _digest(rows), "final": summary["final"],
+            "rounds": summary["rounds"], "client_rounds": summary["client_rounds"],
+            "row_keys": sorted({k for r in rows for k in r})}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--compare", default=None, help="a fingerprint file to compare with (exit 1 on a difference)")
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    res = {}
+    with tempfile.TemporaryDirectory() as root:
+        for name, over in RUNS.items():
+            if args.only and name not in args.only:
+                continue
+            res[name] = fingerprint(name, over, root)
+            print(name, res[name]["params"], res[name]["metrics"], res[name]["final"], flush=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    if args.compare:
+        ref = json.load(open(args.compare))
+        bad = [n for n in res if n in ref and (res[n]["params"], res[n]["metrics"]) != (ref[n]["params"],
+                                                                                        ref[n]["metrics"])]
+        print("identical" if not bad else f"DIFFERENT: {bad}")
+        sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
