@@ -279,14 +279,9 @@ def memory(suite, out_root, methods):
             "from fwdkern.fl.simulation import build\n"
             f"sim = build(RunConfig(**json.loads({json.dumps(json.dumps(kw))})), log=lambda *a: None)\n"
             "def setup():\n"
-            "    srv = sim.server\n"
-            "    plans = srv.plan_round(['client3']) if sim.cfg.method not in ('backprop',) else None\n"
-            "    return plans\n"
+            "    return sim.server.plan_round(['client3'])\n"
             "def run(plans):\n"
-            "    m = sim.cfg.method\n"
-            "    if m == 'backprop': sim.task.local_backprop(3, 0)\n"
-            "    elif m == 'spry': sim.task.local_spry(3, plans['client3'])\n"
-            "    else: sim.task.client_update(3, plans['client3'])\n"
+            "    sim.task.answer(3, plans['client3'])\n"
         )
         res[name] = {"peak_rss_growth_bytes": peak_memory_subprocess(code), "setting": setting}
         print(f"[memory] {name}: {res[name]}", flush=True)

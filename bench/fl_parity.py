@@ -102,7 +102,8 @@ def fingerprint(name, over, root):
     summary = sim.run()
     params = {n: hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
               for n, t in sorted(sim.server.params.items())}
-    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in sim.metrics]
+    with open(os.path.join(base["out"], "metrics.jsonl")) as f:
+        rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
     return {"params": _digest(params), "metrics": _digest(rows), "final": summary["final"],
             "rounds": summary["rounds"], "client_rounds": summary["client_rounds"],
             "row_keys": sorted({k for r in rows for k in r})}

@@ -25,6 +25,7 @@ from transformers import Trainer
 import torch.nn.functional as F
 
 from .engine import capture_input, jvp, load_adapter, save_adapter, trainable
+from .engine.head import trainable_head
 from .engine.losses import IGNORE, loss_kind
 from .engine.patching import get_config
 from .ops import seeded_axpy_
@@ -59,19 +60,14 @@ class ForwardGradientTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if isinstance(perturbations, bool) or not isinstance(perturbations, int) or perturbations < 1:
             raise ValueError(f"perturbations: expected a positive int, got {perturbations!r}")
-        cfg = get_config(self.model)  # fails early, with the fix, on a model without adapters
+        get_config(self.model)  # fails early, with the fix, on a model without adapters
         if head not in ("auto", "exact", "perturb"):
             raise ValueError(f"head: {head!r} is not one of auto, exact, perturb")
         self.perturbations, self.dist, self.loss_kind = perturbations, dist, loss
         self._micro = 0
         self.head_path, self.head_names = None, []
-        names = [n for n, _, _ in trainable(self.model)]
         if head != "perturb" and loss_kind(self.model, loss) == "classification":
-            for path in cfg.modules_to_save:
-                mine = [n for n in names if n.startswith(path + ".")]
-                if mine:
-                    self.head_path, self.head_names = path, mine
-                    break
+            self.head_path, self.head_names = trainable_head(self.model)
         if head == "exact" and self.head_path is None:
             raise ValueError("head='exact' needs a classification model with a trainable head (modules_to_save)")
 

@@ -107,11 +107,14 @@ def test_final_round_is_always_evaluated(tiny, tmp_path):
     assert "accuracy" in rows[-1] and rows[-1]["round"] == 2
 
 
-def test_final_evaluation_reuses_the_last_rounds(tiny, tmp_path):
+def test_final_evaluation_reuses_the_last_rounds(tiny, tmp_path, monkeypatch):
     # eval_every divides the run: the last round's evaluation is the final one, the test set runs once
+    from fwdkern.fl import simulation
+
     sim = build(_cfg(tiny, tmp_path / "once", rounds=4, eval_every=2), log=lambda *a: None)
-    calls, evaluate = [], sim.task.evaluate
-    sim.task.evaluate = lambda data: calls.append(sim.server.model_version) or evaluate(data)
+    calls, evaluate = [], simulation.evaluate
+    monkeypatch.setattr(simulation, "evaluate",
+                        lambda task, data: calls.append(sim.server.model_version) or evaluate(task, data))
     summary = sim.run()
     assert calls == [0, 2, 4], calls
     assert summary["final"] == {"accuracy": _rows(tmp_path / "once")[-1]["accuracy"]}

@@ -2,6 +2,7 @@
 mapping, parity with the embedded runner through an in-process Grid, and one real deployment
 (flower-superlink + 2 flower-supernode processes + `flwr run`) compared with the embedded runner.
 """
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,9 @@ from flwr.common.serde import (context_from_proto, context_to_proto, recorddict_
                                recorddict_to_proto)
 
 from fwdkern.fl import flower as fa  # noqa: E402
-from fwdkern.fl.protocol import RoundPlan, Update, UpdateRejected  # noqa: E402
+from fwdkern.fl.flower import codec  # noqa: E402
+from fwdkern.fl.protocol import (MAX_UPDATE_BYTES, ReplayRecord, RoundPlan, SeededOp, Update,  # noqa: E402
+                                 UpdateRejected, client_index)
 from fwdkern.fl.simulation import build  # noqa: E402
 from fwdkern.fl.checkpoint import load_checkpoint  # noqa: E402
 from fwdkern.fl.config import RunConfig  # noqa: E402
@@ -102,10 +105,10 @@ def test_plan_record_roundtrip():
 
 def test_replay_record_roundtrip_is_exact():
     rng = random.Random(1)
-    shared = (rng.getrandbits(64), [3, 7], [rng.gauss(0, 1e-3), rng.gauss(0, 1e-3)])
-    records = [{"from_version": v, "ops": [(rng.getrandbits(64), rng.randrange(2**32), list(range(n)),
-                                            [rng.gauss(0, 1e-3) for _ in range(n)]) for n in (1, 3, 2)]
-                + [(shared[0], pid, shared[1], shared[2]) for pid in (11, 12, 13)]}  # one update, 3 tensors
+    shared = (rng.getrandbits(64), (3, 7), (rng.gauss(0, 1e-3), rng.gauss(0, 1e-3)))
+    records = [ReplayRecord(v, tuple(SeededOp(rng.getrandbits(64), rng.randrange(2**32), tuple(range(n)),
+                                              tuple(rng.gauss(0, 1e-3) for _ in range(n))) for n in (1, 3, 2))
+                            + tuple(SeededOp(shared[0], pid, *shared[1:]) for pid in (11, 12, 13)))  # one update
                for v in (4, 5)]
     rec = fa.replay_to_record(records)
     assert rec["num_groups"] == [4, 4] and len(rec["coeffs"]) == 2 * (1 + 3 + 2 + 2)
@@ -113,37 +116,23 @@ def test_replay_record_roundtrip_is_exact():
     assert back == records  # float64 lists: coefficients arrive bit-exact
 
 
-def test_update_content_roundtrip():
-    upd = Update("client1", 3, 2, (0, 1, 2), (0.125, -1e-7, 3.5), 8, 0.6931)
-    assert fa.update_from_content(_wire(fa.update_to_content(upd))) == upd
-
-
-def _content(**changes):
-    c = fa.update_to_content(Update("client0", 0, 0, (0, 1), (0.5, -0.25), 8, 0.7))
-    upd, met = dict(c["update"]), dict(c["metrics"])
-    for k, v in changes.items():
-        rec = upd if k in upd else met
-        if v is None:
-            rec.pop(k)
-        else:
-            rec[k] = v
-    return RecordDict({"update": ConfigRecord(upd), "metrics": MetricRecord(met)})
+@pytest.mark.parametrize("wire", ["fp32", "fp16", "json"])
+def test_update_content_carries_the_clients_record_byte_for_byte(wire):
+    record = Update("client1", 3, 2, (0, 1, 2), (0.125, -1e-7, 3.5), 8, 0.6931, head=(0.5, 2.0)).to_bytes(wire)
+    content = _wire(fa.update_to_content(record))
+    assert fa.update_from_content(content) == record
+    assert codec.nbytes(content) - len(record) < 16  # the record plus its key
 
 
 @pytest.mark.parametrize("content", [
     RecordDict(),
+    RecordDict({"update": MetricRecord({"record": 0.5})}),
     RecordDict({"update": ConfigRecord({"client_id": "client0"})}),
-    RecordDict({"update": MetricRecord({"round": 0}), "metrics": MetricRecord({"loss": 0.1})}),
-    _content(jvps=None),
-    _content(jvps=0.5),
-    _content(num_samples=8.0),
-    _content(round="0"),
-    _content(ks=[0.0, 1.0]),
-    _content(client_id=None),
-], ids=["empty", "no-metrics", "wrong-record-types", "no-jvps", "scalar-jvps", "float-num-samples", "str-round",
-        "float-ks", "no-client-id"])
+    RecordDict({"update": ConfigRecord({"record": "FK..."})}),
+    RecordDict({"update": ConfigRecord({"record": b"x" * (MAX_UPDATE_BYTES + 1)})}),
+], ids=["empty", "wrong-record-type", "no-record", "str-record", "oversized"])
 def test_malformed_update_content_is_rejected(content):
-    with pytest.raises(UpdateRejected, match="malformed"):
+    with pytest.raises(UpdateRejected, match="malformed|oversized"):
         fa.update_from_content(content)
 
 
@@ -155,8 +144,9 @@ def test_parse_run_config(tmp_path):
     assert fa.parse_run_config({"run-config": str(tmp_path / "c.json")})[0].clients == 3
     with pytest.raises(ValueError, match="unknown RunConfig fields"):
         fa.parse_run_config({"run-config": '{"clientz": 3}'})
-    with pytest.raises(ValueError, match="seeds and scalars"):
-        fa.parse_run_config({"run-config": '{"method": "backprop"}'})
+    for method in ("backprop", "spry"):  # weight-upload rounds: the Flower apps carry seeds and scalars only
+        with pytest.raises(ValueError, match=f"method '{method}'.*seed-and-scalar rounds only"):
+            fa.parse_run_config({"run-config": json.dumps({"method": method})})
 
 
 # ---------------------------------------------------------------------- in-process Grid
@@ -220,7 +210,7 @@ def _embedded(cfg):
 
     def exchange(plans):
         ups = sim._local_exchange(plans)
-        jvps.append({int(u.client_id[6:]): list(u.jvps) for u in ups})
+        jvps.append({client_index(u.client_id): list(u.jvps) for u in map(Update.from_bytes, ups)})
         return ups
 
     sim.exchange = exchange
@@ -306,27 +296,23 @@ def test_malformed_error_and_missing_replies_do_not_crash(tiny, tmp_path, task_i
         if node != 1001 or instruction.metadata.message_type != "train":  # node 1001: client 1
             return reply
         rnd = int(instruction.content["plan"]["round"])
-        if rnd == 0:  # malformed: jvps of the wrong type, client id not a string
-            met = dict(reply.content["metrics"])
-            met["jvps"] = [1, 2, 3, 4]
-            upd = dict(reply.content["update"])
-            upd["client_id"] = 5
-            return Message(RecordDict({"update": ConfigRecord(upd), "metrics": MetricRecord(met)}),
-                           reply_to=instruction)
+
+        def answering(**changes):  # the reply's record, re-encoded with `changes`
+            upd = Update.from_bytes(fa.update_from_content(reply.content))
+            record = dataclasses.replace(upd, **changes).to_bytes("fp32")
+            return Message(fa.update_to_content(record), reply_to=instruction)
+
+        if rnd == 0:  # malformed: not an update record
+            return Message(fa.update_to_content(b"FK\x01garbage"), reply_to=instruction)
         if rnd == 1:  # a Flower error reply (the ClientApp raised)
             return Message(Error(code=3, reason="boom"), reply_to=instruction)
         if rnd == 2:  # never answers before the timeout
             return None
         if rnd == 3:  # well-formed but answering as another client
-            upd = dict(reply.content["update"])
-            upd["client_id"] = "client0"
-            return Message(RecordDict({"update": ConfigRecord(upd), "metrics": reply.content["metrics"]}),
-                           reply_to=instruction)
-        if rnd == 4:  # well-formed, but a NaN jvp: Server.submit's validation rejects it
-            met = dict(reply.content["metrics"])
-            met["jvps"] = [float("nan")] + list(met["jvps"][1:])
-            return Message(RecordDict({"update": reply.content["update"], "metrics": MetricRecord(met)}),
-                           reply_to=instruction)
+            return answering(client_id="client0")
+        if rnd == 4:  # a NaN jvp: the record's strict parse refuses it
+            upd = Update.from_bytes(fa.update_from_content(reply.content))
+            return answering(jvps=(float("nan"),) + upd.jvps[1:])
         return reply  # round 5: back to normal
 
     rows = []
@@ -334,10 +320,11 @@ def test_malformed_error_and_missing_replies_do_not_crash(tiny, tmp_path, task_i
     sim = _flower_sim(cfg, grid, {"round-timeout": 0.3, "poll-interval": 0.01}, rows)
     summary = sim.run()
     assert summary["rounds"] == 6  # rounds 0-4 stepped on client 0's update alone
-    assert [row["clients"][1]["status"] for row in rows] == ["malformed", "error", "timeout", "malformed", "ok", "ok"]
+    assert [row["clients"][1]["status"] for row in rows] == ["malformed", "error", "timeout", "malformed",
+                                                              "malformed", "ok"]
     assert [row["clients"][0]["status"] for row in rows] == ["ok"] * 6
-    # weights again after the failures (its state was unknown); the NaN reply was well-formed, so replay after it
-    assert [row["clients"][1]["sync"] for row in rows[4:]] == ["weights", "replay"]
+    # weights again after each failure (the client's state is unknown from then on)
+    assert [row["clients"][1]["sync"] for row in rows[4:]] == ["weights", "weights"]
     assert rows[5]["clients"][0]["sync"] == "replay"
     reasons = [r["reason"] for r in sim.server.rejections]
     assert any("malformed" in r for r in reasons) and any("answered as 'client0'" in r for r in reasons)
@@ -576,7 +563,7 @@ def test_seed_strategy_trains_and_survives_bad_replies(tiny, task_identity):
     for n, _, p in fwdkern.trainable(model):
         p.data.copy_(sd[n])
     assert loss() < before - 0.01
-    assert all(h["stepped"] for h in strategy.history)
+    assert all(h.stepped for h in strategy.history)
     assert any("malformed" in r["reason"] for r in strategy.server.rejections)
     assert all(torch.isfinite(t).all() for t in sd.values())
 

@@ -30,20 +30,20 @@ def test_pacing_noise_ratio_is_scale_free():
     """The same problem at a 100x larger gradient gives the same noise-to-signal ratio (the auto
     threshold follows the gradient's size), while FwdLLM's absolute variance grows 10^4x."""
     small, large = _pacing_info(0.01, 0.0), _pacing_info(1.0, 0.0)
-    assert small["noise_ratio"] == pytest.approx(large["noise_ratio"], rel=1e-3)
-    assert large["variance"] == pytest.approx(1e4 * small["variance"], rel=1e-3)
+    assert small.noise_ratio == pytest.approx(large.noise_ratio, rel=1e-3)
+    assert large.variance == pytest.approx(1e4 * small.variance, rel=1e-3)
 
 
 def test_pacing_counts_client_to_client_noise():
     """Halves are formed by client, so clients that disagree raise the measured noise."""
-    agree = [_pacing_info(1.0, 0.0, K=64, seed=s)["noise_ratio"] for s in range(3)]
-    disagree = [_pacing_info(1.0, 3.0, K=64, seed=s)["noise_ratio"] for s in range(3)]
+    agree = [_pacing_info(1.0, 0.0, K=64, seed=s).noise_ratio for s in range(3)]
+    disagree = [_pacing_info(1.0, 3.0, K=64, seed=s).noise_ratio for s in range(3)]
     assert min(disagree) > 1.5 * max(agree), (agree, disagree)  # measured: 0.35-0.41 vs 0.74-1.06
 
 
 def test_pacing_retries_while_the_estimate_is_noise():
     info = _pacing_info(1.0, 0.0, K=1)  # K=1 per client over 264 values: the estimate is mostly noise
-    assert info["noise_ratio"] > 1.0 and info["stepped"] is False and "variance" in info["reason"]
+    assert info.noise_ratio > 1.0 and info.stepped is False and "variance" in info.reason
 
 
 def test_discriminative_sampling_is_biased_and_off_by_default():
@@ -139,8 +139,8 @@ def test_default_recipe_learns(learnable_encoder, tmp_path, seed):
     assert sim.cfg.head_calibration == 1.0
     summary = sim.run()
     assert summary["initial"]["accuracy"] < 0.65 and summary["final"]["accuracy"] >= 0.9, summary
-    assert sim.metrics[-1]["round"] == sim.cfg.rounds - 1 and "accuracy" in sim.metrics[-1]  # last round evaluated
-    assert max(r["bytes_up_per_client"] for r in sim.metrics) <= 1024  # seeds + scalars
+    assert sim.metrics[-1].round == sim.cfg.rounds - 1 and "accuracy" in sim.metrics[-1].evaluation  # evaluated
+    assert max(r.bytes_up_per_client for r in sim.metrics) <= 1024  # seeds + scalars
 
 
 def test_backprop_honours_the_server_optimizer(learnable, tmp_path):
@@ -164,48 +164,48 @@ def test_head_calibration_shifts_logits_from_the_clients_label_prior_to_the_glob
     """Logit adjustment (--head-calibration tau): tau * (log of the client's Laplace-smoothed label
     frequencies - log of the training split's), ignoring padding labels; without a global prior the
     split counts as uniform; off (0) adds nothing."""
-    from types import SimpleNamespace
-
-    from fwdkern.fl.task import ClientTask, label_prior
+    from fwdkern.fl.head import label_prior
 
     feats = [(None, torch.tensor([0, 0, -100])), (None, torch.tensor([0, 1]))]
     client = torch.tensor([4.0, 2.0, 1.0]) / 7  # counts (3, 1, 0) + 1 over 4 + 3
     torch.testing.assert_close(label_prior(torch.tensor([0, 0, -100, 0, 1, 7]), 3), client)
     glob = torch.tensor([0.5, 0.3, 0.2])
-    on = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.5), train_prior=glob)
-    torch.testing.assert_close(ClientTask._label_shift(on, feats, 3), 0.5 * (client.log() - glob.log()))
+    torch.testing.assert_close(_head(calibration=0.5, train_prior=glob)._label_shift(feats, 3),
+                               0.5 * (client.log() - glob.log()))
     # a client whose labels follow the global mix gets no shift: nothing to correct
-    same = SimpleNamespace(cfg=SimpleNamespace(head_calibration=1.0), train_prior=client)
-    torch.testing.assert_close(ClientTask._label_shift(same, feats, 3), torch.zeros(3))
-    uniform = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.5), train_prior=None)
-    torch.testing.assert_close(ClientTask._label_shift(uniform, feats, 3), 0.5 * (client.log() - torch.tensor(1 / 3).log()))
-    off = SimpleNamespace(cfg=SimpleNamespace(head_calibration=0.0), train_prior=glob)
-    assert ClientTask._label_shift(off, feats, 3) == 0.0
+    torch.testing.assert_close(_head(calibration=1.0, train_prior=client)._label_shift(feats, 3), torch.zeros(3))
+    torch.testing.assert_close(_head(calibration=0.5, train_prior=None)._label_shift(feats, 3),
+                               0.5 * (client.log() - torch.tensor(1 / 3).log()))
+    assert _head(calibration=0.0, train_prior=glob)._label_shift(feats, 3) == 0.0
+
+
+def _head(calibration=1.0, centering="off", train_prior=None):
+    """An ExactHead with only its settings (its model and tensors are not needed by the checks)."""
+    from fwdkern.fl.head import ExactHead
+
+    return ExactHead(None, {}, {}, "classifier", [], lr=8.0, epochs=1, calibration=calibration, centering=centering,
+                     train_prior=train_prior)
 
 
 def test_head_calibration_corrects_toward_the_global_prior_of_the_loaded_split(learnable, tmp_path):
     """The task's global prior is the training split's label mix (every client loads the same split)."""
+    from fwdkern.fl.head import label_prior
     from fwdkern.fl.simulation import build
-    from fwdkern.fl.task import label_prior
 
     sim = build(_cfg(learnable, tmp_path / "prior", rounds=1), log=lambda *a: None)
     C = len(sim.task.dataset.label_names)
-    torch.testing.assert_close(sim.task.train_prior, label_prior(torch.tensor(sim.task.train.labels), C))
+    torch.testing.assert_close(sim.task.head.train_prior, label_prior(torch.tensor(sim.task.train.labels), C))
     assert sim.cfg.head_calibration == 1.0  # the default: the Bayes correction
 
 
 def test_head_centering_applies_to_a_linear_head_with_a_bias_only():
     """--head-centering on: the client's mean feature for a head with a bias (which absorbs it);
     off (the default) or a head without a bias: none."""
-    from types import SimpleNamespace
-
-    from fwdkern.fl.task import ClientTask
-
     rows = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * 0.1 + 3.0
     bias_head = {"weight": torch.zeros(2, 8), "bias": torch.zeros(2)}
 
     def center(mode, local=bias_head):
-        return ClientTask._head_center(SimpleNamespace(cfg=SimpleNamespace(head_centering=mode)), rows, local)
+        return _head(centering=mode)._center(rows, local)
 
     torch.testing.assert_close(center("on"), rows.mean(0))
     assert center("off") is None

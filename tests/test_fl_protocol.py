@@ -11,8 +11,8 @@ import torch
 import fwdkern
 from fwdkern.fl import SGD, FedAdam, FedYogi, LRSchedule, RoundPlan, Server, Update, split_groups
 from fwdkern.fl.pacing import VariancePacing
-from fwdkern.fl.server import derive_seed
-from fwdkern.fl.task import apply_replay
+from fwdkern._seed import derive_seed
+from fwdkern.fl.sync import apply_replay
 
 SHAPES = {"a": (16, 8), "b": (8, 16), "head": (5,)}
 
@@ -106,7 +106,7 @@ def test_validation_rejects(mutate, reason):
     assert not server.submit(mutate(client_update(server, plan, target)))
     assert reason in server.rejections[-1]["reason"]
     info = server.finish_round()  # nothing valid arrived: no step, state intact
-    assert info["stepped"] is False
+    assert info.stepped is False
     assert all(torch.equal(before[n], server.params[n]) for n in before)
 
 
@@ -124,7 +124,7 @@ def test_duplicate_and_outlier_updates_rejected():
     assert server.submit(client_update(server, plans["c3"], target, noise=1e6))  # well-formed but poisoned
     before = {n: p.clone() for n, p in server.params.items()}
     info = server.finish_round()
-    assert info["stepped"] and info["accepted"] == 3
+    assert info.stepped and info.accepted == 3
     assert "robust bound" in server.rejections[-1]["reason"] and server.rejections[-1]["client"] == "c3"
     # The step used only the honest updates: it moved the tensors by a sane amount.
     assert max(float((server.params[n] - before[n]).abs().max()) for n in before) < 10.0
@@ -135,7 +135,7 @@ def test_stragglers_and_dropouts():
     plans = server.plan_round(["c0", "c1", "c2"])
     server.submit(client_update(server, plans["c0"], target))  # c1, c2 never answer
     info = server.finish_round()
-    assert info["stepped"] and info["accepted"] == 1
+    assert info.stepped and info.accepted == 1
     # c1's late answer to the old round is rejected.
     assert not server.submit(client_update(server, plans["c1"], target))
 
@@ -166,11 +166,11 @@ def test_pacing_requests_more_perturbations():
     server, target = make(perturbations_per_client=1, pacing=VariancePacing(threshold=1e-9, max_attempts=3))
     infos = run_rounds(server, target, 6)
     # Threshold is unreachable: each step waits for max_attempts attempts, accumulating perturbations.
-    steps = [i for i in infos if i["stepped"]]
-    assert steps and all(i["perturbations"] == 3 * 4 for i in steps)
+    steps = [i for i in infos if i.stepped]
+    assert steps and all(i.perturbations == 3 * 4 for i in steps)
     assert server.schedule == [12] * len(steps)
-    held = [i for i in infos if not i["stepped"]]
-    assert held and all("variance" in i["reason"] for i in held)
+    held = [i for i in infos if not i.stepped]
+    assert held and all("variance" in i.reason for i in held)
 
 
 def test_pacing_auto_threshold():

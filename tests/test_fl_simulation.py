@@ -117,11 +117,11 @@ def test_accuracy_rises_end_to_end(learnable, tmp_path):
     sim = build(cfg, log=lambda *a: None)
     before = sim.evaluate()["accuracy"]
     summary = sim.run()
-    accs = [r["accuracy"] for r in sim.metrics if "accuracy" in r]
+    accs = [r.evaluation["accuracy"] for r in sim.metrics if r.evaluation]
     after = summary["final"]["accuracy"]
     assert before < 0.65, before  # starts near chance (balanced binary task)
     assert after >= 0.75 and after >= before + 0.2, (before, accs, after)
-    losses = [r["loss"] for r in sim.metrics if r["loss"] is not None]
+    losses = [r.loss for r in sim.metrics if r.loss is not None]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10  # training loss falls too
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fwdkern.fl import SGD, FedAdam, FedYogi, RoundPlan, Server, Update, UpdateRejected
 from fwdkern.fl.checkpoint import CorruptCheckpoint, RunLock, RunLocked, load_checkpoint, save_checkpoint
 from fwdkern.fl.config import ConfigError, RunConfig
-from fwdkern.fl.protocol import MAX_UPDATE_BYTES
+from fwdkern.fl.protocol import MAX_UPDATE_BYTES, RoundResult
 from test_fl_protocol import SHAPES, client_update, loss_of, make
 
 
@@ -156,7 +156,7 @@ def test_fuzz_server_never_raises_and_stays_finite(data):
                 u = data.draw(st.sampled_from([None, 3, "x", object(), [1, 2], {"client_id": "c0"}]))
             assert server.submit(u) in (True, False)
         info = server.finish_round()
-        assert isinstance(info, dict)
+        assert isinstance(info, RoundResult)
         assert _finite(server)
 
 
@@ -221,8 +221,8 @@ def test_non_finite_step_is_rolled_back():
     info = _round(server, target, ["c0", "c1", "c2"], lambda plan, u: Update(
         u.client_id, u.round, u.model_version, u.ks, tuple(j * 1e9 for j in u.jvps), 8, u.loss))
     assert _finite(server)
-    if not info["stepped"]:
-        assert "non-finite" in info["reason"]
+    if not info.stepped:
+        assert "non-finite" in info.reason
         assert all(torch.equal(before[k], server.params[k]) for k in before)
 
 

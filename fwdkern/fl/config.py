@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .methods import METHODS, NAMES as METHOD_NAMES
 
 def _opt(default, help: str, choices=None, **extra):
     meta = {"help": help}
@@ -25,7 +26,6 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-METHODS = ("fwdkern", "mezo", "fwdllm", "spry", "backprop")
 OPTIMIZERS = ("auto", "sgd", "fedadam", "fedyogi")
 TASKS = ("auto", "classification", "prompt", "causal_lm")
 POOLINGS = ("auto", "hf", "mean", "cls", "max")
@@ -40,10 +40,8 @@ class RunConfig:
     label_column: Optional[str] = _opt("label", "column of --data holding the label; 'none' for plain text (causal LM)")
     out: str = _opt("runs/demo", "output folder: metrics.jsonl, summary.json, checkpoint, curves.png; rerun the "
                     "same command to resume")
-    method: str = _opt("fwdkern", "client computation: fwdkern (exact jvp + exact head, seeds + scalars), mezo "
-                       "(zeroth order, seeds + scalars), fwdllm (FwdLLM as released: finite differences, pacing, "
-                       "full-gradient uploads), spry (SPRY as released: forward-gradient local steps, weight uploads), "
-                       "backprop (LoRA FedAvg)", METHODS)
+    method: str = _opt("fwdkern", "client computation: " + "; ".join(f"{m.name} ({m.summary})"
+                                                                      for m in METHODS.values()), METHOD_NAMES)
     clients: int = _opt(100, "number of simulated clients")
     clients_per_round: int = _opt(10, "clients sampled per round")
     rounds: int = _opt(30, "server optimizer steps to run (a pacing retry is a client round but not a step)")
@@ -212,9 +210,8 @@ class RunConfig:
     def unread_fields(self) -> set:
         """Fields this config's method never reads: a change of their default between releases must
         not block resuming (or reusing) a run of another method."""
-        if self.method == "fwdkern":
-            return set()
-        return set(EXACT_HEAD_FIELDS)  # the exact head trains on fwdkern clients only (ClientTask._exact_head)
+        row = METHODS.get(self.method)
+        return set() if row is None or row.exact_head else set(EXACT_HEAD_FIELDS)
 
 
 EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration", "head_centering")

@@ -74,6 +74,8 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
     """Profile `candidates` (default :data:`CANDIDATES`) on `cfg`'s model and data; returns the report."""
     import fwdkern
     from .data import load_dataset
+    from .head import find_head
+    from .methods import method
     from .models import load_model, resolve_task
     from .task import ClientTask
 
@@ -91,7 +93,7 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
         except ValueError as e:  # the method does not apply to this model (e.g. BitFit without biases)
             skip(cand, str(e))
             continue
-        ct = ClientTask(cfg, model, tok, data, task=task)
+        ct = ClientTask(cfg, model, tok, data, task=task, head_at=find_head(cfg, model, task, method(cfg.method)))
         tr = fwdkern.trainable(model)
         head = set(ct.head_names)
         if all(n in head for n, _, _ in tr):  # e.g. BitFit when the only bias is the head's

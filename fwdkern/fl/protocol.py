@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
 import numpy as np
@@ -41,6 +41,18 @@ ENCODINGS = ("fp32", "fp16", "sign", "json")
 
 class UpdateRejected(ValueError):
     """A client update that must not be applied (the reason names the problem)."""
+
+
+def client_id(index: int) -> str:
+    """The protocol's id of the simulated client with partition `index`."""
+    return f"client{int(index)}"
+
+
+def client_index(cid: str) -> int:
+    """The partition index of a simulated client's id (inverse of :func:`client_id`)."""
+    if not (isinstance(cid, str) and cid.startswith("client") and cid[6:].isdigit()):
+        raise ValueError(f"client id {cid!r} is not 'client<index>'")
+    return int(cid[6:])
 
 
 def _is_int(x) -> bool:
@@ -381,3 +393,112 @@ def robust_bound(values: Sequence[float], factor: float = 10.0, floor: float = 1
     med = vals[len(vals) // 2]
     mad = sorted(abs(v - med) for v in vals)[len(vals) // 2]
     return med + factor * max(mad, floor, 0.5 * med)
+
+
+# ---------------------------------------------------------------------- round results and rows
+@dataclass
+class RoundResult:
+    """What the server did with one round (or pacing attempt): ``Server.finish_round`` and
+    ``Server.finish_weight_round`` return it.
+
+    accepted / rejected: updates kept / refused this attempt. stepped: the optimizer stepped (the model
+    version advanced); reason: why not. loss: the sample-weighted mean of the clients' losses.
+    perturbations: scalars in the estimate (jvps + head projections). variance / noise_ratio: the
+    pacing measures of the estimate (None below two updates); threshold: the pacing threshold."""
+
+    round: int
+    attempt: int
+    accepted: int
+    rejected: int
+    stepped: bool = False
+    reason: Optional[str] = None
+    loss: Optional[float] = None
+    perturbations: int = 0
+    variance: Optional[float] = None
+    noise_ratio: Optional[float] = None
+    threshold: Optional[float] = None
+
+
+@dataclass
+class RoundRow:
+    """One row of metrics.jsonl: one client round (or pacing attempt) of a run.
+
+    bytes_up_per_client / bytes_down_per_client: the mean bytes a participating client sends / receives.
+    forward_passes_per_client: client compute in forward-pass equivalents. evaluation: the test metrics
+    when the round was evaluated. wall_time_s / cpu_time_s: the run's training time so far."""
+
+    round: int
+    attempt: int
+    stepped: bool
+    loss: Optional[float]
+    perturbations: int
+    variance: Optional[float]
+    threshold: Optional[float]
+    bytes_up_per_client: int
+    bytes_down_per_client: int
+    accepted: int
+    rejected: int
+    forward_passes_per_client: int
+    reason: Optional[str] = None
+    noise_ratio: Optional[float] = None
+    evaluation: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    cpu_time_s: float = 0.0
+
+    _OPTIONAL = ("reason", "noise_ratio")  # written only when set
+
+    @classmethod
+    def of(cls, result: RoundResult, **kw) -> "RoundRow":
+        return cls(round=result.round, attempt=result.attempt, stepped=result.stepped, loss=result.loss,
+                   perturbations=result.perturbations, variance=result.variance, threshold=result.threshold,
+                   accepted=result.accepted, rejected=result.rejected, reason=result.reason,
+                   noise_ratio=result.noise_ratio, **kw)
+
+    def to_json(self) -> dict:
+        d = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "evaluation":
+                d.update(v)
+            elif not (f.name in self._OPTIONAL and v is None):
+                d[f.name] = v
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RoundRow":
+        """A row as :meth:`to_json` writes it (keys that are not fields are evaluation metrics)."""
+        known = {f.name for f in fields(cls)} - {"evaluation"}
+        missing = sorted(f.name for f in fields(cls) if f.name in known and f.name not in d
+                         and f.default is MISSING and f.default_factory is MISSING)
+        if missing:
+            raise ValueError(f"metrics row: missing fields {missing}")
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   evaluation={k: v for k, v in d.items() if k not in known})
+
+
+# ---------------------------------------------------------------------- replay records
+@dataclass(frozen=True)
+class SeededOp:
+    """``tensor[pid] += sum_j coeffs[j] * v(seed, pid, ks[j])``: one seeded_axpy_ of a replayed step."""
+
+    seed: int
+    pid: int
+    ks: tuple
+    coeffs: tuple
+
+
+@dataclass(frozen=True)
+class ReplayRecord:
+    """The ops that take model version ``from_version`` to the next one (``Server.replay_chain``)."""
+
+    from_version: int
+    ops: tuple
+
+    def to_json(self) -> dict:
+        return {"from_version": self.from_version, "ops": [[op.seed, op.pid, list(op.ks), list(op.coeffs)]
+                                                           for op in self.ops]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ReplayRecord":
+        return cls(int(d["from_version"]), tuple(SeededOp(int(s), int(p), tuple(int(k) for k in ks),
+                                                          tuple(float(c) for c in cs)) for s, p, ks, cs in d["ops"]))

@@ -44,15 +44,8 @@ import dataclasses
 import math
 
 from .config import RunConfig
+from .methods import method
 
-# Per method: value of each setting left unset. "K_no_head" applies when no exact head trains.
-METHOD_DEFAULTS = {
-    "fwdkern": dict(optimizer="fedadam", lr=0.01, perturbations=0, K_no_head=16, local_lr=None),
-    "mezo": dict(optimizer="sgd", lr=0.01, perturbations=4, local_lr=None),
-    "fwdllm": dict(optimizer="sgd", lr=0.01, perturbations=1, local_lr=None),
-    "spry": dict(optimizer="fedyogi", lr=0.01, perturbations=1, local_lr=1e-3),
-    "backprop": dict(optimizer="sgd", lr=1.0, perturbations=0, local_lr=2.0),
-}
 # Server learning rates when the optimizer is given but the lr is not.
 OPTIMIZER_LR = {"sgd": 0.01, "fedadam": 0.01, "fedyogi": 0.01}
 
@@ -63,9 +56,10 @@ def local_batches_for(n_train: int, clients: int, batch_size: int) -> int:
 
 
 def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool) -> RunConfig:
-    """`cfg` with every unset setting filled in (a new RunConfig; explicit settings are kept)."""
+    """`cfg` with every unset setting filled in from its method's row (a new RunConfig; explicit settings
+    are kept)."""
     d = dataclasses.asdict(cfg)
-    m = METHOD_DEFAULTS[cfg.method]
+    m = method(cfg.method).defaults
     if d["local_batches"] is None:
         d["local_batches"] = local_batches_for(n_train, cfg.clients, cfg.batch_size)
     explicit_opt = d["optimizer"] != "auto"
@@ -74,7 +68,8 @@ def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool) -> RunConfig:
     if d["lr"] is None:
         d["lr"] = m["lr"] if not explicit_opt or d["optimizer"] == m["optimizer"] else OPTIMIZER_LR[d["optimizer"]]
     if d["perturbations"] is None:
-        d["perturbations"] = m["perturbations"] if (has_exact_head or "K_no_head" not in m) else m["K_no_head"]
+        d["perturbations"] = m["perturbations"] if (has_exact_head or "perturbations_no_head" not in m) \
+            else m["perturbations_no_head"]
     if d["local_lr"] is None and m["local_lr"]:  # only methods with local steps use it
         d["local_lr"] = m["local_lr"]
     return RunConfig(**d)

@@ -12,7 +12,9 @@ optimizer. The gradient estimate for tensor T is
 blocks: the jvp block ``ks`` and the optional head block ``head_ks``), rebuilt with
 ``seeded_axpy_`` (no perturbation is materialized). Transports and baselines reach the
 server only through its public methods: ``plan_round``, ``submit``, ``reject``,
-``finish_round``, ``advance``, ``replay_chain``.
+``finish_round`` (seed-and-scalar rounds), ``submit_weights`` / ``finish_weight_round``
+(weight-upload rounds: backprop, SPRY), ``weights`` and ``replay_chain`` (what a client downloads).
+The server holds its own copy of the trainable tensors; clients never share them.
 
 Robustness: every update is parsed strictly (:mod:`fwdkern.fl.protocol`); within a round an
 update whose values are far outside the round's own spread is rejected (the bound needs no
@@ -24,33 +26,27 @@ optimizer state non-finite is rolled back (the round counts as failed).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from typing import Optional, Sequence
 
 import torch
 
+from .._seed import derive_seed
 from ..ops import seeded_axpy_, seeded_dot
 from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import SGD
 from .pacing import VariancePacing
-from .protocol import RoundPlan, Update, UpdateRejected, robust_bound, validate_update
+from .protocol import (ReplayRecord, RoundPlan, RoundResult, SeededOp, Update, UpdateRejected, robust_bound,
+                       validate_update)
 from .splitting import split_groups
 
 log = logging.getLogger("fwdkern.fl")
 
-__all__ = ["Server", "VariancePacing", "derive_seed"]
+__all__ = ["Server", "VariancePacing"]
 
 MAX_REJECTIONS_KEPT = 1000  # the rejection log keeps the latest ones (the count is kept in full)
 MAX_WARNINGS_PER_ROUND = 20
 HEAD_K_OFFSET = 1 << 30  # head-block indices: disjoint from the jvp block's
-
-
-def derive_seed(base: int, *parts: int) -> int:
-    """A uint64 seed from the run seed and (round, attempt, ...): stable across machines."""
-    h = hashlib.blake2b(digest_size=8)
-    for x in (base, *parts):
-        h.update(int(x).to_bytes(16, "little", signed=True))
-    return int.from_bytes(h.digest(), "little")
 
 
 def _lower_median(vals):
@@ -67,10 +63,10 @@ def _blocks(plan: RoundPlan, u: Update):
 
 
 class Server:
-    """Holds the trainable tensors (name -> tensor) and runs rounds.
+    """Holds its own copy of the trainable tensors (name -> tensor) and runs rounds.
 
     Args:
-        params: trainable tensors, updated in place.
+        params: the trainable tensors' initial values (copied; ``Server.params`` holds the current ones).
         param_ids: name -> stable uint32 perturbation id.
         optimizer: fwdkern.fl.optim SGD / FedAdam / FedYogi.
         seed: run seed (every round seed derives from it).
@@ -99,15 +95,11 @@ class Server:
         unknown = [n for n in head if n not in params]
         if unknown:
             raise ValueError(f"head: {unknown} are not trainable tensors")
-        self.params = params
+        self.params = {n: t.detach().clone() for n, t in params.items()}
         self.param_ids = dict(param_ids)
         self.names_by_id = {v: k for k, v in self.param_ids.items()}
         self.optimizer = optimizer
-        if head_optimizer is None:
-            from .optim import SGD
-
-            head_optimizer = SGD(1.0)
-        self.head_optimizer = head_optimizer
+        self.head_optimizer = head_optimizer if head_optimizer is not None else SGD(1.0)
         self.seed = seed
         self.K = int(perturbations_per_client)
         self.dist = dist
@@ -133,7 +125,14 @@ class Server:
         self.jvp_history: list = []
         self.prev_grad: Optional[dict] = None  # smoothed (EMA) estimate: discriminative sampling ranks against it
         self.schedule: list = []  # perturbations per optimizer step
-        self.replay_log: list = []
+        self.replay_log: list = []  # ReplayRecord per SGD step, the latest replay_window
+        # Weight-upload rounds: name -> sample-weighted sum of the uploads' changes, name -> samples that
+        # trained it, [loss sum, samples], the clients whose uploads are in.
+        self._weights_in, self._weights_n, self._weights_loss, self._weights_from = {}, {}, [0.0, 0], []
+
+    def weights(self) -> dict:
+        """A copy of the current trainable tensors (what a client downloads)."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
 
     # ------------------------------------------------------------------ planning
     def round_seed(self) -> int:
@@ -349,38 +348,38 @@ class Server:
         self.attempt = 0
         self.cache = []
         self._round_rejected = 0
+        self._weights_in, self._weights_n, self._weights_loss, self._weights_from = {}, {}, [0.0, 0], []
 
-    def finish_round(self) -> dict:
-        """Aggregate the accepted updates; step or (pacing) ask for more. Returns round info."""
+    def finish_round(self) -> RoundResult:
+        """Aggregate the accepted updates; step or (pacing) ask for more."""
         self._drop_outliers()
-        info = {"round": self.round, "attempt": self.attempt, "accepted": len(self.accepted),
-                "rejected": self._round_rejected}
+        res = RoundResult(round=self.round, attempt=self.attempt, accepted=len(self.accepted),
+                          rejected=self._round_rejected)
         if not self.accepted and not self.cache:
-            info.update(stepped=False, reason="no valid updates")
+            res.reason = "no valid updates"
             self._close_round()
-            return info
+            return res
         attempts = self.cache + [(dict(self.plans), list(self.accepted))]
         grads, var, ratio, count = self._estimate(attempts)
         weights = self._sample_weights(attempts)
-        info.update(variance=var, noise_ratio=ratio, perturbations=count,
-                    loss=sum(u.loss * weights[u.client_id] for _, us in attempts for u in us)
+        res.variance, res.noise_ratio, res.perturbations = var, ratio, count
+        res.loss = (sum(u.loss * weights[u.client_id] for _, us in attempts for u in us)
                     / max(1, sum(weights.values())))
         if self.pacing is not None:
-            info["threshold"] = self.pacing.current_threshold()
+            res.threshold = self.pacing.current_threshold()
             if self.pacing.exceeded(var, ratio) and self.attempt + 1 < self.pacing.max_attempts:
                 self.cache = attempts
                 self.attempt += 1
-                info["stepped"] = False
-                info["reason"] = "variance above threshold: more perturbations requested"
-                return info
+                res.reason = "variance above threshold: more perturbations requested"
+                return res
             self.pacing.history.append(ratio if self.pacing.threshold is None else var)
             del self.pacing.history[:-1000]
         lrs = {n: self._lr_of(n) for n in self.params}
         if not self._step(grads):
-            info.update(stepped=False, reason="the step would make weights or optimizer state non-finite")
+            res.reason = "the step would make weights or optimizer state non-finite"
             self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
             self._close_round()
-            return info
+            return res
         for u in self.accepted:
             self.jvp_history.extend(abs(j) for j in u.jvps)
         self.jvp_history = self.jvp_history[-4096:]
@@ -395,17 +394,18 @@ class Server:
         self.schedule.append(count)
         self.model_version += 1
         self._close_round()
-        info["stepped"] = True
-        return info
+        res.stepped = True
+        return res
 
-    def _replay_record(self, attempts, lrs: dict) -> dict:
-        """(seed, pid, ks, coeffs) list that reproduces this SGD step on a client: KBs, not weights."""
+    def _replay_record(self, attempts, lrs: dict) -> ReplayRecord:
+        """The seeded ops that reproduce this SGD step on a client: KBs, not weights."""
         ops: dict = {}
         for name, seed, pid, k, c, _ in self._terms(attempts):
             op = ops.setdefault((seed, pid), (seed, pid, [], []))
             op[2].append(k)
             op[3].append(-lrs[name] * c)
-        return {"from_version": self.model_version, "ops": [tuple(op) for op in ops.values()]}
+        return ReplayRecord(self.model_version, tuple(SeededOp(s, p, tuple(ks), tuple(cs))
+                                                      for s, p, ks, cs in ops.values()))
 
     @property
     def replayable(self) -> bool:
@@ -414,27 +414,71 @@ class Server:
         return all(o.linear and not getattr(o, "momentum", 0.0) for o in opts)
 
     def replay_chain(self, start: int, stop: int) -> Optional[list]:
-        """The replay records taking model version `start` to `stop`, or None when some step has none."""
+        """The ReplayRecords taking model version `start` to `stop`, or None when some step has none."""
         if not self.replayable:
             return None
-        by_version = {rec["from_version"]: rec for rec in self.replay_log}
+        by_version = {rec.from_version: rec for rec in self.replay_log}
         chain = [by_version.get(v) for v in range(start, stop)]
         return None if any(r is None for r in chain) else chain
 
-    def apply_update(self, mean_update: dict) -> bool:
-        """Close a weight-upload round (backprop, SPRY): step the optimizer on minus the clients'
-        averaged update of each tensor; False (nothing applied) when the step would go non-finite."""
-        ok = self._step({n: -u for n, u in mean_update.items()})
-        if not ok:
-            self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
-        self.advance(stepped=ok)
-        return ok
+    # ------------------------------------------------------------------ weight-upload rounds
+    def submit_weights(self, upload) -> bool:
+        """Keep a weight-upload client's trained tensors (a fwdkern.fl.client.WeightUpload) for this
+        round's average; False (and a logged reason) when it does not answer its plan sanely."""
+        cid = getattr(upload, "client_id", None)
+        try:
+            plan = self.plans.get(cid) if isinstance(cid, str) else None
+            if plan is None:
+                raise UpdateRejected(f"client {cid!r} was not sampled this round")
+            if upload.round != self.round or upload.model_version != self.model_version:
+                raise UpdateRejected(f"late or stale upload: round {upload.round} version {upload.model_version}")
+            if cid in self._weights_from:
+                raise UpdateRejected(f"duplicate upload from {cid!r}")
+            allowed = {self.names_by_id[pid] for pid in plan.param_ids} if plan.param_ids else set(self.params)
+            for n, t in upload.tensors.items():
+                if n not in allowed:
+                    raise UpdateRejected(f"tensor {n!r} was not dealt to this client")
+                if tuple(t.shape) != tuple(self.params[n].shape):
+                    raise UpdateRejected(f"tensor {n!r}: shape {tuple(t.shape)}, expected "
+                                         f"{tuple(self.params[n].shape)}")
+            n_c = int(upload.num_samples)
+            if n_c < 1 or (self.max_samples and n_c > self.max_samples):
+                raise UpdateRejected(f"num_samples {n_c} outside [1, {self.max_samples or 'inf'}]")
+        except UpdateRejected as e:
+            self.reject(cid, str(e))
+            return False
+        with torch.no_grad():
+            for n, t in upload.tensors.items():
+                p = self.params[n]
+                total = self._weights_in.setdefault(n, torch.zeros_like(p, dtype=torch.float32))
+                total += n_c * (t.float() - p.float())
+                self._weights_n[n] = self._weights_n.get(n, 0) + n_c
+        self._weights_loss[0] += float(upload.loss_sum)
+        self._weights_loss[1] += n_c
+        self._weights_from.append(cid)
+        return True
 
-    def advance(self, stepped: bool = True):
-        """Close a round whose step was applied outside the seed protocol (the backprop baseline);
-        ``stepped=False``: nothing was applied (no client answered), the model version stays."""
-        self.model_version += int(bool(stepped))
+    def finish_weight_round(self) -> RoundResult:
+        """Step the optimizer on minus the clients' sample-weighted mean change of each tensor (SGD lr 1:
+        FedAvg); nothing is applied when no client answered or the step would go non-finite."""
+        loss_sum, n_tot = self._weights_loss
+        res = RoundResult(round=self.round, attempt=self.attempt, accepted=len(self._weights_from), rejected=0,
+                          loss=loss_sum / max(1, n_tot))
+        ok = False
+        if self._weights_from:
+            ok = self._step({n: -(self._weights_in[n] / self._weights_n[n]) for n in self.params
+                             if n in self._weights_in})
+            if not ok:
+                res.reason = "the step would make weights or optimizer state non-finite"
+                self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
+        else:
+            res.reason = "no valid updates"
+        res.rejected = self._round_rejected
+        res.stepped = ok
+        self.model_version += int(ok)
+        self.plans = {}
         self._close_round()
+        return res
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -450,8 +494,7 @@ class Server:
             "pacing": self.pacing.state_dict() if self.pacing else None,
             "rejections": list(self.rejections), "rejected_total": self.rejected_total,
             "round_rejected": self._round_rejected,
-            "replay_log": [{"from_version": r["from_version"], "ops": [list(op) for op in r["ops"]]}
-                           for r in self.replay_log],
+            "replay_log": [r.to_json() for r in self.replay_log],
         }
 
     def load_state_dict(self, sd: dict):
@@ -471,9 +514,7 @@ class Server:
         self.rejections = list(sd["rejections"])
         self.rejected_total = sd.get("rejected_total", len(self.rejections))
         self._round_rejected = sd.get("round_rejected", 0)
-        self.replay_log = [{"from_version": r["from_version"], "ops": [(int(s), int(p), list(ks), list(cs))
-                                                                       for s, p, ks, cs in r["ops"]]}
-                           for r in sd.get("replay_log", [])]
+        self.replay_log = [ReplayRecord.from_json(r) for r in sd.get("replay_log", [])]
 
     def save(self, path: str):
         save_checkpoint(path, self.state_dict())

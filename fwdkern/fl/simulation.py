@@ -17,15 +17,16 @@ import time
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
+from .._seed import derive_seed
 from .checkpoint import CorruptCheckpoint, RunLock, load_checkpoint, save_checkpoint, write_atomic
-from .config import METHODS, RunConfig
+from .config import RunConfig
+from .evaluation import evaluate
 from .metrics import MetricsLog, plots, progress
 from .optim import SGD, FedAdam, FedYogi, LRSchedule
 from .pacing import VariancePacing
-from .protocol import Update
-from .server import Server, derive_seed
+from .protocol import RoundRow, client_id
+from .server import Server
 from .task import ClientTask, load_task
 
 __all__ = ["Simulation", "build", "RunConfig", "RunFailed"]
@@ -41,8 +42,8 @@ class Interrupted(RuntimeError):
     """Ctrl-C during a run: the state before the interrupted round is saved; the message says how to resume."""
 
 
-def _pacing(cfg: RunConfig) -> Optional[VariancePacing]:
-    if cfg.pacing == "off" or cfg.method in ("backprop", "spry"):
+def _pacing(cfg: RunConfig, method) -> Optional[VariancePacing]:
+    if cfg.pacing == "off" or not method.pacing:
         return None
     if cfg.pacing == "auto":
         return VariancePacing(None, max_attempts=cfg.max_pacing_attempts)
@@ -72,42 +73,46 @@ def _layer_groups(names):
 
 
 class Simulation:
-    """Server + clients of one run (see RunConfig): rounds, evaluation, checkpoints, metrics."""
+    """Server + clients of one run (the task's resolved RunConfig): rounds, evaluation, checkpoints, metrics."""
 
-    def __init__(self, cfg: RunConfig, task: ClientTask, log: Callable = print):
-        """`cfg`: the resolved configuration (``task.cfg``: no setting left unset)."""
-        if cfg.method not in METHODS:
-            raise ValueError(f"method: unknown {cfg.method!r} ({', '.join(METHODS)})")
-        self.cfg, self.task, self.log = cfg, task, log
+    def __init__(self, task: ClientTask, log: Callable = print):
+        cfg = task.cfg
+        self.cfg, self.task, self.log, self.method = cfg, task, log, task.method
         self.test = task.test
         params = task.params
         groups, shared = None, []
-        if cfg.split or cfg.method == "spry":  # LoRA pairs are dealt out; everything else (the head) is shared
+        if cfg.split or self.method.deals_layers:  # LoRA pairs are dealt out; everything else (the head) is shared
             groups = _layer_groups(list(params))
             shared = [n for n in params if not any(n in g for g in groups)]
-        if cfg.perturbations == 0 and not task.head_names and cfg.method != "backprop":
+        if cfg.perturbations == 0 and not task.head_names and self.method.perturbs:
             raise ValueError("--perturbations 0 leaves nothing to train: the model has no exact head (--head exact)")
         self.server = Server(params, task.param_ids, _optimizer(cfg), seed=cfg.seed,
                              perturbations_per_client=cfg.perturbations,
-                             dist="gaussian" if cfg.method in ("fwdllm", "spry") else cfg.dist, groups=groups, shared=shared,
-                             pacing=_pacing(cfg), candidates=cfg.candidates,
+                             dist=self.method.perturbation_dist(cfg.dist), groups=groups, shared=shared,
+                             pacing=_pacing(cfg, self.method), candidates=cfg.candidates,
                              max_samples=cfg.batch_size * cfg.local_batches, head=task.head_names,
                              head_directions=cfg.head_directions if task.head_names else 0,
                              head_optimizer=SGD(cfg.head_server_lr))
         self.n_trainable = task.n_trainable
-        self.metrics: list = []
+        self.metrics: list = []  # RoundRow per client round
         self.initial: dict = {}  # test metrics before any training
         self.failed = 0  # consecutive rounds without a valid update
         self.wall = 0.0
         self.cpu = 0.0  # process CPU seconds: comparable across runs on a shared machine
-        # Transport of a seed-and-scalar round: callable({client index: RoundPlan}) -> [Update, ...];
+        # Transport of a seed-and-scalar round: callable({client index: RoundPlan}) -> [Update wire bytes, ...];
         # None = embedded (`_local_exchange`). fwdkern.fl.flower plugs Flower in here.
         self.exchange: Optional[Callable] = None
         self._evaluated: Optional[tuple] = None  # (model version, metrics) of the last evaluation
 
     @property
     def model(self):
+        """The model, holding the server's current weights (the embedded clients share it)."""
+        self._sync_model()
         return self.task.model
+
+    def _sync_model(self):
+        """Every embedded client downloads the server's current weights into the one shared model."""
+        self.task.load_weights(self.server.params)
 
     def evaluate(self) -> dict:
         """Test metrics of the current weights. The result is kept per model version, so the final
@@ -116,54 +121,12 @@ class Simulation:
         version = self.server.model_version
         if self._evaluated is not None and self._evaluated[0] == version:
             return dict(self._evaluated[1])
-        metrics = self.task.evaluate(self.test)
+        self._sync_model()
+        metrics = evaluate(self.task, self.test)
         self._evaluated = (version, dict(metrics))
         return metrics
 
     # ------------------------------------------------------------------ rounds
-    def _run_round_weights(self) -> dict:
-        """Weight-upload round (backprop: LoRA FedAvg; spry: SPRY as released). Each answering client
-        starts from the global tensors, takes its local steps and uploads the tensors it trained;
-        the server averages the updates per tensor (sample-weighted over the clients that trained
-        it) and steps its optimizer on minus that average (SGD lr 1 = FedAvg)."""
-        cfg, srv = self.cfg, self.server
-        chosen, answering = self._choose_clients()
-        params = srv.params
-        plans = srv.plan_round([f"client{c}" for c in chosen]) if cfg.method == "spry" else None
-        start = {n: p.detach().clone() for n, p in params.items()}
-        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        weight = {n: 0 for n in params}
-        n_tot, loss_tot, answered, up = 0, 0.0, 0, []
-        for c in answering:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(start[n])
-            if plans is None:
-                n_c, loss_c = self.task.local_backprop(c, srv.round)
-                names = list(params)
-            else:
-                n_c, loss_c, names = self.task.local_spry(c, plans[f"client{c}"])
-            loss_tot += loss_c
-            with torch.no_grad():
-                for n in names:
-                    total[n] += n_c * (params[n].float() - start[n].float())
-                    weight[n] += n_c
-            up.append(4 * sum(params[n].numel() for n in names))
-            n_tot += n_c
-            answered += 1
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(start[n])
-        rnd = srv.round
-        stepped = answered > 0 and srv.apply_update({n: total[n] / weight[n] for n in params if weight[n]})
-        if plans is not None:
-            srv.plans = {}
-        return {"round": rnd, "attempt": 0, "stepped": stepped, "loss": loss_tot / max(1, n_tot),
-                "perturbations": 0, "variance": None, "threshold": None,
-                "bytes_up_per_client": int(np.mean(up)) if up else 0,
-                "bytes_down_per_client": 4 * self.n_trainable, "accepted": answered, "rejected": 0,
-                "forward_passes_per_client": self._forward_passes()}
-
     def _choose_clients(self) -> tuple:
         """(sampled, answering) client indices of the current round/attempt, both sorted.
 
@@ -178,63 +141,78 @@ class Simulation:
 
     def _local_exchange(self, plans: dict) -> list:
         """Embedded transport: every client evaluates the shared model in this process."""
-        return [self.task.client_update(c, plan) for c, plan in plans.items()]
+        return [self.task.answer(c, plan) for c, plan in plans.items()]
 
-    def run_round(self) -> dict:
+    def run_round(self) -> RoundRow:
         """One round (or pacing attempt): its metrics row, with an evaluation when the model
         version advanced onto a multiple of eval_every; evaluation is not counted in the times."""
         t0, c0 = time.perf_counter(), time.process_time()
         version = self.server.model_version
-        weights = self.cfg.method in ("backprop", "spry")
-        row = self._run_round_weights() if weights else self._run_round_seeded()
+        chosen, answering = self._choose_clients()
+        plans = self.server.plan_round([client_id(c) for c in chosen])
+        plans = {c: plans[client_id(c)] for c in answering}
+        if self.method.server_step == "weights":
+            row = self._weights_round(plans)
+        else:
+            row = self._seeded_round(plans)
         self.wall += time.perf_counter() - t0
         self.cpu += time.process_time() - c0
         v, every = self.server.model_version, self.cfg.eval_every
         if every and v != version and v % every == 0:
-            row.update(self.evaluate())
-        row["wall_time_s"] = round(self.wall, 3)
-        row["cpu_time_s"] = round(self.cpu, 3)
+            row.evaluation = self.evaluate()
+        row.wall_time_s = round(self.wall, 3)
+        row.cpu_time_s = round(self.cpu, 3)
         return row
 
-    def _run_round_seeded(self) -> dict:
+    def _weights_round(self, plans: dict) -> RoundRow:
+        """Weight-upload round (backprop: LoRA FedAvg; spry: SPRY as released). Each answering client
+        downloads the global tensors, takes its local steps and uploads the tensors it trained; the
+        server averages the changes per tensor (sample-weighted over the clients that trained it) and
+        steps its optimizer on minus that average (SGD lr 1 = FedAvg)."""
+        srv = self.server
+        start = srv.weights()
+        up = []
+        for c, plan in plans.items():
+            self.task.load_weights(start)
+            upload = self.task.answer(c, plan)
+            srv.submit_weights(upload)
+            up.append(upload.nbytes)
+        res = srv.finish_weight_round()
+        return RoundRow.of(res, bytes_up_per_client=int(np.mean(up)) if up else 0,
+                           bytes_down_per_client=4 * self.n_trainable,
+                           forward_passes_per_client=self._forward_passes())
+
+    def _seeded_round(self, plans: dict) -> RoundRow:
         """Seed-and-scalar round (fwdkern, mezo, fwdllm): plans out, scalar updates back."""
-        cfg, srv = self.cfg, self.server
-        chosen, answering = self._choose_clients()
-        plans = srv.plan_round([f"client{c}" for c in chosen])
-        # The exchange gets {client index: plan} in sorted client order and returns the
-        # updates that arrived (an Update or its bytes each), in that same order, so the
+        srv = self.server
+        self._sync_model()
+        # The exchange gets {client index: plan} in sorted client order and returns the update
+        # records that arrived (wire bytes, or Update objects), in that same order, so the
         # aggregation is identical whatever the transport (`exchange`, e.g. Flower).
         exchange = self.exchange or self._local_exchange
         up = []
-        for upd in exchange({c: plans[f"client{c}"] for c in answering}):
+        for upd in exchange(plans):
             srv.submit(upd)
-            up.append(len(upd.to_bytes(cfg.wire)) if isinstance(upd, Update) else len(upd))
-        info = srv.finish_round()
-        if cfg.method == "fwdllm":  # as released: clients upload full trainable-size gradients
+            up.append(len(upd) if isinstance(upd, (bytes, bytearray)) else len(upd.to_bytes(self.cfg.wire)))
+        res = srv.finish_round()
+        if self.method.upload == "gradient":  # as released: clients upload full trainable-size gradients
             up = [4 * self.n_trainable for _ in up]
-        return {"round": info["round"], "attempt": info["attempt"], "stepped": info.get("stepped", False),
-                "loss": info.get("loss"), "perturbations": info.get("perturbations", 0),
-                "variance": info.get("variance"), "threshold": info.get("threshold"),
-                "bytes_up_per_client": int(np.mean(up)) if up else 0,
-                "bytes_down_per_client": self._bytes_down(plans), "accepted": info["accepted"],
-                "forward_passes_per_client": self._forward_passes(),
-                "rejected": info["rejected"], **({"reason": info["reason"]} if "reason" in info else {}),
-                **({"noise_ratio": info["noise_ratio"]} if info.get("noise_ratio") is not None else {})}
+        return RoundRow.of(res, bytes_up_per_client=int(np.mean(up)) if up else 0,
+                           bytes_down_per_client=self._bytes_down(plans),
+                           forward_passes_per_client=self._forward_passes())
 
     def _forward_passes(self) -> int:
-        """Client compute per round in forward-pass equivalents: a primal forward 1, each tangent 1
-        (an upper bound: a LoRA tangent costs at most a forward), a backward 2."""
-        cfg, L, K = self.cfg, self.cfg.local_batches, self.cfg.perturbations or 0
-        per_batch = {"fwdkern": 1 + K, "mezo": 2 * K, "fwdllm": 2 * K, "spry": 1 + K, "backprop": 3}[cfg.method]
-        return L * per_batch
+        """Client compute per round in forward-pass equivalents (see Method.passes_per_batch)."""
+        return self.method.forward_passes(self.cfg.perturbations or 0, self.cfg.local_batches)
 
     def _bytes_down(self, plans) -> int:
         # Clients holding the previous version replay (seed, ks, coeffs) when the server optimizer is
         # linear; otherwise they download the LoRA weights.
-        plan_bytes = int(np.mean([len(json.dumps(p.to_config())) for p in plans.values()]))
-        if self.server.replay_log and self.server.optimizer.linear:
-            rec = self.server.replay_log[-1]
-            return plan_bytes + len(json.dumps(rec["ops"]))
+        plan_bytes = int(np.mean([len(json.dumps(p.to_config())) for p in plans.values()])) if plans else 0
+        v = self.server.model_version
+        chain = self.server.replay_chain(v - 1, v) if v else None
+        if chain:
+            return plan_bytes + len(json.dumps(chain[0].to_json()["ops"]))
         return plan_bytes + 4 * self.n_trainable
 
     # ------------------------------------------------------------------ driver
@@ -270,7 +248,8 @@ class Simulation:
             return
         self.server.load_state_dict(sd["server"])
         self._evaluated = None
-        self.metrics, self.wall, self.cpu = sd["metrics"], sd["wall"], sd.get("cpu", 0.0)
+        self.metrics = [RoundRow.from_json(r) for r in sd["metrics"]]
+        self.wall, self.cpu = sd["wall"], sd.get("cpu", 0.0)
         self.failed, self.initial = sd.get("failed", 0), sd.get("initial", {})
         self.log(f"resumed from {ckpt} at round {self.server.round}")
 
@@ -278,7 +257,7 @@ class Simulation:
         cfg = self.cfg
         ckpt = os.path.join(cfg.out, CHECKPOINT)
         self._resume(ckpt, replace_other_run)
-        mlog = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), self.metrics)
+        mlog = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), self._rows())
         if not self.metrics and not self.initial:
             self.initial = self.evaluate()
             if self.initial:
@@ -292,16 +271,16 @@ class Simulation:
                 save_checkpoint(ckpt, before)
                 raise Interrupted(f"interrupted in round {self.server.round}; the state before it is saved in "
                                   f"{ckpt}: rerun the same command to resume") from None
-            self.failed = 0 if row["stepped"] or row.get("reason", "").startswith("variance") else self.failed + 1
+            self.failed = 0 if row.stepped or (row.reason or "").startswith("variance") else self.failed + 1
             self.metrics.append(row)
-            mlog.append(row)
-            self.log(progress(row, cfg.rounds, self.server.model_version, len(self.metrics)))
+            mlog.append(row.to_json())
+            self.log(progress(row.to_json(), cfg.rounds, self.server.model_version, len(self.metrics)))
             if self.failed >= cfg.max_failed_rounds:
                 self.save(ckpt)
                 raise RunFailed(f"{self.failed} consecutive rounds without a valid update (last: "
-                                f"{row.get('reason', 'no step')}; {row['accepted']} accepted, {row['rejected']} "
+                                f"{row.reason or 'no step'}; {row.accepted} accepted, {row.rejected} "
                                 f"rejected); state saved in {ckpt}")
-            if cfg.checkpoint_every and row["stepped"] and self.server.model_version % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_every and row.stepped and self.server.model_version % cfg.checkpoint_every == 0:
                 self.save(ckpt)
         final = self.final_evaluation()
         self.save(ckpt)
@@ -310,10 +289,10 @@ class Simulation:
                    "client_rounds": len(self.metrics),
                    "perturbation_schedule": self.server.schedule, "wall_time_s": self.wall, "cpu_time_s": self.cpu,
                    "trainable_params": self.n_trainable,
-                   "mean_bytes_up_per_client": float(np.mean([m["bytes_up_per_client"] for m in self.metrics])),
+                   "mean_bytes_up_per_client": float(np.mean([m.bytes_up_per_client for m in self.metrics])),
                    "rejections": self.server.rejected_total}
         write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
-        plots(self.metrics, cfg.out, self.initial, self._reference_lines())
+        plots(self._rows(), cfg.out, self.initial, self._reference_lines())
         return summary
 
     def _reference_lines(self) -> dict:
@@ -329,13 +308,16 @@ class Simulation:
         """The test metrics of the final weights; the last metrics row carries them too, so every run's
         curve ends with an evaluation of its last round."""
         final = self.evaluate()
-        if self.metrics and final and "accuracy" not in self.metrics[-1]:
-            self.metrics[-1].update(final)
-            MetricsLog(os.path.join(self.cfg.out, "metrics.jsonl"), self.metrics)
+        if self.metrics and final and not self.metrics[-1].evaluation:
+            self.metrics[-1].evaluation = dict(final)
+            MetricsLog(os.path.join(self.cfg.out, "metrics.jsonl"), self._rows())
         return final
 
+    def _rows(self) -> list:
+        return [r.to_json() for r in self.metrics]
+
     def _state(self) -> dict:
-        return {"config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": list(self.metrics),
+        return {"config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": self._rows(),
                 "wall": self.wall, "cpu": self.cpu, "failed": self.failed, "initial": dict(self.initial)}
 
     def save(self, path):
@@ -346,5 +328,4 @@ def build(cfg: RunConfig, log=print) -> Simulation:
     """The embedded simulation of `cfg`: data, model, clients and server."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg.validate()
-    task = load_task(cfg, log=log)
-    return Simulation(task.cfg, task, log=log)
+    return Simulation(load_task(cfg, log=log), log=log)

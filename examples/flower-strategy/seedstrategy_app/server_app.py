@@ -1,4 +1,5 @@
 """ServerApp: SeedStrategy with centralized evaluation; writes result.json when `out` is set."""
+import dataclasses
 import json
 import os
 
@@ -34,7 +35,6 @@ def main(grid: Grid, context: Context) -> None:
     if cfg["out"]:
         os.makedirs(cfg["out"], exist_ok=True)
         acc = {int(r): float(m["accuracy"]) for r, m in result.evaluate_metrics_serverapp.items()}
-        info = [{k: v for k, v in h.items() if isinstance(v, (int, float, str, bool)) or v is None}
-                for h in strategy.history]
+        info = [dataclasses.asdict(h) for h in strategy.history]
         with open(os.path.join(cfg["out"], "result.json"), "w") as f:
             json.dump({"accuracy": acc, "rounds": info, "rejections": strategy.server.rejections}, f)

@@ -13,6 +13,8 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..sync import apply_replay
+from ..protocol import client_id
 from ..task import ClientTask, load_task
 from .codec import plan_from_record, replay_from_record, update_to_content
 from .run_config import config_key, parse_run_config
@@ -54,7 +56,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     c = partition_id(context)
     content = msg.content
     plan = plan_from_record(content["plan"])
-    if plan.client_id != f"client{c}":
+    if plan.client_id != client_id(c):
         raise ValueError(f"plan for {plan.client_id!r} sent to the node with partition-id {c}")
     task = client_task(cfg)
     state = context.state
@@ -69,16 +71,16 @@ def handle_train(msg: Message, context: Context) -> Message:
     replayed = 0
     if "replay" in content:
         for rec in replay_from_record(content["replay"]):
-            if rec["from_version"] < version:
+            if rec.from_version < version:
                 continue  # already applied (a reply that got lost)
-            if rec["from_version"] != version:
-                raise RuntimeError(f"replay gap: local version {version}, record from {rec['from_version']}")
-            task.apply_replay(rec, plan.dist)
+            if rec.from_version != version:
+                raise RuntimeError(f"replay gap: local version {version}, record from {rec.from_version}")
+            apply_replay(task.params, task.names_by_id, rec, plan.dist)
             version += 1
             replayed += 1
     if version != plan.model_version:
         raise RuntimeError(f"local weights at version {version}, plan needs {plan.model_version}")
-    update = task.client_update(c, plan)
+    update = task.answer(c, plan)
     state[STATE_WEIGHTS] = ArrayRecord(torch_state_dict=task.weights())
     info = dict(state[STATE_INFO]) if STATE_INFO in state else {"messages": 0, "replayed": 0, "downloads": 0}
     info.update(version=version, messages=int(info["messages"]) + 1, replayed=int(info["replayed"]) + replayed,

@@ -13,6 +13,7 @@ import json
 import typing
 
 from ..config import RunConfig
+from ..methods import flower_methods, method
 
 # Flower run-config keys of the transport and their defaults.
 FLOWER_DEFAULTS = {
@@ -77,8 +78,10 @@ def parse_run_config(run_config) -> tuple:
         raise ValueError(f"run-config: unknown RunConfig fields {unknown}")
     fields.update(given)
     cfg = RunConfig(**fields)
-    if cfg.method == "backprop":
-        raise ValueError("the Flower runner carries seeds and scalars: method must be fwdkern, mezo or fwdllm")
+    row = method(cfg.method)
+    if not row.flower:
+        raise ValueError(f"method {cfg.method!r}: the Flower runner carries seed-and-scalar rounds only; use one of "
+                         f"{', '.join(flower_methods())} (or the embedded runner, fwdkern train)")
     if opts["sync"] not in ("replay", "weights"):
         raise ValueError(f"sync: {opts['sync']!r} is neither 'replay' nor 'weights'")
     opts["max-replay"] = int(opts["max-replay"])

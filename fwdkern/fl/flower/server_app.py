@@ -16,8 +16,9 @@ What travels per round (see ``flower.jsonl`` in ``cfg.out`` for the measured byt
                                failed exchange, for non-linear server optimizers
                                (FedAdam/FedYogi, momentum), past ``max-replay`` steps
                                since the last download, or with ``sync = "weights"``
-  up    ConfigRecord "update" + MetricRecord "metrics": client_id, round, model_version,
-        ks, jvps (one float each), loss, num_samples
+  up    ConfigRecord "update": the Update's binary wire record (client_id, round,
+        model_version, ks, one jvp per k and the head projections in the run's --wire
+        encoding, loss, num_samples)
 
 Replay rebuilds the server's SGD step with a different summation order, so replaying
 clients evaluate at weights within float32 rounding (~1e-7 relative) of the server's;
@@ -37,7 +38,7 @@ from typing import Callable, Optional
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..protocol import RoundPlan, UpdateRejected
+from ..protocol import RoundPlan, Update, UpdateRejected
 from ..simulation import CHECKPOINT, build
 from .codec import nbytes, plan_to_record, replay_to_record, update_from_content
 from .run_config import FLOWER_DEFAULTS, parse_run_config
@@ -150,7 +151,7 @@ class FlowerExchange:
         if mode == "replay":
             content["replay"] = replay_to_record(chain)
         elif mode == "weights":
-            content["weights"] = ArrayRecord(torch_state_dict=self.sim.task.weights())
+            content["weights"] = ArrayRecord(torch_state_dict=srv.weights())
         return content, mode
 
     def __call__(self, plans: dict) -> list:
@@ -180,7 +181,8 @@ class FlowerExchange:
                 if not r.has_content():
                     raise UpdateRejected("malformed reply: neither content nor error")
                 info["bytes_up"] = nbytes(r.content)
-                upd = update_from_content(r.content)
+                record = update_from_content(r.content)
+                upd = Update.from_bytes(record)
                 if upd.client_id != plan.client_id:
                     raise UpdateRejected(f"node of {plan.client_id!r} answered as {upd.client_id!r}")
                 state = dict(r.content["client"]) if "client" in r.content else None
@@ -200,7 +202,7 @@ class FlowerExchange:
             if state is not None:
                 info["state"] = state
             info.update(status="ok", jvps=list(upd.jvps), loss=upd.loss)
-            out.append(upd)
+            out.append(record)
         row["wall_s"] = round(time.perf_counter() - t0, 3)
         self.record(row)
         return out

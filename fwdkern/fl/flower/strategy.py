@@ -15,7 +15,7 @@ Client side (inside ``@app.train()``)::
 Per round the strategy sends each sampled node the current trainable tensors (ArrayRecord
 "arrays", as Flower's own strategies do) and its plan (ConfigRecord "plan": seed halves,
 perturbation indices, tensor ids); the node answers with one jvp per perturbation (ConfigRecord
-"update" + MetricRecord "metrics", a few hundred bytes). Aggregation, validation and the
+"update": the Update's binary wire record, a few hundred bytes). Aggregation, validation and the
 optimizer step are :class:`fwdkern.fl.Server`'s: malformed, stale or poisoned replies are
 rejected with a reason and never stop the ServerApp; pacing, when configured, turns a round into
 a retry at the same model version. Only ``flwr.app``, ``flwr.serverapp`` and ``flwr.clientapp``
@@ -33,9 +33,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..._seed import derive_seed
+from ..client import seeded_answer
 from ..optim import SGD, FedAdam, FedYogi
 from ..protocol import UpdateRejected
-from ..server import Server, derive_seed
+from ..server import Server
 from .codec import plan_from_record, plan_to_record, update_from_content, update_to_content
 
 log = logging.getLogger("fwdkern.fl")
@@ -58,14 +60,14 @@ class SeedStrategy(Strategy):
     def __init__(self, params: dict, param_ids: dict, optimizer=None, *, perturbations: int = 16,
                  clients_per_round: Optional[int] = None, seed: int = 0, dist: str = "rademacher",
                  min_available_nodes: Optional[int] = None, node_timeout: float = 120.0, **server_kwargs):
-        self.params = {n: t.detach().clone().float() for n, t in params.items()}
-        self.server = Server(self.params, param_ids, optimizer or FedAdam(0.01), seed=seed,
-                             perturbations_per_client=perturbations, dist=dist, **server_kwargs)
+        self.server = Server({n: t.detach().float() for n, t in params.items()}, param_ids,
+                             optimizer or FedAdam(0.01), seed=seed, perturbations_per_client=perturbations, dist=dist,
+                             **server_kwargs)
         self.clients_per_round = clients_per_round
         self.min_available_nodes = min_available_nodes or clients_per_round or 1
         self.node_timeout = float(node_timeout)
         self.seed = seed
-        self.history: list = []  # Server.finish_round info per round
+        self.history: list = []  # Server.finish_round's RoundResult per round
 
     @classmethod
     def from_model(cls, model, optimizer: str = "fedadam", lr: float = 0.01, **kw) -> "SeedStrategy":
@@ -85,15 +87,15 @@ class SeedStrategy(Strategy):
     # ------------------------------------------------------------------ Strategy API
     def summary(self) -> None:
         log.info("SeedStrategy: %d trainable tensors (%d values), K=%d per client, optimizer %s",
-                 len(self.params), sum(p.numel() for p in self.params.values()), self.server.K,
+                 len(self.server.params), sum(p.numel() for p in self.server.params.values()), self.server.K,
                  type(self.server.optimizer).__name__)
 
     def _load(self, arrays: ArrayRecord):
         sd = arrays.to_torch_state_dict()
-        if set(sd) != set(self.params):
-            raise ValueError(f"arrays: tensors {sorted(set(sd) ^ set(self.params))[:5]} do not match the strategy's")
+        if set(sd) != set(self.server.params):
+            raise ValueError(f"arrays: tensors {sorted(set(sd) ^ set(self.server.params))[:5]} do not match the strategy's")
         with torch.no_grad():
-            for n, p in self.params.items():
+            for n, p in self.server.params.items():
                 p.copy_(sd[n])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -111,7 +113,7 @@ class SeedStrategy(Strategy):
         # and the rounded id then addresses no node.
         chosen = sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=n, replace=False)) if n else []
         plans = self.server.plan_round([str(nid) for nid in chosen])
-        weights = ArrayRecord(torch_state_dict={k: v.clone() for k, v in self.params.items()})
+        weights = ArrayRecord(torch_state_dict=self.server.weights())
         return [Message(RecordDict({"arrays": weights, "plan": plan_to_record(plans[str(nid)]),
                                     "config": config}), dst_node_id=nid, message_type="train")
                 for nid in chosen]
@@ -126,12 +128,12 @@ class SeedStrategy(Strategy):
                 self.server.reject(str(getattr(r.metadata, "src_node_id", "?")), str(e))
             except Exception as e:  # noqa: BLE001 -- whatever a node sends must not stop the ServerApp
                 self.server.reject(str(getattr(r.metadata, "src_node_id", "?")), f"malformed reply: {e!r}"[:200])
-        info = self.server.finish_round()
-        self.history.append(info)
-        metrics = {k: float(info[k]) for k in ("accepted", "rejected", "perturbations", "loss")
-                   if info.get(k) is not None}
-        metrics["stepped"] = float(bool(info.get("stepped")))
-        arrays = ArrayRecord(torch_state_dict={k: v.clone() for k, v in self.params.items()})
+        res = self.server.finish_round()
+        self.history.append(res)
+        metrics = {k: float(getattr(res, k)) for k in ("accepted", "rejected", "perturbations", "loss")
+                   if getattr(res, k) is not None}
+        metrics["stepped"] = float(res.stepped)
+        arrays = ArrayRecord(torch_state_dict=self.server.weights())
         return arrays, MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -142,9 +144,10 @@ class SeedStrategy(Strategy):
         return None
 
 
-def answer_plan(msg: Message, model, batches) -> Message:
+def answer_plan(msg: Message, model, batches, wire: str = "fp32") -> Message:
     """Client side: load the strategy's arrays into `model`'s trainable tensors, run one jvp per batch
-    for the plan in `msg`, and reply with the sample-averaged directional derivatives."""
+    for the plan in `msg` (the client step of fwdkern.fl.client), and reply with the sample-averaged
+    directional derivatives in the `wire` encoding."""
     import fwdkern
 
     content = msg.content
@@ -156,18 +159,5 @@ def answer_plan(msg: Message, model, batches) -> Message:
     with torch.no_grad():
         for n, p in tr.items():
             p.copy_(sd[n].to(p.dtype))
-    jv = np.zeros(len(plan.ks))
-    loss, n = 0.0, 0
-    for batch in batches:
-        bs = int(batch["input_ids"].shape[0])
-        l, j = fwdkern.jvp(model, batch, plan.seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
-        jv += j.double().numpy() * bs
-        loss += float(l) * bs
-        n += bs
-    if n == 0:
-        raise ValueError("answer_plan: no batches")
-    from ..protocol import Update
-
-    update = Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
-                    loss / n)
-    return Message(update_to_content(update), reply_to=msg)
+    return Message(update_to_content(seeded_answer(model, list(batches), plan, estimator="jvp", wire=wire)),
+                   reply_to=msg)

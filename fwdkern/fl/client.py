@@ -1,0 +1,166 @@
+"""The client's computation of each federated method (the ``client_step`` of a
+:class:`fwdkern.fl.methods.Method` row).
+
+Seed-and-scalar steps answer a :class:`RoundPlan` with an :class:`Update`'s wire record (encoded
+once, here); weight steps train the client's copy of the trainable tensors and return a
+:class:`WeightUpload`. Every step reads the model, its trainable tensors and the client's batches
+from a task (:class:`fwdkern.fl.task.ClientTask`); :func:`seeded_answer` needs only a model and
+batches, so an app with its own data pipeline (``fwdkern.fl.flower.strategy.answer_plan``) runs the
+same code.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .._seed import derive_seed
+from ..engine import capture_input, jvp, perturbed_loss
+from ..ops import seeded_axpy_
+from .protocol import RoundPlan, Update
+
+__all__ = ["seeded_answer", "answer_jvp", "answer_finite_difference", "train_backprop", "train_spry",
+           "WeightUpload"]
+
+
+@dataclass
+class WeightUpload:
+    """A weight-upload client's answer: the tensors it trained (fp32 on the wire), its sample count and
+    the sum of its batches' losses (weighted by batch size)."""
+
+    client_id: str
+    round: int
+    model_version: int
+    num_samples: int
+    loss_sum: float
+    tensors: dict
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * sum(t.numel() for t in self.tensors.values())
+
+
+def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", eps: float = 1e-3, head=None,
+                  wire: str = "fp32") -> bytes:
+    """The wire record (``Update.to_bytes(wire)``) answering `plan` on `batches`.
+
+    estimator "jvp": one exact directional derivative per planned k (fwdkern.jvp); "finite_difference":
+    the central difference (L(θ+εv) − L(θ−εv)) / 2ε. Values are averaged over samples. `head` (an
+    :class:`fwdkern.fl.head.ExactHead`) answers the plan's head block from the features captured at
+    its input during the same forward passes."""
+    jv = np.zeros(len(plan.ks))
+    loss, n = 0.0, 0
+    feats = []
+    capture = capture_input(head.module) if (head is not None and plan.head_ks) else None
+    for batch in batches:
+        bs = int(batch["input_ids"].shape[0])
+        if estimator == "jvp" and not plan.ks:  # the head block only: one plain forward
+            with torch.no_grad(), capture or contextlib.nullcontext():
+                l = model(**batch).loss
+            j = np.zeros(0)
+        elif estimator == "jvp":
+            with capture or contextlib.nullcontext():
+                l, j = jvp(model, batch, plan.seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
+        elif estimator == "finite_difference":
+            lp, lm = perturbed_loss(model, batch, plan.seed, list(plan.ks), eps, dist=plan.dist,
+                                    params=list(plan.param_ids))
+            j = (lp - lm) / (2 * eps)
+            l = ((lp + lm) / 2).mean()
+        else:
+            raise ValueError(f"estimator: unknown {estimator!r} (jvp, finite_difference)")
+        jv += np.asarray(torch.as_tensor(j, dtype=torch.float64)) * bs
+        loss += float(l) * bs
+        n += bs
+        if capture is not None:
+            feats.append((capture.x, batch["labels"]))
+    if n == 0:
+        raise ValueError("seeded_answer: no batches")
+    head_vals = head.project(plan, feats) if capture is not None else ()
+    return Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
+                  loss / n, head=head_vals).to_bytes(wire)
+
+
+def answer_jvp(task, client: int, plan: RoundPlan) -> bytes:
+    """fwdkern: exact forward gradients through the planned tensors, and the exact head's projections."""
+    return seeded_answer(task.model, task.client_batches(client, plan.round), plan, estimator="jvp", head=task.head,
+                         wire=task.cfg.wire)
+
+
+def answer_finite_difference(task, client: int, plan: RoundPlan) -> bytes:
+    """Zeroth order (MeZO, FwdLLM): central finite differences along each planned perturbation."""
+    return seeded_answer(task.model, task.client_batches(client, plan.round), plan, estimator="finite_difference",
+                         eps=task.cfg.eps, wire=task.cfg.wire)
+
+
+def train_backprop(task, client: int, plan: RoundPlan) -> WeightUpload:
+    """LoRA FedAvg's client: SGD steps (autograd) from the downloaded weights on the client's batches."""
+    params = task.params
+    n_c, loss_tot = 0, 0.0
+    for batch in task.client_batches(client, plan.round):
+        for p in params.values():
+            p.requires_grad_(True)
+        with _checkpointing(task.model, task.cfg.checkpointing):
+            out = task.model(**batch)
+            grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params.values(), grads):
+                p.requires_grad_(False)
+                if g is not None:
+                    p.sub_(task.cfg.local_lr * g)
+        bs = int(batch["input_ids"].shape[0])
+        loss_tot += float(out.loss.detach()) * bs
+        n_c += bs
+    return WeightUpload(plan.client_id, plan.round, plan.model_version, n_c, loss_tot,
+                        {n: p.detach().clone() for n, p in params.items()})
+
+
+def train_spry(task, client: int, plan: RoundPlan) -> WeightUpload:
+    """SPRY as released: per local batch one forward-gradient estimate (jvp x v, K tangents) of the
+    tensors the plan deals this client, and an AdamW step on them; uploads those tensors."""
+    names = [task.names_by_id[pid] for pid in plan.param_ids]
+    tensors = [task.params[n] for n in names]
+    opt = torch.optim.AdamW(tensors, lr=task.cfg.local_lr)
+    n_c, loss_tot = 0, 0.0
+    for step, batch in enumerate(task.client_batches(client, plan.round)):
+        seed = derive_seed(plan.seed, step, 11)
+        loss, jv = jvp(task.model, batch, seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
+        coeffs = (jv.double() / len(plan.ks)).tolist()
+        for n, p in zip(names, tensors):
+            g = torch.zeros_like(p, dtype=torch.float32)
+            seeded_axpy_(g, seed, task.param_ids[n], list(plan.ks), coeffs, plan.dist)
+            p.grad = g.to(p.dtype)
+        with torch.no_grad():
+            opt.step()
+        for p in tensors:
+            p.grad = None
+        bs = int(batch["input_ids"].shape[0])
+        loss_tot += float(loss) * bs
+        n_c += bs
+    return WeightUpload(plan.client_id, plan.round, plan.model_version, n_c, loss_tot,
+                        {n: task.params[n].detach().clone() for n in names})
+
+
+@contextlib.contextmanager
+def _checkpointing(model, on: bool):
+    """Activation checkpointing for one forward + backward. transformers checkpoints a layer stack
+    only while that stack module is in training mode, so only the stacks are flipped (not
+    recursively): dropout stays off and the numbers equal those without checkpointing."""
+    if not on:
+        yield
+        return
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stacks = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in stacks:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in stacks:
+            m.training = False
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
