@@ -69,7 +69,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fingerprint(name, over, root):
+def fingerprint(name, over, root, keys=None):
     import torch
 
     from _tiny_models import save_tiny_bert, sentiment_rows, write_csv
@@ -104,9 +104,12 @@ def fingerprint(name, over, root):
               for n, t in sorted(sim.server.params.items())}
     with open(os.path.join(base["out"], "metrics.jsonl")) as f:
         rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
-    return {"params": _digest(params), "metrics": _digest(rows), "final": summary["final"],
-            "rounds": summary["rounds"], "client_rounds": summary["client_rounds"],
-            "row_keys": sorted({k for r in rows for k in r})}
+    res = {"params": _digest(params), "metrics": _digest(rows), "final": summary["final"],
+           "rounds": summary["rounds"], "client_rounds": summary["client_rounds"],
+           "row_keys": sorted({k for r in rows for k in r})}
+    if keys is not None:  # the digest over the reference's row fields (rows may have gained some since)
+        res["metrics"] = _digest([{k: v for k, v in r.items() if k in keys} for r in rows])
+    return res
 
 
 def main():
@@ -117,16 +120,16 @@ def main():
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     res = {}
+    ref = json.load(open(args.compare)) if args.compare else {}
     with tempfile.TemporaryDirectory() as root:
         for name, over in RUNS.items():
             if args.only and name not in args.only:
                 continue
-            res[name] = fingerprint(name, over, root)
+            res[name] = fingerprint(name, over, root, set(ref[name]["row_keys"]) if name in ref else None)
             print(name, res[name]["params"], res[name]["metrics"], res[name]["final"], flush=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     if args.compare:
-        ref = json.load(open(args.compare))
         bad = [n for n in res if n in ref and (res[n]["params"], res[n]["metrics"]) != (ref[n]["params"],
                                                                                         ref[n]["metrics"])]
         print("identical" if not bad else f"DIFFERENT: {bad}")

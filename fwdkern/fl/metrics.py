@@ -25,20 +25,30 @@ class MetricsLog:
             f.write(line[len(line) // 2:])
 
 
+def _bytes(n) -> str:
+    return f"{n} B" if n < 10_000 else f"{n / 1000:.1f} kB" if n < 10_000_000 else f"{n / 1e6:.1f} MB"
+
+
 def progress(row, total, version, client_round=None) -> str:
-    """One console line per client round; a round that did not step says why (pacing retry, no update)."""
+    """One console line per client round, each number named: what a participating client evaluated
+    (tangents through the body, projections of its exact head update), the bytes it sent and received,
+    and the run's CPU time so far; a round that did not step says why (pacing retry, no update)."""
     width = 30
     done = int(width * version / max(1, total))
     acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
     loss = f" loss {row['loss']:.4f}" if row.get("loss") is not None else ""
     cr = f"client round {client_round}" if client_round is not None else f"round {row['round']}"
+    work = [f"{row.get('tangents_per_client', 0)} tangents"]
+    if row.get("head_projections_per_client"):
+        work.append(f"{row['head_projections_per_client']} head projections")
     note = ""
     if not row.get("stepped"):
         reason = row.get("reason", "")
         note = (f" [no step: retry {row.get('attempt', 0) + 1}, {reason}]" if reason.startswith("variance")
                 else f" [no step: {reason or 'no update'}]")
-    return (f"[{'#' * done}{'.' * (width - done)}] step {version}/{total} ({cr}){loss}{acc} "
-            f"K={row['perturbations']} up={row['bytes_up_per_client']}B cpu={row.get('cpu_time_s', 0):.1f}s{note}")
+    return (f"[{'#' * done}{'.' * (width - done)}] step {version}/{total} ({cr}){loss}{acc} | per client: "
+            f"{' + '.join(work)}, up {_bytes(row['bytes_up_per_client'])}, down "
+            f"{_bytes(row.get('bytes_down_per_client', 0))} | {row.get('cpu_time_s', 0):.1f} CPU s{note}")
 
 
 def plots(metrics, out, initial=None, reference=None):

@@ -82,7 +82,20 @@ def resolve_pooling(requested: str, path: str) -> str:
 
 
 def load_model(cfg, data, task: str):
-    """(patched model, tokenizer) for `cfg.model`, with LoRA adapters as `cfg` asks."""
+    """(patched model, tokenizer) for `cfg.model`, with LoRA adapters as `cfg` asks. transformers' per-file
+    "Loading weights" bars are off meanwhile: a run prints one line for its model."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_model(cfg, data, task)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(cfg, data, task: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 

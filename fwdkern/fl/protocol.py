@@ -423,6 +423,9 @@ class RoundResult:
 class RoundRow:
     """One row of metrics.jsonl: one client round (or pacing attempt) of a run.
 
+    perturbations: scalars in the round's estimate over all its clients (and pacing attempts).
+    tangents_per_client / head_projections_per_client: what one client evaluates: forward-gradient
+    tangents through the body, and seeded projections of its exact head update.
     bytes_up_per_client / bytes_down_per_client: the mean bytes a participating client sends / receives.
     forward_passes_per_client: client compute in forward-pass equivalents. evaluation: the test metrics
     when the round was evaluated. wall_time_s / cpu_time_s: the run's training time so far."""
@@ -439,6 +442,8 @@ class RoundRow:
     accepted: int
     rejected: int
     forward_passes_per_client: int
+    tangents_per_client: int = 0
+    head_projections_per_client: int = 0
     reason: Optional[str] = None
     noise_ratio: Optional[float] = None
     evaluation: dict = field(default_factory=dict)

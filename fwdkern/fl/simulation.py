@@ -26,6 +26,7 @@ from .metrics import MetricsLog, plots, progress
 from .optim import SGD, FedAdam, FedYogi, LRSchedule
 from .pacing import VariancePacing
 from .protocol import RoundRow, client_id
+from .runstate import LAYOUT, LayoutError, foreign_files, migrate
 from .server import Server
 from .task import ClientTask, load_task
 
@@ -180,7 +181,7 @@ class Simulation:
         res = srv.finish_weight_round()
         return RoundRow.of(res, bytes_up_per_client=int(np.mean(up)) if up else 0,
                            bytes_down_per_client=4 * self.n_trainable,
-                           forward_passes_per_client=self._forward_passes())
+                           forward_passes_per_client=self._forward_passes(), **self._per_client())
 
     def _seeded_round(self, plans: dict) -> RoundRow:
         """Seed-and-scalar round (fwdkern, mezo, fwdllm): plans out, scalar updates back."""
@@ -199,7 +200,12 @@ class Simulation:
             up = [4 * self.n_trainable for _ in up]
         return RoundRow.of(res, bytes_up_per_client=int(np.mean(up)) if up else 0,
                            bytes_down_per_client=self._bytes_down(plans),
-                           forward_passes_per_client=self._forward_passes())
+                           forward_passes_per_client=self._forward_passes(), **self._per_client())
+
+    def _per_client(self) -> dict:
+        """What one participating client evaluates: body tangents and exact-head projections."""
+        return {"tangents_per_client": (self.cfg.perturbations or 0) if self.method.perturbs else 0,
+                "head_projections_per_client": self.cfg.head_directions if self.task.head is not None else 0}
 
     def _forward_passes(self) -> int:
         """Client compute per round in forward-pass equivalents (see Method.passes_per_batch)."""
@@ -228,14 +234,21 @@ class Simulation:
             return self._run(replace_other_run)
 
     def _resume(self, ckpt: str, replace_other_run: bool):
+        foreign = foreign_files(self.cfg.out)
+        if foreign:
+            what = (f"{self.cfg.out} holds {', '.join(foreign)}, a run of an older fwdkern that this one never loads "
+                    "(a pickle can run code)")
+            if not replace_other_run:
+                raise LayoutError(f"{what}: move it away to start a run there, or use another --out")
+            self.log(f"{what}; starting a fresh run beside it")
         if not os.path.exists(ckpt):
             return
         try:
-            sd = load_checkpoint(ckpt)
-        except CorruptCheckpoint:
+            sd = migrate(load_checkpoint(ckpt), ckpt, self.log)
+        except (CorruptCheckpoint, LayoutError) as e:
             if not replace_other_run:
                 raise
-            self.log(f"{ckpt} is unreadable; starting a fresh run")
+            self.log(f"{e}; starting a fresh run")
             return
         saved = sd.get("config") if isinstance(sd.get("config"), dict) else {}
         diff = self.cfg.resume_differences(saved)
@@ -317,7 +330,7 @@ class Simulation:
         return [r.to_json() for r in self.metrics]
 
     def _state(self) -> dict:
-        return {"config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": self._rows(),
+        return {"layout": LAYOUT, "config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": self._rows(),
                 "wall": self.wall, "cpu": self.cpu, "failed": self.failed, "initial": dict(self.initial)}
 
     def save(self, path):

@@ -67,10 +67,11 @@ class SentenceEncoderForSequenceClassification(nn.Module):
         from transformers import AutoModel
 
         declared = sentence_transformers_pooling(path) or ("mean", False)
-        try:  # BERT-like encoders build a CLS pooler this head never reads
-            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
-        except TypeError:
-            encoder = AutoModel.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path)
+        if getattr(encoder, "pooler", None) is not None:
+            # BERT-like encoders carry a CLS pooler this head never reads; loaded with the checkpoint (so
+            # nothing is reported as unexpected) and dropped (so no forward computes it).
+            encoder.pooler = None
         return cls(encoder, num_labels, pooling or declared[0], declared[1] if normalize is None else normalize)
 
     def activation_checkpointing_enable(self, **kw):
