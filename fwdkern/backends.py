@@ -2,8 +2,9 @@
 
 Everything about which backend can run what lives here and nowhere else:
 
-* ``IMPLEMENTED``: op -> backend -> what runs (every public op has all four backends; the
-  ``quant_*`` ops are the frozen linear and LoRA ops on an int8 / int4 base);
+* ``IMPLEMENTED``: op -> backend -> what runs (every op has all four backends; the ``quant_*``
+  ops are the frozen linear and LoRA ops on an int8 / int4 base, ``dequantize`` the float copy of
+  such a base);
 * the conditions under which an implemented backend still cannot run a call: the device and
   build rule of each backend (:func:`_device_rule`) and ``RULES`` (the Triton interpreter's
   missing bfloat16, the Triton attention kernel's shape limits);
@@ -13,7 +14,9 @@ Everything about which backend can run what lives here and nowhere else:
   ``_triton.py``, ``reference*.py``) and imported only when a call resolves to them.
 
 Order of precedence: the per-call ``backend=`` argument, then the ``FWDKERN_BACKEND``
-environment variable, then the automatic order of ``AUTO``. Automatic choice silently
+environment variable, then the automatic order of ``AUTO`` (:func:`resolve`; ``dequantize``, the
+float copy of a quantized weight outside the ops, takes the automatic order alone:
+:func:`automatic`). Automatic choice silently
 skips backends that cannot run the call (e.g. to the reference when the extension is
 missing); a backend that is *requested* but cannot run raises
 :class:`BackendUnavailable` saying why.
@@ -32,7 +35,7 @@ import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 OPS = ("perturbation", "seeded_axpy_", "seeded_dot", "seeded_matmul", "lora_linear_dual", "lora_linear_perturbed",
-       "dual_attention", "quant_linear_dual", "quant_lora_linear_dual", "quant_lora_linear_perturbed")
+       "dual_attention", "quant_linear_dual", "quant_lora_linear_dual", "quant_lora_linear_perturbed", "dequantize")
 
 # Backend names an op accepts besides BACKENDS (kept for existing callers).
 ALIASES = {"dual_attention": {"torch": "reference"}}
@@ -66,6 +69,12 @@ _QUANT_LORA = {"cpu": _QUANT_DENSE["cpu"] + "; low-rank parts: the cpu float op"
                "triton": _QUANT_DENSE["triton"] + "; low-rank parts fused as in the float kernels",
                "reference": "dequantize (fwdkern/ops/_qformat.py), then materialized perturbations "
                             "(fwdkern/ops/reference_lora.py)"}
+# The float copy of a quantized weight (QuantizedWeight.dequantize: a QuantLinear's backward, the LM
+# head's row blocks, dequantize_base). The GPU backends' quantized ops dequantize inside their own
+# code; their copy for everything else is torch ops on the device.
+_TORCH_DEQUANT = "torch ops on the tensors' device (fwdkern/ops/_qformat.py: dequantize_reference)"
+_DEQUANT = {"cpu": "C++ dequantization (csrc/cpu/quant_ops.cpp)", "cuda": _TORCH_DEQUANT, "triton": _TORCH_DEQUANT,
+            "reference": _TORCH_DEQUANT}
 
 # op -> backend -> what runs.
 IMPLEMENTED = {
@@ -84,6 +93,7 @@ IMPLEMENTED = {
     "quant_linear_dual": _QUANT_DENSE,
     "quant_lora_linear_dual": _QUANT_LORA,
     "quant_lora_linear_perturbed": _QUANT_LORA,
+    "dequantize": _DEQUANT,
 }
 
 # Automatic choice per device type, first backend that can run the call wins.
@@ -108,6 +118,7 @@ AUTO = {
         "quant_linear_dual": ("triton", "cuda", "reference"),
         "quant_lora_linear_dual": ("triton", "cuda", "reference"),
         "quant_lora_linear_perturbed": ("triton", "cuda", "reference"),
+        "dequantize": ("cuda", "reference"),
     },
 }
 
@@ -284,6 +295,12 @@ def resolve(op: str, device, backend: Optional[str] = None, **facts) -> str:
                 raise BackendUnavailable(f"{op}: requested backend {requested!r} is unavailable: {why}")
             raise error(f"{op}: backend {requested!r} {why}")
         return requested
+    return automatic(op, device, **facts)
+
+
+def automatic(op: str, device, **facts) -> str:
+    """The first backend of ``AUTO`` that can run `op` on tensors of `device` (no request consulted)."""
+    device = torch.device(device)
     for b in AUTO.get(device.type, {}).get(op, ("reference",)):
         if _refusal(op, b, device, facts) is None:
             return b

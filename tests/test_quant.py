@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import fwdkern
 from fwdkern.nn import QuantEmbedding, QuantLinear, dequantize_base, quantize_base, quantized_bytes
+from fwdkern.ops import _qformat as QF
 from fwdkern.ops import quant as Q
 from fwdkern.ops import reference_lora as R
 from fwdkern.ops._qformat import dequantize_reference, step_size
@@ -208,11 +209,11 @@ def test_quant_linear_dual(fmt, backend):
 
 def test_quant_linear_dual_row_blocks(monkeypatch):
     """A weight larger than one dequantization block (an LM head) is walked in row blocks."""
-    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(QF, "CHUNK_ELEMENTS", 64 * 10)
     x, xt, _, qw, b, _, _ = _layer((4,), 64, 45, 1, 2, True, True, 4, 16)
     ref_y, ref_t = Q.quant_linear_dual(x, xt, qw, b, backend="reference")
     y, yt = Q.quant_linear_dual(x, xt, qw, b, backend="cpu")
-    assert len(list(Q.dense_chunks(qw, torch.float32))) == 5
+    assert len(list(QF.dense_chunks(qw, torch.float32))) == 5
     _assert_close32(y, ref_y.to(F64), "y")
     _assert_close32(yt, ref_t.to(F64), "y_tangents")
 

@@ -14,6 +14,10 @@ last (its dual forward has fused C++ kernels and shares :func:`add_dense`). The 
 these functions with the cpu kernels, so the composition the cuda backend uses is checked on
 machines without a GPU.
 
+:func:`quant_linear_dual` is the frozen layer on a quantized weight for a backend that brings a
+``dequantize(weight, dtype)``: the ``cpu`` backend (C++ dequantization, fp32 GEMMs) and the
+``cuda`` backend (torch ops, GEMMs in x's dtype) both run it.
+
 Arguments are validated by the public ops (fwdkern/ops/lora.py); accumulation is fp32.
 """
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ._qformat import dense_chunks
 
 F32 = torch.float32
 
@@ -156,3 +162,30 @@ def lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps
             Y.add_(db.unsqueeze(1), alpha=sign * eps)
         outs.append(Y.to(x.dtype).reshape(K, *batch, out_f))
     return outs[0], outs[1]
+
+
+def quant_linear_dual(x, x_tangents, qw, bias, dequantize, dtype):
+    """(y [..., out], y_tangents [K, ..., out]) of fwdkern.ops.quant.quant_linear_dual, computed in `dtype`
+    and returned in x's dtype (one rounding when they differ).
+
+    y = x Wqᵀ + b, ẏ_k = ẋ_k Wqᵀ: each row block of Wq is dequantized once (:func:`dense_chunks`, with
+    the backend's `dequantize`) and serves the primal rows and all K·M tangent rows (two GEMMs)."""
+    out_f, in_f = qw.shape
+    x2 = rows2d(x, in_f).to(dtype)
+    M = x2.shape[0]
+    K = x_tangents.shape[0] if x_tangents is not None else 0
+    xt2 = x_tangents.reshape(K * M, in_f).to(dtype) if x_tangents is not None else None
+    b = None if bias is None else bias.to(dtype)
+    y = torch.empty((M, out_f), dtype=dtype, device=x.device)
+    yt = torch.empty((K * M, out_f), dtype=dtype, device=x.device)
+    for n0, n1, Wc in dense_chunks(qw, dtype, dequantize):
+        bc = None if b is None else b[n0:n1]
+        if n0 == 0 and n1 == out_f:  # the whole weight: GEMMs straight into the outputs
+            torch.mm(x2, Wc.t(), out=y) if bc is None else torch.addmm(bc, x2, Wc.t(), out=y)
+            if xt2 is not None:
+                torch.mm(xt2, Wc.t(), out=yt)
+        else:
+            y[:, n0:n1] = x2 @ Wc.t() if bc is None else torch.addmm(bc, x2, Wc.t())
+            if xt2 is not None:
+                yt[:, n0:n1] = xt2 @ Wc.t()
+    return y.reshape(*x.shape[:-1], out_f).to(x.dtype), yt.reshape(K, *x.shape[:-1], out_f).to(x.dtype)
