@@ -10,7 +10,7 @@ weight against the float reference on the dequantized weight, and whole models.
   float weight the error stays within the quantizer's bound ``|x| · (step / 2)``.
 * Models (LLaMA, GPT-2 with Conv1D, BERT; tiny random configs): ``jvp`` of the model patched with
   ``base_quant`` equals autograd's ``∇L · v_k`` through the float model that holds the dequantized
-  weights (fwdkern.nn.dequantize_base), within 1e-4 (the tolerance of tests/test_engine.py).
+  weights (fwdkern.engine.dequantize_base), within 1e-4 (the tolerance of tests/test_engine.py).
 """
 import copy
 import os
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import fwdkern
-from fwdkern.nn import QuantEmbedding, QuantLinear, dequantize_base, quantize_base, quantized_bytes
+from fwdkern.engine import dequantize_base, quantize_base
+from fwdkern.nn import QuantEmbedding, QuantLinear, quantized_bytes
 from fwdkern.ops import _qformat as QF
 from fwdkern.ops import quant as Q
 from fwdkern.ops import reference_lora as R
