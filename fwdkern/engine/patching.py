@@ -312,9 +312,8 @@ def _rehome_float_tensors(model: nn.Module) -> None:
     """Copy the float tensors that stay (norms, biases, adapters) into their own memory.
 
     A checkpoint loaded from safetensors can hold its tensors as views of one memory-mapped file; one
-    kept norm weight then keeps the whole mapping, float weights included, resident.
-    NOTE: SmolLM2-135M loaded by from_pretrained, int4 base: 904 MiB resident after quantization
-    without this copy, the size of the fp32 file; the copy costs the kept tensors' size once.
+    kept norm weight then keeps the whole mapping, float weights included, resident, and quantizing
+    the base would save no memory; the copy costs the kept tensors' size once.
     Parameters keep their identity (their .data is replaced), so tied tensors stay tied."""
     done: dict = {}
     for mod in model.modules():
