@@ -14,12 +14,11 @@ Everything about which backend can run what lives here and nowhere else:
   ``_triton.py``, ``reference*.py``) and imported only when a call resolves to them.
 
 Order of precedence: the per-call ``backend=`` argument, then the ``FWDKERN_BACKEND``
-environment variable, then the automatic order of ``AUTO`` (:func:`resolve`; ``dequantize``, the
-float copy of a quantized weight outside the ops, takes the automatic order alone:
-:func:`automatic`). Automatic choice silently
-skips backends that cannot run the call (e.g. to the reference when the extension is
-missing); a backend that is *requested* but cannot run raises
-:class:`BackendUnavailable` saying why.
+environment variable, then the automatic order of ``AUTO`` (:func:`resolve`). Automatic choice
+(:func:`automatic`) silently skips backends that cannot run the call (e.g. to the reference when
+the extension is missing); a backend that is *requested* but cannot run raises
+:class:`BackendUnavailable` saying why. ``dequantize``, the float copy of a quantized weight for
+code around the ops, takes the automatic order alone (fwdkern/ops/_qformat.py says why).
 
 Backends: ``cpu`` (C++ kernels in fwdkern._C), ``cuda`` (CUDA kernels in fwdkern._C),
 ``triton`` (GPU, or CPU under TRITON_INTERPRET=1), ``reference`` (pure PyTorch).
