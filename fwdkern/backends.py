@@ -2,8 +2,9 @@
 
 Everything about which backend can run what lives here and nowhere else:
 
-* ``IMPLEMENTED``: op -> backend -> what runs (every public op has all four backends; the
-  ``quant_*`` ops are the frozen linear and LoRA ops on an int8 / int4 base);
+* ``IMPLEMENTED``: op -> backend -> what runs (every op has all four backends; the ``quant_*``
+  ops are the frozen linear and LoRA ops on an int8 / int4 base, ``dequantize`` the float copy of
+  such a base);
 * the conditions under which an implemented backend still cannot run a call: the device and
   build rule of each backend (:func:`_device_rule`) and ``RULES`` (the Triton interpreter's
   missing bfloat16, the Triton attention kernel's shape limits);
@@ -13,13 +14,20 @@ Everything about which backend can run what lives here and nowhere else:
   ``_triton.py``, ``reference*.py``) and imported only when a call resolves to them.
 
 Order of precedence: the per-call ``backend=`` argument, then the ``FWDKERN_BACKEND``
-environment variable, then the automatic order of ``AUTO``. Automatic choice silently
-skips backends that cannot run the call (e.g. to the reference when the extension is
-missing); a backend that is *requested* but cannot run raises
-:class:`BackendUnavailable` saying why.
+environment variable, then the automatic order of ``AUTO`` (:func:`resolve`). Automatic choice
+(:func:`automatic`) silently skips backends that cannot run the call (e.g. to the reference when
+the extension is missing); a backend that is *requested* but cannot run raises
+:class:`BackendUnavailable` saying why. ``dequantize``, the float copy of a quantized weight for
+code around the ops, takes the automatic order alone (fwdkern/ops/_qformat.py says why).
 
 Backends: ``cpu`` (C++ kernels in fwdkern._C), ``cuda`` (CUDA kernels in fwdkern._C),
 ``triton`` (GPU, or CPU under TRITON_INTERPRET=1), ``reference`` (pure PyTorch).
+
+GPU performance choices are not yet measured on a GPU: the ``AUTO`` order for CUDA tensors, the
+cuda backend's compositions and its CUDA-core seeded matmul (csrc/cuda/lora_ops.cu), the Triton
+tile sizes, autotune lists and loop structures (fwdkern/triton/). The comments beside them give
+the reasoning; ``scripts/gpu_check.sh`` times the candidates, and bench/results/README.md ("GPU
+choices not yet measured") lists each choice with its measurement plan.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 OPS = ("perturbation", "seeded_axpy_", "seeded_dot", "seeded_matmul", "lora_linear_dual", "lora_linear_perturbed",
-       "dual_attention", "quant_linear_dual", "quant_lora_linear_dual", "quant_lora_linear_perturbed")
+       "dual_attention", "quant_linear_dual", "quant_lora_linear_dual", "quant_lora_linear_perturbed", "dequantize")
 
 # Backend names an op accepts besides BACKENDS (kept for existing callers).
 ALIASES = {"dual_attention": {"torch": "reference"}}
@@ -47,15 +55,14 @@ _LORA_IMPL = {"cpu": "torch GEMMs + C++ shrink/expand kernels (csrc/cpu/lora_ops
 _CHUNKED = "chunked pure-torch dual attention (fwdkern/ops/reference_attention.py)"
 # Quantized frozen base (int8 per channel / int4 group-wise, fwdkern/ops/_qformat.py): what runs the
 # dense GEMM over the (1+K)·M stacked rows; the low-rank parts are those of the float ops.
-# NOTE (cpu): torch's weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) were
-# measured here and lose: [1536 x 576] weight, 4608 stacked rows, 1 thread of a 2-core EPYC: fp32 GEMM
-# 105 ms; the int kernels with fp32 activations 6100 / 9200 ms (a scalar fallback), with bf16
-# activations 212 ms each (and bf16-rounded tangents); C++ dequantization (0.2 ms int8, 0.9 ms int4)
-# then the same fp32 GEMM ~105 ms. torchao 0.18's int8 weight-only tensor (cast + mm) was 1.13-1.46x
-# the fp32 GEMM, its int4 CPU path needs the mslk package (not installable here). So the cpu backend
-# dequantizes one layer at a time (row blocks for a large LM head) and runs torch's fp32 GEMM;
-# fp16/bf16 activations are computed in fp32 and rounded once (fp32 GEMM + casts 13 ms vs 30 ms for
-# the int kernels at 512 rows; torch's bf16 GEMM on this CPU is slower still, 115 ms).
+# The cpu backend dequantizes one layer at a time (row blocks for a large LM head) and runs torch's
+# fp32 GEMM; fp16/bf16 activations are computed in fp32 and rounded once. NOTE (cpu): the alternatives
+# were timed by hand on the 2-core CPU of bench/results/ and lost, in no committed result: torch's
+# weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) fall back to scalar
+# code for fp32 activations and round the tangents to bf16 with bf16 activations; torch's bf16 GEMM
+# is slower than its fp32 one there; torchao's int8 weight-only tensor is a cast plus the same GEMM,
+# and its int4 CPU path needs a package that does not install here. What the choice costs a whole
+# model (int8 / int4 step against fp32): bench/results/quant_cpu_2026-12-01.md.
 _QUANT_DENSE = {"cpu": "C++ dequantization (csrc/cpu/quant_ops.cpp), one layer at a time, + torch fp32 GEMM",
                 "cuda": "dequantization (torch ops) + torch GEMM in x's dtype, fwdkern/ops/_compose.py",
                 "triton": "dequant-in-registers Triton kernel (fwdkern/triton/lora.py: int8 per-channel scale "
@@ -66,6 +73,12 @@ _QUANT_LORA = {"cpu": _QUANT_DENSE["cpu"] + "; low-rank parts: the cpu float op"
                "triton": _QUANT_DENSE["triton"] + "; low-rank parts fused as in the float kernels",
                "reference": "dequantize (fwdkern/ops/_qformat.py), then materialized perturbations "
                             "(fwdkern/ops/reference_lora.py)"}
+# The float copy of a quantized weight (QuantizedWeight.dequantize: a QuantLinear's backward, the LM
+# head's row blocks, dequantize_base). The GPU backends' quantized ops dequantize inside their own
+# code; their copy for everything else is torch ops on the device.
+_TORCH_DEQUANT = "torch ops on the tensors' device (fwdkern/ops/_qformat.py: dequantize_reference)"
+_DEQUANT = {"cpu": "C++ dequantization (csrc/cpu/quant_ops.cpp)", "cuda": _TORCH_DEQUANT, "triton": _TORCH_DEQUANT,
+            "reference": _TORCH_DEQUANT}
 
 # op -> backend -> what runs.
 IMPLEMENTED = {
@@ -84,14 +97,14 @@ IMPLEMENTED = {
     "quant_linear_dual": _QUANT_DENSE,
     "quant_lora_linear_dual": _QUANT_LORA,
     "quant_lora_linear_perturbed": _QUANT_LORA,
+    "dequantize": _DEQUANT,
 }
 
 # Automatic choice per device type, first backend that can run the call wins.
-# NOTE (unmeasured on GPU): CUDA tensors try the CUDA kernels first for the seeded ops (one
-# Philox call per 128 elements per k, shared across a warp with shuffles) and the fused Triton
-# kernels first for the LoRA ops (the cuda backend composes torch GEMMs with a CUDA-core
-# seeded matmul). scripts/gpu_check.sh times cuda against triton for both; the order follows
-# its numbers (bench/results/README.md, "GPU choices not yet measured").
+# CUDA tensors try the CUDA kernels first for the seeded ops (one Philox call per 128 elements per k,
+# shared across a warp with shuffles) and the fused Triton kernels first for the LoRA ops (the cuda
+# backend composes torch GEMMs with a CUDA-core seeded matmul); scripts/gpu_check.sh times cuda
+# against triton for both, and the order follows its numbers (see the module docstring).
 AUTO = {
     "cpu": {op: ("cpu", "reference") for op in OPS},
     "cuda": {
@@ -102,12 +115,12 @@ AUTO = {
         "lora_linear_dual": ("triton", "cuda", "reference"),
         "lora_linear_perturbed": ("triton", "cuda", "reference"),
         "dual_attention": ("triton", "cuda", "reference"),
-        # NOTE (unmeasured on GPU): the dequant-in-registers kernel reads int8/int4 tiles (1/4-1/8 of
-        # the fp32 bytes) once for all 1+K row sets; the cuda composition writes a float copy of each
-        # layer first. scripts/gpu_check.sh times both (bench/bench_quant.py).
+        # The dequant-in-registers kernel reads int8/int4 tiles (1/4-1/8 of the fp32 bytes) once for
+        # all 1+K row sets; the cuda composition writes a float copy of each layer first.
         "quant_linear_dual": ("triton", "cuda", "reference"),
         "quant_lora_linear_dual": ("triton", "cuda", "reference"),
         "quant_lora_linear_perturbed": ("triton", "cuda", "reference"),
+        "dequantize": ("cuda", "reference"),
     },
 }
 
@@ -284,6 +297,12 @@ def resolve(op: str, device, backend: Optional[str] = None, **facts) -> str:
                 raise BackendUnavailable(f"{op}: requested backend {requested!r} is unavailable: {why}")
             raise error(f"{op}: backend {requested!r} {why}")
         return requested
+    return automatic(op, device, **facts)
+
+
+def automatic(op: str, device, **facts) -> str:
+    """The first backend of ``AUTO`` that can run `op` on tensors of `device` (no request consulted)."""
+    device = torch.device(device)
     for b in AUTO.get(device.type, {}).get(op, ("reference",)):
         if _refusal(op, b, device, facts) is None:
             return b

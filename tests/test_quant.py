@@ -10,7 +10,7 @@ weight against the float reference on the dequantized weight, and whole models.
   float weight the error stays within the quantizer's bound ``|x| · (step / 2)``.
 * Models (LLaMA, GPT-2 with Conv1D, BERT; tiny random configs): ``jvp`` of the model patched with
   ``base_quant`` equals autograd's ``∇L · v_k`` through the float model that holds the dequantized
-  weights (fwdkern.nn.dequantize_base), within 1e-4 (the tolerance of tests/test_engine.py).
+  weights (fwdkern.engine.dequantize_base), within 1e-4 (the tolerance of tests/test_engine.py).
 """
 import copy
 import os
@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import fwdkern
-from fwdkern.nn import QuantEmbedding, QuantLinear, dequantize_base, quantize_base, quantized_bytes
+from fwdkern.engine import dequantize_base, quantize_base
+from fwdkern.nn import QuantEmbedding, QuantLinear, quantized_bytes
+from fwdkern.ops import _qformat as QF
 from fwdkern.ops import quant as Q
 from fwdkern.ops import reference_lora as R
 from fwdkern.ops._qformat import dequantize_reference, step_size
@@ -208,11 +210,11 @@ def test_quant_linear_dual(fmt, backend):
 
 def test_quant_linear_dual_row_blocks(monkeypatch):
     """A weight larger than one dequantization block (an LM head) is walked in row blocks."""
-    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(QF, "CHUNK_ELEMENTS", 64 * 10)
     x, xt, _, qw, b, _, _ = _layer((4,), 64, 45, 1, 2, True, True, 4, 16)
     ref_y, ref_t = Q.quant_linear_dual(x, xt, qw, b, backend="reference")
     y, yt = Q.quant_linear_dual(x, xt, qw, b, backend="cpu")
-    assert len(list(Q.dense_chunks(qw, torch.float32))) == 5
+    assert len(list(QF.dense_chunks(qw, torch.float32))) == 5
     _assert_close32(y, ref_y.to(F64), "y")
     _assert_close32(yt, ref_t.to(F64), "y_tangents")
 

@@ -21,9 +21,8 @@ namespace {
 // Block tile: kBM rows of X times kBN rows of v, walked over D in 128-column units
 // (one Philox call per v row and unit for Rademacher). 256 threads = 8 warps; warp w
 // owns output rows w, w+8, w+16, w+24 and lane l owns output column n0 + l.
-// NOTE: a CUDA-core (fp32 FMA) kernel with a 4-output register tile, meant for the rank-r
-// products it serves (N or D = r), not a tensor-core GEMM. Unmeasured on GPU
-// (bench/results/README.md, "GPU choices not yet measured").
+// A CUDA-core (fp32 FMA) kernel with a 4-output register tile, meant for the rank-r
+// products it serves (N or D = r), not a tensor-core GEMM (a GPU choice: fwdkern/backends.py).
 constexpr int kBM = 32;
 constexpr int kBN = 32;
 constexpr int kUnitCols = 128;

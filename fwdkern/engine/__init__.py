@@ -1,7 +1,9 @@
 """Whole-model forward gradients for Hugging Face models (and any nn.Module with LoRALinear layers).
 
 * :func:`patch` puts :class:`fwdkern.LoRALinear` adapters into a model (or converts a peft LoRA
-  model), freezes the rest and assigns stable param ids (:mod:`.patching`).
+  model), freezes the rest and assigns stable param ids; with ``base_quant`` it keeps the frozen
+  base quantized (:func:`quantize_base`; :func:`dequantize_base` gives the float model back)
+  (:mod:`.patching`).
 * :func:`jvp` runs one dual forward: the primal loss and ``∇L·v_k`` for K seeded
   perturbations ``v_k = v(seed, param_id, ks[k])`` of the trainable tensors (:mod:`.forward`).
 * :func:`perturbed_loss` gives ``L(θ ± εv_k)`` (FwdLLM perturbed inference).
@@ -15,8 +17,9 @@ once from the primal in vocabulary chunks and the loss tangent is ``⟨∂L/∂h
 """
 from .config import FwdkernConfig  # noqa: F401
 from .forward import capture_input, jvp, perturbed_loss  # noqa: F401
-from .patching import DEFAULT_TARGET_OVERRIDES, default_targets, patch, trainable  # noqa: F401
+from .patching import (DEFAULT_TARGET_OVERRIDES, default_targets, dequantize_base, patch, quantize_base,  # noqa: F401
+                       trainable)
 from .peft_io import load_adapter, save_adapter  # noqa: F401
 
 __all__ = ["patch", "trainable", "jvp", "perturbed_loss", "save_adapter", "load_adapter", "default_targets",
-           "FwdkernConfig", "DEFAULT_TARGET_OVERRIDES"]
+           "FwdkernConfig", "DEFAULT_TARGET_OVERRIDES", "quantize_base", "dequantize_base"]

@@ -1,5 +1,7 @@
-"""Putting adapters into a model: `patch`, the layer dispatcher, peft conversion, and the trainable
-tensors with their stable ids (the one source every other part of fwdkern reads them from)."""
+"""Putting adapters into a model: `patch`, the layer dispatcher, peft conversion, the quantized frozen
+base (:func:`quantize_base`, :func:`dequantize_base`), and the trainable tensors with their stable ids
+(the one source every other part of fwdkern reads them from). Every walk that changes a model's
+structure lives here."""
 from __future__ import annotations
 
 import math
@@ -11,9 +13,12 @@ from torch import nn
 
 from ..nn.lora import LoRALinear, assign_param_ids, param_id
 from ..nn.peft_layers import BottleneckAdapter, IA3Linear
+from ..nn.quant import QUANT_BUFFERS, QuantEmbedding, QuantLinear, check_group_size, parse_quant
+from ..ops._qformat import DEFAULT_GROUP_SIZE, QuantizedWeight, quantize_weight
 from .config import FwdkernConfig
 
-__all__ = ["patch", "trainable", "default_targets", "as_lora_linear", "get_config", "DEFAULT_TARGET_OVERRIDES"]
+__all__ = ["patch", "trainable", "default_targets", "as_lora_linear", "get_config", "DEFAULT_TARGET_OVERRIDES",
+           "quantize_base", "dequantize_base"]
 
 # Families peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING lacks (peft 0.21: 40 families);
 # everything else comes from peft's own table.
@@ -221,7 +226,7 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
         layers: only these transformer blocks get adapters (indices; -1 = the last), like peft's
             layers_to_transform; default all.
         base_quant: None (float base), "int8" (per channel) or "int4" (group-wise): the frozen base is kept
-            quantized (:func:`fwdkern.nn.quantize_base`): every frozen linear layer, including the LoRA
+            quantized (:func:`quantize_base`): every frozen linear layer, including the LoRA
             targets' base layers, becomes a :class:`fwdkern.nn.QuantLinear`; the dual and perturbed forwards
             run their dense GEMMs on the quantized weights. quant_group_size: int4 columns per group (even;
             one that does not divide in_features leaves a shorter last group). embed_quant: "int8" (default),
@@ -232,8 +237,6 @@ def patch(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Optio
     if peft not in PEFT_TYPES:
         raise ValueError(f"peft: {peft!r} is not one of {', '.join(PEFT_TYPES)}")
     if base_quant is not None:
-        from ..nn.quant import check_group_size, parse_quant
-
         parse_quant(base_quant, "base_quant")
         parse_quant(embed_quant, "embed_quant")
         check_group_size(quant_group_size, "quant_group_size")
@@ -300,10 +303,144 @@ def _quantize(model, base_quant, group_size, embed_quant):
     """The frozen base quantized in place (after the trainable tensors are marked, which stay float)."""
     if base_quant is None:
         return model
-    from ..nn.quant import quantize_base
-
     quantize_base(model, base_quant, group_size, embed_quant, skip=model.fwdkern_config.modules_to_save or ())
     trainable(model)
+    return model
+
+
+def _rehome_float_tensors(model: nn.Module) -> None:
+    """Copy the float tensors that stay (norms, biases, adapters) into their own memory.
+
+    A checkpoint loaded from safetensors can hold its tensors as views of one memory-mapped file; one
+    kept norm weight then keeps the whole mapping, float weights included, resident, and quantizing
+    the base would save no memory; the copy costs the kept tensors' size once.
+    Parameters keep their identity (their .data is replaced), so tied tensors stay tied."""
+    done: dict = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and id(p) not in done:
+                done[id(p)] = p
+                p.data = p.data.clone()
+        for name, b in list(mod._buffers.items()):
+            if b is None or (isinstance(mod, (QuantLinear, QuantEmbedding)) and name in QUANT_BUFFERS):
+                continue
+            if id(b) not in done:
+                done[id(b)] = b.clone()
+            mod._buffers[name] = done[id(b)]
+
+
+@torch.no_grad()
+def quantize_base(model: nn.Module, base_quant: str, group_size: int = DEFAULT_GROUP_SIZE,
+                  embed_quant: Optional[str] = "int8", skip=()) -> nn.Module:
+    """Quantize the frozen base of `model` in place and return it.
+
+    * every :class:`fwdkern.LoRALinear`'s ``base_layer`` and every other ``nn.Linear`` / HF ``Conv1D``
+      whose weight is frozen -> :class:`QuantLinear` (``base_quant``: "int8" | "int4");
+    * every frozen ``nn.Embedding`` and the model's output embedding (LM head) -> quantized with
+      ``embed_quant`` ("int8" default, "int4", or None to keep them float). A tied embedding / LM head
+      is quantized once and both modules share the tensors.
+    Modules whose path matches `skip` (names as in ``patch``'s modules_to_save), modules with a
+    trainable weight, and the adapters' own tensors stay float. Float weights are released as each
+    module is replaced. group_size: columns per int4 group (even; a group size that does not divide
+    in_features leaves a shorter last group).
+    """
+    bits = parse_quant(base_quant, "base_quant")
+    if bits is None:
+        return model
+    ebits = parse_quant(embed_quant, "embed_quant")
+    group_size = check_group_size(group_size, "quant_group_size")
+
+    def skipped(path):
+        return any(path == s or path.endswith("." + s) or path.startswith(s + ".") or ("." + s + ".") in path
+                   for s in skip)
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    adapter_ids = {id(m.lora_A) for m in model.modules() if isinstance(m, LoRALinear)}
+    adapter_ids |= {id(m.lora_B) for m in model.modules() if isinstance(m, LoRALinear)}
+    shared: dict = {}  # id(float weight) -> QuantizedWeight (tied matrices quantized once)
+
+    def quantized(w: torch.Tensor, b: int, transpose: bool = False) -> QuantizedWeight:
+        key = (id(w), transpose, b)
+        if key not in shared:
+            shared[key] = quantize_weight(w.detach().t() if transpose else w.detach(), b, group_size)
+        return shared[key]
+
+    replace = []
+    for path, mod in model.named_modules():
+        if not path or skipped(path) or id(mod) in adapter_ids:
+            continue
+        if isinstance(mod, LoRALinear):
+            if isinstance(mod.base_layer, nn.Linear):
+                replace.append((path + ".base_layer", mod.base_layer, bits, False))
+            continue
+        if isinstance(mod, QuantLinear) or isinstance(mod, QuantEmbedding):
+            continue
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.requires_grad:
+            continue
+        is_head = mod is out_emb
+        if isinstance(mod, nn.Embedding):
+            if ebits is not None:
+                replace.append((path, mod, ebits, False))
+        elif isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+            b = ebits if is_head else bits
+            if b is not None:
+                replace.append((path, mod, b, type(mod).__name__ == "Conv1D"))
+    parent_of_lora = {path + ".base_layer": m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for path, mod, b, transpose in replace:
+        qw = quantized(mod.weight, b, transpose)
+        if isinstance(mod, nn.Embedding):
+            new = QuantEmbedding.from_embedding(mod, b, group_size, qweight=qw)
+        else:
+            new = QuantLinear(qw, mod.bias, dtype=mod.weight.dtype)
+        if path in parent_of_lora:
+            parent_of_lora[path].base_layer = new
+        else:
+            _set_module(model, path, new)
+    if replace:
+        _rehome_float_tensors(model)
+    if not replace:
+        raise ValueError("quantize_base: no frozen nn.Linear / nn.Embedding to quantize (it quantizes weights with "
+                         "requires_grad=False: use fwdkern.patch(model, base_quant=...), or freeze the base first)")
+    return model
+
+
+@torch.no_grad()
+def dequantize_base(model: nn.Module) -> nn.Module:
+    """The float model a quantized one computes: every QuantLinear / QuantEmbedding replaced (in place)
+    by an nn.Linear / nn.Embedding holding the dequantized weight (in the dtype it was quantized from);
+    a shared (tied) quantized matrix becomes one shared float parameter. For references and tests."""
+    floats: dict = {}
+
+    def weight_of(mod):
+        key = id(mod.qweight)
+        if key not in floats:
+            floats[key] = nn.Parameter(mod.dequantize(mod.dtype), requires_grad=False)
+        return floats[key]
+
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=mod.qweight.device,
+                            dtype=mod.dtype)
+            new.weight = weight_of(mod)
+            if mod.bias is not None:
+                new.bias = mod.bias
+        elif isinstance(mod, QuantEmbedding):
+            new = nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx,
+                               device=mod.qweight.device, dtype=mod.dtype)
+            new.weight = weight_of(mod)
+            if mod.embed_scale is not None:
+                scale = mod.embed_scale
+                new.register_buffer("embed_scale", scale, persistent=False)
+                new.forward = (lambda ids, _e=new, _s=scale: nn.Embedding.forward(_e, ids) * _s.to(_e.weight.dtype))
+        else:
+            continue
+        parent, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if isinstance(owner, LoRALinear) and leaf == "base_layer":
+            owner.base_layer = new
+        else:
+            setattr(owner, leaf, new)
     return model
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..ops.lora import lora_linear_dual, lora_linear_perturbed
+from .quant import QuantLinear
 
 
 def param_id(qualified_name: str) -> int:
@@ -79,8 +80,6 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        from .quant import QuantLinear
-
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         elif not isinstance(base_layer, (nn.Linear, QuantLinear)):
@@ -93,7 +92,7 @@ class LoRALinear(nn.Module):
             self.base_layer.bias.requires_grad_(bool(train_bias))
         elif train_bias:
             raise ValueError("train_bias: the base layer has no bias")
-        dev = self.base_layer.weight.device if isinstance(base_layer, nn.Linear) else base_layer.qweight.device
+        dev = self.frozen_weight().device
         adt = adapter_dtype or torch.float32
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=adt)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=adt)
@@ -134,7 +133,17 @@ class LoRALinear(nn.Module):
     @property
     def quantized(self) -> bool:
         """Whether the frozen base is kept quantized (a :class:`fwdkern.nn.QuantLinear`)."""
-        return not isinstance(self.base_layer, nn.Linear)
+        return isinstance(self.base_layer, QuantLinear)
+
+    def frozen_weight(self, dtype: Optional[torch.dtype] = None):
+        """The frozen base weight as the ops take it (``weight`` of :func:`fwdkern.lora_linear_dual`): a
+        quantized base's :class:`fwdkern.ops.quant.QuantizedWeight` (the ops compute in any dtype), else
+        ``base_layer.weight`` detached (the seeded forwards are not differentiated by autograd), in
+        `dtype` when given."""
+        if self.quantized:
+            return self.base_layer.quantized_weight()
+        w = self.base_layer.weight.detach()
+        return w if dtype is None else w.to(dtype)
 
     def _base_dtype(self) -> torch.dtype:
         return self.base_layer.dtype if self.quantized else self.base_layer.weight.dtype
@@ -196,10 +205,8 @@ class LoRALinear(nn.Module):
                                       "use dropout=0")
         dt = x.dtype
         b = self.base_layer.bias
-        # The ops take one dtype (a quantized base: its QuantizedWeight, any compute dtype); detach: the
-        # seeded forwards are not differentiated by autograd.
-        W = self.base_layer.quantized_weight() if self.quantized else self.base_layer.weight.detach().to(dt)
-        return (W, b.detach().to(dt) if b is not None else None,
+        # The ops take one dtype; detach: the seeded forwards are not differentiated by autograd.
+        return (self.frozen_weight(dt), b.detach().to(dt) if b is not None else None,
                 self.lora_A.weight.detach().to(dt), self.lora_B.weight.detach().to(dt))
 
     def _ids(self, param_ids):

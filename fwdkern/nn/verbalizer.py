@@ -10,11 +10,10 @@ LM-BFF and MeZO train prompts) instead of over the whole vocabulary.
 Why not the full-vocabulary loss: it spends the gradient on raising the label words against the
 other 49k tokens (a direction shared by every class that leaves the argmax unchanged), and a
 forward-gradient estimate's variance grows with the whole gradient's norm. NOTE (SmolLM2-135M on
-BBC News, 400 test prompts, bench/results/fl_smollm2_cpu/fullvocab/): with the full-vocabulary loss
-(about 8 at the start) the best fwdkern body setting (K=16, FedAdam lr 0.03) reached a loss of 6.3
-and moved test accuracy from 0.653 to 0.753 in 10 client rounds; backprop (1 batch, lr 0.03) and MeZO (lr 1e-3 to 0.1) did
-not improve it. With the label-word head, fwdkern reached 0.888 in the same 10 rounds
-(bench/results/README.md).
+BBC News, bench/results/fl_smollm2_cpu/fullvocab/ against bench/results/fl_smollm2_cpu/, read in
+bench/results/README.md): with the full-vocabulary loss the best fwdkern body setting raised test
+accuracy part of the way in 10 client rounds and backprop and MeZO did not raise it; with the
+label-word head fwdkern went further in the same rounds.
 The slice also removes the vocabulary-sized LM-head product from every forward.
 
 The head is a copy: the LM head (often tied to the input embeddings) stays frozen and untouched.

@@ -11,7 +11,6 @@ import torch
 from .. import backends
 from . import _compose
 from ._validate import DIST_CODE, DTYPE_CODE, as2d, dims2d
-from .quant import dense_chunks
 from .reference_attention import chunked_dual_attention
 
 F32 = torch.float32
@@ -94,6 +93,7 @@ backends.register("dual_attention", "cpu")(chunked_dual_attention)
 # ----------------------------------------------------------------------------- quantized base
 
 
+@backends.register("dequantize", "cpu")
 def dequantize(qw, dtype=F32) -> torch.Tensor:
     """The float weight [out, in] of a CPU QuantizedWeight in `dtype` (csrc/cpu/quant_ops.cpp)."""
     out_f, in_f = qw.shape
@@ -116,31 +116,9 @@ def _f32(t):
 
 @backends.register("quant_linear_dual", "cpu")
 def quant_linear_dual(x, x_tangents, qw, bias):
-    """y = x Wqᵀ + b, ẏ_k = ẋ_k Wqᵀ: each row block of Wq is dequantized once (fp32) and serves the primal
-    rows and all K·M tangent rows (two GEMMs); fp16/bf16 inputs are computed in fp32 and rounded once."""
-    out_f, in_f = qw.shape
-    dt = x.dtype
-    x2 = _compose.rows2d(x, in_f).to(F32)
-    M = x2.shape[0]
-    K = x_tangents.shape[0] if x_tangents is not None else 0
-    xt2 = x_tangents.reshape(K * M, in_f).to(F32) if x_tangents is not None else None
-    b = _f32(bias)
-    y = torch.empty((M, out_f), dtype=F32)
-    yt = torch.empty((K * M, out_f), dtype=F32)
-    for n0, n1, Wc in dense_chunks(qw, F32, dequantize):
-        whole = n0 == 0 and n1 == out_f
-        bc = None if b is None else b[n0:n1]
-        if whole:
-            torch.mm(x2, Wc.t(), out=y) if bc is None else torch.addmm(bc, x2, Wc.t(), out=y)
-            if xt2 is not None:
-                torch.mm(xt2, Wc.t(), out=yt)
-        else:
-            y[:, n0:n1] = x2 @ Wc.t() if bc is None else torch.addmm(bc, x2, Wc.t())
-            if xt2 is not None:
-                yt[:, n0:n1] = xt2 @ Wc.t()
-    y = y.reshape(*x.shape[:-1], out_f).to(dt)
-    yt = yt.reshape(K, *x.shape[:-1], out_f).to(dt)
-    return y, yt
+    """C++ dequantization of each row block of Wq (fp32), then fp32 GEMMs; fp16/bf16 inputs are computed
+    in fp32 and rounded once (:func:`fwdkern.ops._compose.quant_linear_dual`)."""
+    return _compose.quant_linear_dual(x, x_tangents, qw, bias, dequantize, F32)
 
 
 def _in_f32(x, *tensors):

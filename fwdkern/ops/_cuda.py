@@ -10,6 +10,7 @@ import torch
 
 from .. import backends
 from . import _compose
+from ._qformat import dequantize_reference
 from ._validate import DIST_CODE, DTYPE_CODE, as2d, dims2d
 from .reference_attention import chunked_dual_attention
 
@@ -94,40 +95,22 @@ backends.register("dual_attention", "cuda")(chunked_dual_attention)
 # ----------------------------------------------------------------------------- quantized base
 # Composition: the weight is dequantized with torch ops on the device into x's dtype (one layer, or
 # one row block of a large LM head, at a time), then the float ops above run on it.
-
-
-def _dequantize(qw, dtype):
-    from ._qformat import dequantize_reference
-
-    return dequantize_reference(qw, dtype)
+backends.register("dequantize", "cuda")(dequantize_reference)
 
 
 @backends.register("quant_linear_dual", "cuda")
 def quant_linear_dual(x, x_tangents, qw, bias):
-    from .quant import dense_chunks
-
-    out_f, in_f = qw.shape
-    x2 = _compose.rows2d(x, in_f)
-    M = x2.shape[0]
-    K = x_tangents.shape[0] if x_tangents is not None else 0
-    xt2 = x_tangents.reshape(K * M, in_f) if x_tangents is not None else None
-    y = torch.empty((M, out_f), dtype=x.dtype, device=x.device)
-    yt = torch.empty((K * M, out_f), dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
-        for n0, n1, Wc in dense_chunks(qw, x.dtype, _dequantize):
-            y[:, n0:n1] = x2 @ Wc.t() if bias is None else torch.addmm(bias[n0:n1], x2, Wc.t())
-            if xt2 is not None:
-                yt[:, n0:n1] = xt2 @ Wc.t()
-    return y.reshape(*x.shape[:-1], out_f), yt.reshape(K, *x.shape[:-1], out_f)
+        return _compose.quant_linear_dual(x, x_tangents, qw, bias, dequantize_reference, x.dtype)
 
 
 @backends.register("quant_lora_linear_dual", "cuda")
 def quant_lora_dual(x, x_tangents, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, dist, perturb):
-    return lora_dual(x, x_tangents, _dequantize(qw, x.dtype), bias, lora_A, lora_B, scaling, seed, pids, ks, dist,
-                     perturb)
+    return lora_dual(x, x_tangents, dequantize_reference(qw, x.dtype), bias, lora_A, lora_B, scaling, seed, pids, ks,
+                     dist, perturb)
 
 
 @backends.register("quant_lora_linear_perturbed", "cuda")
 def quant_lora_perturbed(x, qw, bias, lora_A, lora_B, scaling, seed, pids, ks, eps, dist, perturb):
-    return lora_perturbed(x, _dequantize(qw, x.dtype), bias, lora_A, lora_B, scaling, seed, pids, ks, eps, dist,
-                          perturb)
+    return lora_perturbed(x, dequantize_reference(qw, x.dtype), bias, lora_A, lora_B, scaling, seed, pids, ks, eps,
+                          dist, perturb)

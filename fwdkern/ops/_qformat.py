@@ -15,8 +15,9 @@ has its own scale and offset over the columns it has (nothing is padded, in the 
 The group size must be even (a byte never holds two groups). The quantizer's error is at most
 half a step per element: ``|w - W| <= s / 2`` (plus fp32 rounding), the bound the tests use.
 
-This module has no dependency on the ops, so fwdkern/ops/lora.py can recognise a
-:class:`QuantizedWeight` without an import cycle.
+The format imports no backend and no op: :meth:`QuantizedWeight.dequantize` runs the ``dequantize``
+implementation the registry (fwdkern/backends.py) picks, and every backend and op module can import
+this one.
 """
 from __future__ import annotations
 
@@ -25,12 +26,17 @@ from typing import Optional
 
 import torch
 
+from .. import backends
+
 F32 = torch.float32
 BITS = (8, 4)
 QUANT_NAMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 64
 # Rows quantized at a time: bounds the fp32 temporaries of a large matrix (a 262k-token embedding).
 _ROW_CHUNK = 8192
+# Dequantized rows at a time when a whole matrix would be a large float temporary (a 262k-token
+# LM head is 671 MB in fp32); LoRA-sized layers (a few M elements) are dequantized whole.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def parse_quant(name, what: str = "base_quant") -> Optional[int]:
@@ -90,6 +96,11 @@ class QuantizedWeight:
     def tensors(self) -> tuple:
         return self.qdata, self.scales, self.offsets
 
+    def op_args(self) -> tuple:
+        """The custom-op arguments that carry this weight: (qdata, scales, offsets, bits, group_size);
+        the op rebuilds it with ``QuantizedWeight(*args, in_features=x.shape[-1])``."""
+        return self.qdata, self.scales, self.offsets, self.bits, self.group_size
+
     def rows(self, index) -> "QuantizedWeight":
         """The rows `index` (a slice or an index tensor) as a QuantizedWeight (views for a slice)."""
         return QuantizedWeight(self.qdata[index], self.scales[index],
@@ -97,14 +108,11 @@ class QuantizedWeight:
                                self.in_features)
 
     def dequantize(self, dtype=F32) -> torch.Tensor:
-        """The float weight [out, in] in `dtype` (C++ kernel on CPU when built, torch ops elsewhere)."""
-        from .. import backends
-
-        if self.device.type == "cpu" and backends.has_extension():
-            from ._cpu import dequantize
-
-            return dequantize(self, dtype)
-        return dequantize_reference(self, dtype)
+        """The float weight [out, in] in `dtype`, computed by the registry's automatic choice for this
+        device (C++ kernel on CPU when built, torch ops elsewhere: ``IMPLEMENTED["dequantize"]``).
+        FWDKERN_BACKEND does not apply: it picks the kernels of the ops, which dequantize inside their
+        own backend; this copy serves code around them (a QuantLinear's backward, the LM head's rows)."""
+        return backends.implementation("dequantize", backends.automatic("dequantize", self.device))(self, dtype)
 
     def __repr__(self):
         g = "per channel" if self.bits == 8 else f"group_size={self.group_size}"
@@ -209,3 +217,18 @@ def dequantize_reference(w: QuantizedWeight, dtype=F32) -> torch.Tensor:
 def step_size(w: QuantizedWeight) -> torch.Tensor:
     """fp32 [out, in]: the quantization step of every element (s of its row / group)."""
     return w.scales.repeat_interleave(w.group_size if w.bits == 4 else max(w.in_features, 1), 1)[:, :w.in_features]
+
+
+def dense_chunks(weight: QuantizedWeight, dtype, dequantize=None):
+    """(n0, n1, W[n0:n1] dequantized in `dtype`) over row blocks of at most CHUNK_ELEMENTS elements.
+
+    dequantize(weight, dtype): a backend's own dequantization (default :meth:`QuantizedWeight.dequantize`)."""
+    out_f, in_f = weight.shape
+    rows = max(1, CHUNK_ELEMENTS // max(in_f, 1))
+    deq = dequantize or (lambda w, dt: w.dequantize(dt))
+    if rows >= out_f:
+        yield 0, out_f, deq(weight, dtype)
+        return
+    for n0 in range(0, out_f, rows):
+        n1 = min(out_f, n0 + rows)
+        yield n0, n1, deq(weight.rows(slice(n0, n1)), dtype)

@@ -12,6 +12,7 @@ from ..triton import attention as tri_attention
 from ..triton import lora as tri_lora
 from ..triton import seeded as tri_seeded
 from . import _compose
+from ._qformat import dequantize_reference
 from ._validate import DIST_CODE, as2d
 
 
@@ -59,7 +60,11 @@ def dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk):
     return tri_attention.dual_attention_triton(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale)
 
 
-# The quantized base: the same kernels with the dense loop dequantizing W tiles in registers.
+# The quantized base: the same kernels with the dense loop dequantizing W tiles in registers. The float
+# copy outside the ops (QuantizedWeight.dequantize) is torch ops on the device.
+backends.register("dequantize", "triton")(dequantize_reference)
+
+
 @backends.register("quant_linear_dual", "triton")
 def quant_linear_dual(x, x_tangents, qw, bias):
     out_f, in_f = qw.shape

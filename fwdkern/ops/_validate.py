@@ -13,6 +13,8 @@ import operator
 
 import torch
 
+from ._qformat import QuantizedWeight, check_quantized
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DIST_CODE = {"rademacher": 0, "gaussian": 1}
@@ -138,6 +140,66 @@ def check_float_tensor(t, name: str) -> torch.Tensor:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: dtype {t.dtype} is not supported (float32, float16, bfloat16)")
     return t
+
+
+def check_like(x: torch.Tensor, named) -> None:
+    """Every (name, tensor) of `named` in x's dtype and on x's device (the ops take one dtype)."""
+    for name, t in named:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from x.dtype {x.dtype} (cast it first)")
+        if t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
+
+
+def check_linear(x: torch.Tensor, weight, bias) -> tuple:
+    """A linear layer's operands: x [..., in] float; weight [out, in], a float tensor in x's dtype or a
+    valid :class:`QuantizedWeight` (its format is the weight's own; any compute dtype); bias [out] in
+    x's dtype or None; all on x's device. Returns (out_features, in_features)."""
+    check_float_tensor(x, "x")
+    quantized = isinstance(weight, QuantizedWeight)
+    if quantized:
+        check_quantized(weight)
+    else:
+        check_float_tensor(weight, "weight")
+    if bias is not None:
+        check_float_tensor(bias, "bias")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension [..., in_features]")
+    if not quantized and weight.dim() != 2:
+        raise ValueError(f"weight: expected [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight in_features {in_f}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
+        raise ValueError(f"bias: expected [{out_f}], got shape {tuple(bias.shape)}")
+    if quantized and weight.device != x.device:
+        raise ValueError(f"weight: on {weight.device}, but x is on {x.device}")
+    check_like(x, ([] if quantized else [("weight", weight)]) + ([("bias", bias)] if bias is not None else []))
+    return out_f, in_f
+
+
+def check_tangents(t, primal: torch.Tensor, name: str, primal_name: str, K=None, layout: str = "",
+                   same_dtype: bool = True):
+    """A stack of K tangents [K, *primal.shape] on primal's device; returns K.
+
+    K: the number the call fixes (len(ks)), or None to take it from `t`; layout: how the shape error
+    spells the expected layout (default ``[K, *<primal_name>.shape]``). same_dtype: a float tensor in
+    primal's dtype (the linear and LoRA ops); without it any tensor (dual attention accumulates in fp32
+    whatever the tangents' dtype)."""
+    if same_dtype:
+        check_float_tensor(t, name)
+    elif not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if K is None and t.dim():
+        K = t.shape[0]
+    if tuple(t.shape) != (K, *primal.shape):
+        raise ValueError(f"{name}: expected shape {(K, *primal.shape)} ({layout or f'[K, *{primal_name}.shape]'}), "
+                         f"got {tuple(t.shape)}")
+    if same_dtype and t.dtype != primal.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} differs from {primal_name}.dtype {primal.dtype}")
+    if t.device != primal.device:
+        raise ValueError(f"{name}: on {t.device}, but {primal_name} is on {primal.device}")
+    return K
 
 
 def check_stream_shape(rows: int, cols: int, dist: str, name: str) -> None:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ._validate import check_int, check_scalar
+from ._validate import check_int, check_scalar, check_tangents
 from .reference_attention import reference_attention
 
 __all__ = ["dual_attention", "reference_attention"]
@@ -76,21 +76,14 @@ def _check(q, k, v, q_t, k_t, v_t, attn_mask, is_causal) -> int:
             ok = False
         if not ok:
             raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}")
-    K = None
-    for name, t, p in (("q_t", q_t, q), ("k_t", k_t, k), ("v_t", v_t, v)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        K = t.shape[0] if K is None and t.dim() else K
-        if tuple(t.shape) != (K, *p.shape):
-            raise ValueError(f"{name}: expected shape {(K, *p.shape)} ([K, *{name[0]}.shape], the same K for "
-                             f"every tangent), got {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
     for name, t in (("k", k), ("v", v), ("attn_mask", attn_mask)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    K = None
+    for name, t, p in (("q_t", q_t, q), ("k_t", k_t, k), ("v_t", v_t, v)):
+        if t is not None:
+            K = check_tangents(t, p, name, name[0], K=K, same_dtype=False,
+                               layout=f"[K, *{name[0]}.shape], the same K for every tangent")
     return K or 0
 
 

