@@ -228,7 +228,9 @@ def train(args) -> int:
     print(f"done: {summary['rounds']} steps ({summary['client_rounds']} client rounds)"
           + (f", test accuracy {start:.3f} -> {acc:.3f}" if acc is not None and start is not None else "")
           + f", {summary['cpu_time_s']:.0f} CPU s ({summary['wall_time_s']:.0f} s wall) training, "
-          f"mean upload {summary['mean_bytes_up_per_client']:.0f} B/client/round -> {cfg.out}")
+          f"per client per round {summary['mean_bytes_up_per_client']:.0f} B up, "
+          f"{summary['bytes_down_per_client'].get('mean', 0):.0f} B down (p95 "
+          f"{summary['bytes_down_per_client'].get('p95', 0):.0f}) -> {cfg.out}")
     return 0
 
 

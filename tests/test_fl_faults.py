@@ -55,9 +55,9 @@ def test_run_stops_after_consecutive_failed_rounds(tiny, tmp_path, monkeypatch):
     calls = {"n": 0}
     orig = Simulation._local_exchange
 
-    def exchange(self, plans):
+    def exchange(self, plans, downloads):
         calls["n"] += 1
-        return orig(self, plans) if calls["n"] <= 2 else []  # two good rounds, then every client is gone
+        return orig(self, plans, downloads) if calls["n"] <= 2 else []  # two good rounds, then every client is gone
 
     monkeypatch.setattr(Simulation, "_local_exchange", exchange)
     with pytest.raises(RunFailed, match="4 consecutive rounds without a valid update"):
@@ -71,7 +71,7 @@ def test_run_stops_after_consecutive_failed_rounds(tiny, tmp_path, monkeypatch):
 def test_rejected_updates_count_as_failed_rounds(tiny, tmp_path, monkeypatch):
     cfg = _cfg(tiny, tmp_path / "nan", rounds=50, max_failed_rounds=3)
     sim = build(cfg, log=lambda *a: None)
-    monkeypatch.setattr(Simulation, "_local_exchange", lambda self, plans: [b"garbage"] * len(plans))
+    monkeypatch.setattr(Simulation, "_local_exchange", lambda self, plans, downloads: [b"garbage"] * len(plans))
     with pytest.raises(RunFailed):
         sim.run()
     assert sim.server.model_version == 0 and sim.server.rejected_total == 9

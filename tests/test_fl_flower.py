@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,8 +30,8 @@ from flwr.common.serde import (context_from_proto, context_to_proto, recorddict_
 
 from fwdkern.fl import flower as fa  # noqa: E402
 from fwdkern.fl.flower import codec  # noqa: E402
-from fwdkern.fl.protocol import (MAX_UPDATE_BYTES, ReplayRecord, RoundPlan, SeededOp, Update,  # noqa: E402
-                                 UpdateRejected, client_index)
+from fwdkern.fl.protocol import (MAX_UPDATE_BYTES, RawTensor, RoundPlan, Step, SyncMessage,  # noqa: E402
+                                 TermGroup, Update, UpdateRejected, client_index)
 from fwdkern.fl.simulation import build  # noqa: E402
 from fwdkern.fl.checkpoint import load_checkpoint  # noqa: E402
 from fwdkern.fl.config import RunConfig  # noqa: E402
@@ -96,24 +97,18 @@ def _wire(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(recorddict_to_proto(content))
 
 
-def test_plan_record_roundtrip():
+def test_plan_and_download_records_roundtrip():
     plan = RoundPlan(client_id="client3", round=7, model_version=5, seed=2**64 - 3, ks=(4, 9, 11),
-                     param_ids=(100, 2**31 + 5), num_batches=2, dist="gaussian")
+                     param_ids=(100, 2**31 + 5), num_batches=2, dist="gaussian", head_ks=tuple(range(2**30, 2**30 + 200)),
+                     head_ids=(7,))
     rec = _wire(RecordDict({"plan": fa.plan_to_record(plan)}))["plan"]
     assert isinstance(rec, ConfigRecord) and fa.plan_from_record(rec) == plan
-
-
-def test_replay_record_roundtrip_is_exact():
-    rng = random.Random(1)
-    shared = (rng.getrandbits(64), (3, 7), (rng.gauss(0, 1e-3), rng.gauss(0, 1e-3)))
-    records = [ReplayRecord(v, tuple(SeededOp(rng.getrandbits(64), rng.randrange(2**32), tuple(range(n)),
-                                              tuple(rng.gauss(0, 1e-3) for _ in range(n))) for n in (1, 3, 2))
-                            + tuple(SeededOp(shared[0], pid, *shared[1:]) for pid in (11, 12, 13)))  # one update
-               for v in (4, 5)]
-    rec = fa.replay_to_record(records)
-    assert rec["num_groups"] == [4, 4] and len(rec["coeffs"]) == 2 * (1 + 3 + 2 + 2)
-    back = fa.replay_from_record(_wire(RecordDict({"r": rec}))["r"])
-    assert back == records  # float64 lists: coefficients arrive bit-exact
+    assert rec.count_bytes() < 120  # 200 head directions travel as one run
+    msg = SyncMessage(3, 5, steps=(Step(3, (3, 3), (TermGroup(2**64 - 1, (0, 1, 2), (0.5, -0.25, 0.125), (100,)),)),),
+                      raw=(RawTensor(7, np.arange(6, dtype=np.float32), {"m": np.ones(6, dtype=np.float32)}),),
+                      rule={"body": {"kind": "sgd"}}, init_digest=b"12345678")
+    back = fa.sync_from_record(_wire(RecordDict({"s": fa.sync_to_record(msg.to_bytes())}))["s"])
+    assert back.to_bytes() == msg.to_bytes() and back.steps == msg.steps
 
 
 @pytest.mark.parametrize("wire", ["fp32", "fp16", "json"])
@@ -136,10 +131,22 @@ def test_malformed_update_content_is_rejected(content):
         fa.update_from_content(content)
 
 
+def test_the_flower_apps_config_is_fwdkern_trains_defaults():
+    """examples/flower's [tool.flwr.app.config] lists every RunConfig field (so each can be overridden with
+    --run-config) at the value `fwdkern train` takes by default ("auto" left to the default recipe)."""
+    import tomllib
+
+    with open(os.path.join(PROJECT, "pyproject.toml"), "rb") as f:
+        app = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    cfg, _ = fa.parse_run_config(app)
+    assert cfg == RunConfig()
+    assert {k for k in app if k not in fa.FLOWER_DEFAULTS} == {f.replace("_", "-") for f in RunConfig().to_json()}
+
+
 def test_parse_run_config(tmp_path):
     cfg = RunConfig(clients=3, rounds=2, out=str(tmp_path))
-    got, opts = fa.parse_run_config({"run-config": json.dumps(cfg.to_json()), "sync": "weights"})
-    assert got == cfg and opts["sync"] == "weights" and opts["round-timeout"] == 600.0
+    got, opts = fa.parse_run_config({"run-config": json.dumps(cfg.to_json()), "poll-interval": 0.5})
+    assert got == cfg and opts["poll-interval"] == 0.5 and opts["round-timeout"] == 600.0
     (tmp_path / "c.json").write_text(json.dumps({"clients": 3}))
     assert fa.parse_run_config({"run-config": str(tmp_path / "c.json")})[0].clients == 3
     with pytest.raises(ValueError, match="unknown RunConfig fields"):
@@ -208,8 +215,8 @@ def _embedded(cfg):
     sim = build(cfg, log=lambda *a: None)
     jvps = []
 
-    def exchange(plans):
-        ups = sim._local_exchange(plans)
+    def exchange(plans, downloads):
+        ups = sim._local_exchange(plans, downloads)
         jvps.append({client_index(u.client_id): list(u.jvps) for u in map(Update.from_bytes, ups)})
         return ups
 
@@ -222,61 +229,55 @@ def _params(sim):
     return {n: t.detach().clone() for n, t in sim.server.params.items()}
 
 
-@pytest.mark.parametrize("sync", ["weights", "replay"])
-def test_in_process_grid_matches_embedded(tiny, tmp_path, task_identity, sync):
-    ref, ref_jvps = _embedded(_cfg(tiny, tmp_path / "emb"))
-    cfg = _cfg(tiny, tmp_path / "fl")
+def _check_downloads_counted(rows, metrics):
+    """What each node received is what the run counted: the plan and download records plus the two
+    records' keys (Flower's framing of a ConfigRecord), and the metrics row's mean is theirs."""
+    for row, m in zip(rows, metrics):
+        got = [r["bytes_down"] for r in row["clients"].values()]
+        assert all(r["bytes_down"] == r["download_bytes"] + 2 * len("record") for r in row["clients"].values())
+        assert m["bytes_down_per_client"] == int(np.mean([r["download_bytes"] for r in row["clients"].values()]))
+        assert m["bytes_down_max"] == max(r["download_bytes"] for r in row["clients"].values()) <= max(got)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "fedadam"])
+def test_in_process_grid_matches_embedded_bit_for_bit(tiny, tmp_path, task_identity, optimizer):
+    """Each node applies its download (steps as seeds and scalars, the head as a tensor) to the copy in
+    its context.state and evaluates at exactly the server's weights, FedAdam's moments included: the
+    Flower run's weights, jvps and metrics equal the embedded runner's bit for bit."""
+    ref, ref_jvps = _embedded(_cfg(tiny, tmp_path / "emb", optimizer=optimizer))
+    cfg = _cfg(tiny, tmp_path / "fl", optimizer=optimizer)
     rows = []
-    grid = FakeGrid([1, 0], _run_config(cfg, sync=sync))
-    sim = _flower_sim(cfg, grid, {"sync": sync, "round-timeout": 5.0, "poll-interval": 0.01}, rows)
+    grid = FakeGrid([1, 0], _run_config(cfg))
+    sim = _flower_sim(cfg, grid, {"round-timeout": 5.0, "poll-interval": 0.01}, rows)
     sim.run()
     assert [r["status"] for row in rows for r in row["clients"].values()] == ["ok"] * 6
-    modes = [[row["clients"][c]["sync"] for c in (0, 1)] for row in rows]
-    assert modes[0] == ["weights", "weights"]
-    assert modes[1:] == ([[sync, sync]] * 2)
+    # first contact: nothing to download (the initial adapter is rebuilt from the run's seed); then the
+    # body's steps as seeds and scalars and the (smaller than its steps) head as a tensor
+    assert [[row["clients"][c]["sync"] for c in (0, 1)] for row in rows] == (
+        [["none"] * 2] + [["steps+tensors"] * 2] * 2)
     # context.state carried each node's weights and bookkeeping between messages
     assert [row["clients"][0]["state"]["messages"] for row in rows] == [1, 2, 3]
     got, exp = _params(sim), _params(ref)
-    flower_jvps = [{c: r["jvps"] for c, r in row["clients"].items()} for row in rows]
-    if sync == "weights":  # every client evaluates at the server's exact weights: bit-identical
-        assert all(torch.equal(got[n], exp[n]) for n in exp)
-        assert flower_jvps == ref_jvps
-    else:  # replayed steps differ from the server's in float32 rounding only
-        for n in exp:
-            torch.testing.assert_close(got[n], exp[n], rtol=1e-5, atol=1e-6)
-        for a, b in zip(flower_jvps, ref_jvps):
-            for c in b:
-                assert a[c] == pytest.approx(b[c], rel=1e-4, abs=1e-6)
-        # after first contact, no arrays travel: the plan plus the replay record(s) only
-        train = [m for m in grid.sent if m.metadata.message_type == "train"]
-        assert all("weights" in m.content for m in train[:2])
-        assert all("weights" not in m.content and "replay" in m.content for m in train[2:])
-    for a, b in zip(json.load(open(tmp_path / "fl" / "summary.json"))["perturbation_schedule"],
-                    json.load(open(tmp_path / "emb" / "summary.json"))["perturbation_schedule"]):
-        assert a == b
-
-
-def test_non_linear_optimizer_falls_back_to_weights(tiny, tmp_path, task_identity):
-    ref, ref_jvps = _embedded(_cfg(tiny, tmp_path / "emb", optimizer="fedadam"))
-    cfg = _cfg(tiny, tmp_path / "fl", optimizer="fedadam")
-    rows = []
-    sim = _flower_sim(cfg, FakeGrid([0, 1], _run_config(cfg)), {"round-timeout": 5.0, "poll-interval": 0.01}, rows)
-    sim.run()
-    assert [[row["clients"][c]["sync"] for c in (0, 1)] for row in rows] == [["weights"] * 2] * 3
-    got, exp = _params(sim), _params(ref)
     assert all(torch.equal(got[n], exp[n]) for n in exp)
     assert [{c: r["jvps"] for c, r in row["clients"].items()} for row in rows] == ref_jvps
+    fl_metrics = [json.loads(line) for line in open(tmp_path / "fl" / "metrics.jsonl")]
+    emb_metrics = [json.loads(line) for line in open(tmp_path / "emb" / "metrics.jsonl")]
+    drop = {"wall_time_s", "cpu_time_s"}
+    assert [{k: v for k, v in m.items() if k not in drop} for m in fl_metrics] == [
+        {k: v for k, v in m.items() if k not in drop} for m in emb_metrics]
+    _check_downloads_counted(rows, fl_metrics)
 
 
-def test_lost_client_state_recovers_with_weights(tiny, tmp_path, task_identity):
-    """A SuperNode that lost its context.state (e.g. restarted) fails one replay, then gets weights."""
+def test_lost_client_state_recovers_with_a_full_download(tiny, tmp_path, task_identity):
+    """A SuperNode that lost its context.state (e.g. restarted) refuses a download that does not apply
+    to what it holds; its next download carries every tensor."""
     cfg = _cfg(tiny, tmp_path / "lost", rounds=4, eval_every=0)
     grid = FakeGrid([0, 1], _run_config(cfg))
     rows = []
 
     def record(row):
         rows.append(row)
-        if row["round"] == 0:  # client 1's SuperNode restarts: its Context starts empty again
+        if row["round"] == 1:  # client 1's SuperNode restarts: its Context starts empty again
             grid.contexts[1001] = context_to_proto(Context(run_id=1, node_id=1001, node_config={"partition-id": 1},
                                                            state=RecordDict(), run_config=_run_config(cfg)))
 
@@ -285,8 +286,8 @@ def test_lost_client_state_recovers_with_weights(tiny, tmp_path, task_identity):
                                      record=record)
     assert sim.run()["rounds"] == 4
     assert [(r["clients"][1]["sync"], r["clients"][1]["status"]) for r in rows] == [
-        ("weights", "ok"), ("replay", "error"), ("weights", "ok"), ("replay", "ok")]
-    assert "no local weights" in rows[1]["clients"][1]["error"]
+        ("none", "ok"), ("steps+tensors", "ok"), ("steps+tensors", "error"), ("tensors", "ok")]
+    assert "download applies to version 1, the client holds 0" in rows[2]["clients"][1]["error"]
 
 
 def test_malformed_error_and_missing_replies_do_not_crash(tiny, tmp_path, task_identity):
@@ -295,7 +296,7 @@ def test_malformed_error_and_missing_replies_do_not_crash(tiny, tmp_path, task_i
     def tamper(node, reply, instruction):
         if node != 1001 or instruction.metadata.message_type != "train":  # node 1001: client 1
             return reply
-        rnd = int(instruction.content["plan"]["round"])
+        rnd = fa.plan_from_record(instruction.content["plan"]).round
 
         def answering(**changes):  # the reply's record, re-encoded with `changes`
             upd = Update.from_bytes(fa.update_from_content(reply.content))
@@ -323,9 +324,9 @@ def test_malformed_error_and_missing_replies_do_not_crash(tiny, tmp_path, task_i
     assert [row["clients"][1]["status"] for row in rows] == ["malformed", "error", "timeout", "malformed",
                                                               "malformed", "ok"]
     assert [row["clients"][0]["status"] for row in rows] == ["ok"] * 6
-    # weights again after each failure (the client's state is unknown from then on)
-    assert [row["clients"][1]["sync"] for row in rows[4:]] == ["weights", "weights"]
-    assert rows[5]["clients"][0]["sync"] == "replay"
+    # every tensor again after each failure (what the client holds is unknown from then on)
+    assert [row["clients"][1]["sync"] for row in rows[4:]] == ["tensors", "tensors"]
+    assert rows[5]["clients"][0]["sync"] == "steps+tensors"
     reasons = [r["reason"] for r in sim.server.rejections]
     assert any("malformed" in r for r in reasons) and any("answered as 'client0'" in r for r in reasons)
     assert any("non-finite jvp" in r for r in reasons)
@@ -460,24 +461,22 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
     assert len(rows) == 3, tail()
     status = {c: r["status"] for row in rows for c, r in row["clients"].items()}
     assert set(status.values()) == {"ok"}, rows
-    # First contact downloads the weights; afterwards only seeds and scalars travel, since each
-    # client's weights and version survived in context.state across process-isolated messages.
+    # First contact downloads nothing (the initial adapter is rebuilt from the run's seed); afterwards
+    # the body's steps travel as seeds and scalars and the small head as a tensor, since each client's
+    # copy survived in context.state across process-isolated messages.
     assert [[row["clients"][str(c)]["sync"] for c in range(2)] for row in rows] == (
-        [["weights"] * 2] + [["replay"] * 2] * 2)
+        [["none"] * 2] + [["steps+tensors"] * 2] * 2)
     assert [row["clients"]["0"]["state"]["messages"] for row in rows] == [1, 2, 3]
     ref, ref_jvps = _embedded(_cfg(tiny, tmp_path / "embedded"))
-    # Final trainable weights (the ServerApp's checkpoint) and per-round losses/jvps. Replay rebuilds
-    # each SGD step as a per-update sum of seeded_axpy_ calls while the server sums per tensor then
-    # steps, so clients evaluate at weights within float32 rounding of the server's: not bitwise,
-    # hence rtol 1e-5 / atol 1e-6 (sync="weights" is bit-identical, see the in-process test).
+    # Final trainable weights (the ServerApp's checkpoint) and per-round losses/jvps: every client
+    # evaluated at exactly the server's weights.
     got = load_checkpoint(tmp_path / "flower" / "checkpoint.safetensors")["server"]["params"]
     exp = _params(ref)
-    assert set(got) == set(exp)
-    for n in exp:
-        torch.testing.assert_close(got[n], exp[n], rtol=1e-5, atol=1e-6)
+    assert set(got) == set(exp) and all(torch.equal(got[n], exp[n]) for n in exp)
     fl_metrics = [json.loads(line) for line in open(tmp_path / "flower" / "metrics.jsonl")]
     emb_metrics = [json.loads(line) for line in open(tmp_path / "embedded" / "metrics.jsonl")]
     assert [m["round"] for m in fl_metrics] == [m["round"] for m in emb_metrics]
+    _check_downloads_counted(rows, fl_metrics)
     for a, b in zip(fl_metrics, emb_metrics):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for row, exp_j in zip(rows, ref_jvps):
@@ -542,7 +541,9 @@ def _strategy_setup(tiny):
 
     # Node ids as a SuperLink hands them out: uint64, two of them above 2**63 (which float64 cannot hold)
     node_ids = (1000, 1002, 2**63 + 4097, 2**64 - 3)
-    handlers = {nid: (lambda msg, i=i: answer_plan(msg, model, batches(i % 3))) for i, nid in enumerate(node_ids)}
+    states = {nid: RecordDict() for nid in node_ids}  # each node's context.state (the model object is shared)
+    handlers = {nid: (lambda msg, i=i, nid=nid: answer_plan(msg, model, batches(i % 3), state=states[nid]))
+                for i, nid in enumerate(node_ids)}
     return model, SeedStrategy, handlers, loss
 
 
@@ -550,7 +551,7 @@ def test_seed_strategy_trains_and_survives_bad_replies(tiny, task_identity):
     model, SeedStrategy, handlers, loss = _strategy_setup(tiny)
 
     def tamper(node, reply, msg):
-        if node == 1002 and int(msg.content["plan"]["round"]) % 2 == 0:  # every other round: garbage
+        if node == 1002 and fa.plan_from_record(msg.content["plan"]).round % 2 == 0:  # every other round: garbage
             return Message(RecordDict({"update": ConfigRecord({"client_id": 7}), "metrics": MetricRecord({})}),
                            reply_to=msg)
         return reply
@@ -566,6 +567,14 @@ def test_seed_strategy_trains_and_survives_bad_replies(tiny, task_identity):
     assert all(h.stepped for h in strategy.history)
     assert any("malformed" in r["reason"] for r in strategy.server.rejections)
     assert all(torch.isfinite(t).all() for t in sd.values())
+    # A node's first download (and the one after each garbage reply) carries the whole adapter; the
+    # others carry the steps it missed as seeds and scalars (FedAdam's included) and the small head.
+    full = 4 * sum(t.numel() for t in sd.values())
+    sizes = {}
+    for rnd, node, n in strategy.bytes_down:
+        sizes.setdefault(node, []).append(n)
+    assert all(v[0] > full for v in sizes.values())
+    assert min(n for v in sizes.values() for n in v[1:]) < full / 4
 
 
 @_NEEDS_FLOWER_CLIS

@@ -63,7 +63,7 @@ def test_discriminative_sampling_is_biased_and_off_by_default():
             plans = srv.plan_round(["c0", "c1"])
             for plan in plans.values():
                 srv.submit(client_update(srv, plan, target))
-            grads, _, _, _ = srv._estimate([(plans, srv.accepted)])
+            grads, _, _, _, _ = srv._estimate([(plans, srv.accepted)])
             total += torch.cat([grads[n].flatten() for n in SHAPES])
         w = torch.cat([wrong[n].flatten() for n in SHAPES])
         mean = total / draws

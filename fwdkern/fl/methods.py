@@ -25,6 +25,9 @@ class Method:
         scalars; "weights" -- it averages the trained tensors the clients upload.
     upload: what the accounting counts per client: "scalars" (the Update record), "gradient" (a full
         trainable-size fp32 gradient, as the released FwdLLM uploads), "weights" (the trained tensors).
+    download: "sync" -- the cheapest sufficient message from the version the client holds
+        (fwdkern.fl.sync); "weights" -- every changed trainable tensor, as the released system sends the
+        model to each client it samples.
     dist: the perturbation distribution the method always uses (None: the run's ``--dist``).
     passes_per_batch: client compute per local batch in forward-pass equivalents at K tangents (a primal
         forward 1, a LoRA tangent at most 1, a backward 2).
@@ -43,6 +46,7 @@ class Method:
     server_step: str
     upload: str
     passes_per_batch: Callable[[int], int]
+    download: str = "sync"
     dist: Optional[str] = None
     perturbs: bool = True
     exact_head: bool = False
@@ -66,14 +70,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "up", client.answer_finite_difference, "seeded", "scalars", lambda K: 2 * K,
            defaults=dict(optimizer="sgd", lr=0.01, perturbations=4, local_lr=None)),
     Method("fwdllm", "FwdLLM as released: finite differences along Gaussian v, variance pacing, full-gradient "
-           "uploads", client.answer_finite_difference, "seeded", "gradient", lambda K: 2 * K, dist="gaussian",
+           "uploads", client.answer_finite_difference, "seeded", "gradient", lambda K: 2 * K, download="weights",
+           dist="gaussian",
            defaults=dict(optimizer="sgd", lr=0.01, perturbations=1, local_lr=None)),
     Method("spry", "SPRY as released: LoRA layers dealt to the round's clients, forward-gradient AdamW local "
-           "steps, weight uploads", client.train_spry, "weights", "weights", lambda K: 1 + K, dist="gaussian",
+           "steps, weight uploads", client.train_spry, "weights", "weights", lambda K: 1 + K, download="weights",
+           dist="gaussian",
            pacing=False, deals_layers=True, flower=False,
            defaults=dict(optimizer="fedyogi", lr=0.01, perturbations=1, local_lr=1e-3)),
     Method("backprop", "LoRA FedAvg with autograd: local SGD steps, full-adapter uploads", client.train_backprop,
-           "weights", "weights", lambda K: 3, perturbs=False, pacing=False, flower=False,
+           "weights", "weights", lambda K: 3, download="weights", perturbs=False, pacing=False, flower=False,
            defaults=dict(optimizer="sgd", lr=1.0, perturbations=0, local_lr=2.0)),
 )}
 

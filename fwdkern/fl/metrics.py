@@ -52,9 +52,10 @@ def progress(row, total, version, client_round=None) -> str:
 
 
 def plots(metrics, out, initial=None, reference=None):
-    """curves.png: test accuracy (with the untrained model, chance and majority-class lines) and the
-    training loss against client rounds (1 = the first round, as on the console); the
-    perturbations per round when they vary (pacing)."""
+    """curves.png against client rounds (1 = the first round, as on the console): the held-out metric
+    (test accuracy with the untrained model, chance and majority-class lines; or held-out token loss),
+    the training loss, the bytes a participating client sent and received, and the perturbations per
+    round when they vary (pacing)."""
     try:
         import matplotlib
 
@@ -63,23 +64,38 @@ def plots(metrics, out, initial=None, reference=None):
     except ImportError:
         return
     x_all = list(range(1, len(metrics) + 1))
-    ev = [(i, m["accuracy"]) for i, m in zip(x_all, metrics) if "accuracy" in m]
-    if initial and "accuracy" in initial:
-        ev = [(0, initial["accuracy"])] + ev
+    key = "accuracy" if any("accuracy" in m for m in metrics) or "accuracy" in (initial or {}) else "eval_loss"
+    ev = [(i, m[key]) for i, m in zip(x_all, metrics) if key in m]
+    if initial and key in initial:
+        ev = [(0, initial[key])] + ev
     varying = len({m["perturbations"] for m in metrics}) > 1
-    fig, ax = plt.subplots(1, 3 if varying else 2, figsize=(15 if varying else 11, 4))
+    n = 4 if varying else 3
+    fig, ax = plt.subplots(1, n, figsize=(5.2 * n, 4))
     if ev:
-        ax[0].plot([x for x, _ in ev], [a for _, a in ev], marker="o", label="test accuracy")
+        ax[0].plot([x for x, _ in ev], [a for _, a in ev], marker="o",
+                   label="test accuracy" if key == "accuracy" else "held-out token loss")
     for (name, y), style in zip((reference or {}).items(), ("--", ":")):
         ax[0].axhline(y, linestyle=style, color="gray", label=f"{name} ({y:.2f})")
-    ax[0].set(xlabel="client round", ylabel="accuracy", title="test accuracy", ylim=(0, 1.02))
-    ax[0].legend(fontsize=8)
+    if key == "accuracy":
+        ax[0].set(xlabel="client round", ylabel="accuracy", title="test accuracy", ylim=(0, 1.02))
+    else:
+        ax[0].set(xlabel="client round", ylabel="mean token loss (nats)", title="held-out loss")
+    if ev or reference:
+        ax[0].legend(fontsize=8)
     lx = [x for x, m in zip(x_all, metrics) if m.get("loss") is not None]
     ax[1].plot(lx, [m["loss"] for m in metrics if m.get("loss") is not None], marker=".")
     ax[1].set(xlabel="client round", ylabel="training loss (clients' batches)", title="training loss")
+    for k, label in (("bytes_up_per_client", "up (mean)"), ("bytes_down_per_client", "down (mean)"),
+                     ("bytes_down_max", "down (max)")):
+        ys = [(x, m[k]) for x, m in zip(x_all, metrics) if m.get(k)]
+        if ys:
+            ax[2].plot([x for x, _ in ys], [y for _, y in ys], marker=".", label=label)
+    ax[2].set(xlabel="client round", ylabel="bytes per participating client", title="communication",
+              yscale="log")
+    ax[2].legend(fontsize=8)
     if varying:
-        ax[2].step(x_all, [m["perturbations"] for m in metrics], where="post")
-        ax[2].set(xlabel="client round", ylabel="perturbations", title="perturbations per client round")
+        ax[3].step(x_all, [m["perturbations"] for m in metrics], where="post")
+        ax[3].set(xlabel="client round", ylabel="perturbations", title="perturbations per client round")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     plt.close(fig)

@@ -125,3 +125,50 @@ class FedAdam(_Adaptive):
 class FedYogi(_Adaptive):
     def _second(self, v, g2):
         return v.sub_((1 - self.b2) * g2 * torch.sign(v - g2))
+
+
+# ---------------------------------------------------------------------- the step rule on the wire
+OPTIMIZER_KINDS = {"sgd": SGD, "fedadam": FedAdam, "fedyogi": FedYogi}
+
+
+def optimizer_spec(opt) -> dict:
+    """The settings that define `opt`'s step (what a client needs to redo it): kind, schedule and the
+    kind's hyperparameters (plain numbers and strings: JSON on the wire)."""
+    kind = next(k for k, c in OPTIMIZER_KINDS.items() if type(opt) is c)
+    s = opt.schedule
+    spec = {"kind": kind, "lr": [s.base, s.warmup, s.total, s.decay, s.final_frac]}
+    if isinstance(opt, SGD):
+        spec.update(momentum=opt.momentum, weight_decay=opt.weight_decay)
+    else:
+        spec.update(betas=[opt.b1, opt.b2], tau=opt.tau, bias_correction=opt.bias_correction)
+    return spec
+
+
+def optimizer_from_spec(spec) -> _Opt:
+    """A fresh optimizer (t = 0, no state) from :func:`optimizer_spec`'s dict; ValueError when malformed."""
+    def num(x, what):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ValueError(f"optimizer spec: {what} is not a finite number ({x!r})")
+        return x
+
+    if not isinstance(spec, dict) or spec.get("kind") not in OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer spec: unknown kind in {str(spec)[:80]!r}")
+    lr = spec.get("lr")
+    if not (isinstance(lr, list) and len(lr) == 5 and lr[3] in ("constant", "linear", "cosine")):
+        raise ValueError("optimizer spec: lr must be [base, warmup, total, decay, final_frac]")
+    sched = LRSchedule(num(lr[0], "lr"), int(num(lr[1], "warmup")), int(num(lr[2], "total")), lr[3],
+                       num(lr[4], "final_frac"))
+    if spec["kind"] == "sgd":
+        return SGD(sched, momentum=num(spec.get("momentum", 0.0), "momentum"),
+                   weight_decay=num(spec.get("weight_decay", 0.0), "weight_decay"))
+    betas = spec.get("betas")
+    if not (isinstance(betas, list) and len(betas) == 2):
+        raise ValueError("optimizer spec: betas must be [beta1, beta2]")
+    return OPTIMIZER_KINDS[spec["kind"]](sched, betas=(num(betas[0], "beta1"), num(betas[1], "beta2")),
+                                         tau=num(spec.get("tau", 1e-3), "tau"),
+                                         bias_correction=bool(spec.get("bias_correction", True)))
+
+
+def stateful(opt) -> bool:
+    """Whether `opt` keeps per-tensor state (moments): a client that rolls a tensor forward needs it."""
+    return not (isinstance(opt, SGD) and not opt.momentum)

@@ -154,6 +154,36 @@ class RoundPlan:
                 del d[k]
         return d
 
+    def to_bytes(self) -> bytes:
+        """The plan's binary wire record (what a client downloads; :meth:`from_bytes` parses it)."""
+        cid = self.client_id.encode("utf-8")
+        return b"".join([_PLAN_MAGIC, struct.pack("<BB", _VERSION, len(cid)), cid,
+                         struct.pack("<IIQIBI", self.round, self.model_version, self.seed, self.num_batches,
+                                     _DIST_CODE[self.dist], self.max_samples),
+                         _pack_ints(self.ks), _pack_ints(self.param_ids), _pack_ints(self.head_ks),
+                         _pack_ints(self.head_ids)])
+
+    @classmethod
+    def from_bytes(cls, b) -> "RoundPlan":
+        """Inverse of :meth:`to_bytes`; ValueError naming the problem when the record is malformed."""
+        try:
+            r = _Reader(bytes(b) if isinstance(b, (bytes, bytearray, memoryview)) else _not_bytes(b))
+            if r.take(2) != _PLAN_MAGIC:
+                raise UpdateRejected("not a plan record")
+            version, n_id = r.unpack("<BB")
+            if version != _VERSION:
+                raise UpdateRejected(f"record version {version} not understood")
+            cid = _client_id(r.take(n_id).decode("utf-8"))
+            rnd, mv, seed, nb, dist, ms = r.unpack("<IIQIBI")
+            if dist not in _DIST_NAME or nb < 1 or ms > MAX_SAMPLES or nb > MAX_SAMPLES:
+                raise UpdateRejected("dist, num_batches or max_samples out of range")
+            ks, pids, hks, hids = (_read_ints(r, MAX_VALUES) for _ in range(4))
+            if r.i != len(r.b):
+                raise UpdateRejected(f"{len(r.b) - r.i} trailing bytes")
+        except (UpdateRejected, UnicodeDecodeError) as e:
+            raise ValueError(f"malformed plan: {e}") from None
+        return cls(cid, rnd, mv, seed, ks, pids, nb, _DIST_NAME[dist], ms, hks, hids)
+
     @classmethod
     def from_config(cls, d: dict) -> "RoundPlan":
         """Inverse of :meth:`to_config`; ValueError naming the field when it is malformed."""
@@ -301,7 +331,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.i + n > len(self.b):
-            raise UpdateRejected("malformed update: truncated record")
+            raise UpdateRejected("malformed record: truncated")
         out = self.b[self.i:self.i + n]
         self.i += n
         return out
@@ -321,6 +351,46 @@ def _read_ks(r: _Reader) -> tuple:
         count, = r.unpack("<H")
         return tuple(int(k) for k in np.frombuffer(r.take(4 * count), dtype="<u4"))
     raise UpdateRejected(f"malformed update: unknown ks mode {mode}")
+
+
+_PLAN_MAGIC, _SYNC_MAGIC = b"FP", b"FS"
+_DIST_CODE = {"rademacher": 0, "gaussian": 1}
+_DIST_NAME = {v: k for k, v in _DIST_CODE.items()}
+
+
+def _not_bytes(b):
+    raise UpdateRejected(f"{type(b).__name__}, not bytes")
+
+
+def _pack_ints(values) -> bytes:
+    """Unsigned 32-bit ints as runs (start, count) or as a list, whichever is shorter."""
+    vals = [int(v) for v in values]
+    runs = []
+    for v in vals:
+        if runs and runs[-1][0] + runs[-1][1] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    if 8 * len(runs) < 4 * len(vals):
+        return struct.pack("<BI", 0, len(runs)) + b"".join(struct.pack("<II", a, n) for a, n in runs)
+    return struct.pack("<BI", 1, len(vals)) + np.asarray(vals, dtype="<u4").tobytes()
+
+
+def _read_ints(r: "_Reader", limit: int) -> tuple:
+    mode, n = r.unpack("<BI")
+    if mode == 0:
+        out = []
+        for _ in range(n):
+            a, c = r.unpack("<II")
+            if a + c > U32 or len(out) + c > limit:
+                raise UpdateRejected("int runs beyond range or limit")
+            out.extend(range(a, a + c))
+        return tuple(out)
+    if mode == 1:
+        if n > limit:
+            raise UpdateRejected(f"{n} ints (at most {limit})")
+        return tuple(int(v) for v in np.frombuffer(r.take(4 * n), dtype="<u4"))
+    raise UpdateRejected(f"unknown int list mode {mode}")
 
 
 def _read_values(r: _Reader, count: int, encoding: str) -> tuple:
@@ -426,7 +496,8 @@ class RoundRow:
     perturbations: scalars in the round's estimate over all its clients (and pacing attempts).
     tangents_per_client / head_projections_per_client: what one client evaluates: forward-gradient
     tangents through the body, and seeded projections of its exact head update.
-    bytes_up_per_client / bytes_down_per_client: the mean bytes a participating client sends / receives.
+    bytes_up_per_client / bytes_down_per_client: the mean bytes a participating client sends / receives
+    (bytes_down_max: the most one received).
     forward_passes_per_client: client compute in forward-pass equivalents. evaluation: the test metrics
     when the round was evaluated. wall_time_s / cpu_time_s: the run's training time so far."""
 
@@ -444,6 +515,7 @@ class RoundRow:
     forward_passes_per_client: int
     tangents_per_client: int = 0
     head_projections_per_client: int = 0
+    bytes_down_max: int = 0
     reason: Optional[str] = None
     noise_ratio: Optional[float] = None
     evaluation: dict = field(default_factory=dict)
@@ -481,29 +553,148 @@ class RoundRow:
                    evaluation={k: v for k, v in d.items() if k not in known})
 
 
-# ---------------------------------------------------------------------- replay records
+# ---------------------------------------------------------------------- downloads
+MAX_SYNC_BYTES = 1 << 31  # a download holds at most the whole trainable state: refused beyond 2 GiB
+MAX_TERMS = 1 << 22  # ks of one term group
+NO_VERSION = U32 - 1
+
+
 @dataclass(frozen=True)
-class SeededOp:
-    """``tensor[pid] += sum_j coeffs[j] * v(seed, pid, ks[j])``: one seeded_axpy_ of a replayed step."""
+class TermGroup:
+    """``grad[pid] += sum_j coeffs[j] * v(seed, pid, ks[j])`` for every pid: seeded terms of a gradient
+    estimate that tensors share when their coefficients coincide (coeffs are float32 values)."""
 
     seed: int
-    pid: int
     ks: tuple
     coeffs: tuple
+    pids: tuple
 
 
 @dataclass(frozen=True)
-class ReplayRecord:
-    """The ops that take model version ``from_version`` to the next one (``Server.replay_chain``)."""
+class Step:
+    """One server step as a client redoes it: the version it starts from, the optimizers' step counts
+    before it (body, head) and the estimate's seeded terms in the order the server added them."""
 
     from_version: int
-    ops: tuple
+    t: tuple
+    groups: tuple
 
-    def to_json(self) -> dict:
-        return {"from_version": self.from_version, "ops": [[op.seed, op.pid, list(op.ks), list(op.coeffs)]
-                                                           for op in self.ops]}
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor sent as it is (numpy array, float32 or float16) with its optimizer state (name -> float32
+    array), so the client can roll it forward from here."""
+
+    pid: int
+    value: object
+    state: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SyncMessage:
+    """What a client receives to hold the round's model: from ``base_version`` (its copy; None: it keeps
+    nothing) to ``target_version``, every tensor not in ``raw`` is rolled forward through ``steps`` (the
+    client rebuilds each step's gradient estimate from seeds and scalars and applies the step rule to
+    its tensors and optimizer state; a step with no terms for a tensor still moves its state) and the
+    ``raw`` tensors are replaced. ``rule``: the step rule (optimizer specs and the head's tensor ids),
+    ``dist``: the perturbation distribution; ``init_digest``: 8 bytes of the version-0 state a client
+    seen for the first time rebuilds from the run's seed instead of downloading it."""
+
+    base_version: Optional[int]
+    target_version: int
+    steps: tuple = ()
+    raw: tuple = ()
+    rule: Optional[dict] = None
+    dist: str = "rademacher"
+    init_digest: Optional[bytes] = None
+
+    def to_bytes(self) -> bytes:
+        flags = (1 if self.init_digest is not None else 0) | (2 if self.rule is not None else 0)
+        parts = [_SYNC_MAGIC, struct.pack("<BIIBB", _VERSION, NO_VERSION if self.base_version is None
+                                          else self.base_version, self.target_version, _DIST_CODE[self.dist], flags)]
+        if self.init_digest is not None:
+            parts.append(bytes(self.init_digest)[:8].ljust(8, b"\0"))
+        if self.rule is not None:
+            rule = json.dumps(self.rule, separators=(",", ":")).encode()
+            parts += [struct.pack("<I", len(rule)), rule]
+        parts.append(struct.pack("<I", len(self.steps)))
+        for st in self.steps:
+            parts.append(struct.pack("<IIII", st.from_version, st.t[0], st.t[1], len(st.groups)))
+            for g in st.groups:
+                parts += [struct.pack("<Q", g.seed), _pack_ints(g.ks), np.asarray(g.coeffs, dtype="<f4").tobytes(),
+                          _pack_ints(g.pids)]
+        parts.append(struct.pack("<I", len(self.raw)))
+        for t in self.raw:
+            v = np.ascontiguousarray(t.value)
+            code = {np.dtype("float32"): 0, np.dtype("float16"): 1}[v.dtype]
+            parts += [struct.pack("<IBI", t.pid, code, v.size), v.astype("<f4" if code == 0 else "<f2").tobytes(),
+                      struct.pack("<B", len(t.state))]
+            for name, arr in t.state.items():
+                nb = name.encode()
+                a32 = np.ascontiguousarray(arr, dtype="<f4")
+                parts += [struct.pack("<B", len(nb)), nb, struct.pack("<I", a32.size), a32.tobytes()]
+        return b"".join(parts)
 
     @classmethod
-    def from_json(cls, d: dict) -> "ReplayRecord":
-        return cls(int(d["from_version"]), tuple(SeededOp(int(s), int(p), tuple(int(k) for k in ks),
-                                                          tuple(float(c) for c in cs)) for s, p, ks, cs in d["ops"]))
+    def from_bytes(cls, b) -> "SyncMessage":
+        """Parse a download strictly; ValueError naming the problem when it is malformed."""
+        try:
+            if not isinstance(b, (bytes, bytearray, memoryview)):
+                _not_bytes(b)
+            if len(b) > MAX_SYNC_BYTES:
+                raise UpdateRejected(f"{len(b)} bytes (at most {MAX_SYNC_BYTES})")
+            r = _Reader(bytes(b))
+            if r.take(2) != _SYNC_MAGIC:
+                raise UpdateRejected("not a download record")
+            version, base, target, dist, flags = r.unpack("<BIIBB")
+            if version != _VERSION or dist not in _DIST_NAME or flags > 3:
+                raise UpdateRejected("record version, dist or flags not understood")
+            digest = r.take(8) if flags & 1 else None
+            rule = None
+            if flags & 2:
+                n, = r.unpack("<I")
+                rule = json.loads(r.take(n).decode("utf-8"))
+                if not isinstance(rule, dict):
+                    raise UpdateRejected("the step rule is not an object")
+            n_steps, = r.unpack("<I")
+            if n_steps > len(r.b):
+                raise UpdateRejected(f"{n_steps} steps in {len(r.b)} bytes")
+            steps = []
+            for _ in range(n_steps):
+                fv, t0, t1, n_groups = r.unpack("<IIII")
+                if n_groups > len(r.b):
+                    raise UpdateRejected(f"{n_groups} term groups in {len(r.b)} bytes")
+                groups = []
+                for _ in range(n_groups):
+                    seed, = r.unpack("<Q")
+                    ks = _read_ints(r, MAX_TERMS)
+                    coeffs = np.frombuffer(r.take(4 * len(ks)), dtype="<f4")
+                    if not np.isfinite(coeffs).all():
+                        raise UpdateRejected("non-finite coefficient")
+                    groups.append(TermGroup(seed, ks, tuple(float(c) for c in coeffs), _read_ints(r, MAX_VALUES)))
+                steps.append(Step(fv, (t0, t1), tuple(groups)))
+            n_raw, = r.unpack("<I")
+            if n_raw > len(r.b):
+                raise UpdateRejected(f"{n_raw} tensors in {len(r.b)} bytes")
+            raw = []
+            for _ in range(n_raw):
+                pid, code, n = r.unpack("<IBI")
+                if code not in (0, 1):
+                    raise UpdateRejected(f"tensor dtype code {code}")
+                value = np.frombuffer(r.take((4 if code == 0 else 2) * n), dtype="<f4" if code == 0 else "<f2")
+                n_state, = r.unpack("<B")
+                state = {}
+                for _ in range(n_state):
+                    ln, = r.unpack("<B")
+                    name = r.take(ln).decode("utf-8")
+                    m, = r.unpack("<I")
+                    state[name] = np.frombuffer(r.take(4 * m), dtype="<f4")
+                if not np.isfinite(value).all() or not all(np.isfinite(a).all() for a in state.values()):
+                    raise UpdateRejected(f"tensor {pid}: non-finite values")
+                raw.append(RawTensor(pid, value, state))
+            if r.i != len(r.b):
+                raise UpdateRejected(f"{len(r.b) - r.i} trailing bytes")
+        except (ValueError, struct.error, RecursionError, KeyError) as e:
+            raise ValueError(f"malformed download: {e}") from None
+        return cls(None if base == NO_VERSION else base, target, tuple(steps), tuple(raw), rule,
+                   _DIST_NAME[dist], digest)

@@ -13,7 +13,7 @@ blocks: the jvp block ``ks`` and the optional head block ``head_ks``), rebuilt w
 ``seeded_axpy_`` (no perturbation is materialized). Transports and baselines reach the
 server only through its public methods: ``plan_round``, ``submit``, ``reject``,
 ``finish_round`` (seed-and-scalar rounds), ``submit_weights`` / ``finish_weight_round``
-(weight-upload rounds: backprop, SPRY), ``weights`` and ``replay_chain`` (what a client downloads).
+(weight-upload rounds: backprop, SPRY), ``weights`` and ``sync_message`` (what a client downloads).
 The server holds its own copy of the trainable tensors; clients never share them.
 
 Robustness: every update is parsed strictly (:mod:`fwdkern.fl.protocol`); within a round an
@@ -29,15 +29,17 @@ import dataclasses
 import logging
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .._seed import derive_seed
 from ..ops import seeded_axpy_, seeded_dot
 from .checkpoint import load_checkpoint, save_checkpoint
-from .optim import SGD
+from .optim import SGD, optimizer_spec, stateful
 from .pacing import VariancePacing
-from .protocol import (ReplayRecord, RoundPlan, RoundResult, SeededOp, Update, UpdateRejected, robust_bound,
-                       validate_update)
+from .protocol import (RawTensor, RoundPlan, RoundResult, Step, SyncMessage, TermGroup, Update, UpdateRejected,
+                       robust_bound, validate_update)
+from .sync import state_digest
 from .splitting import split_groups
 
 log = logging.getLogger("fwdkern.fl")
@@ -62,6 +64,30 @@ def _blocks(plan: RoundPlan, u: Update):
     return [b for b in out if b[1]]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    """A step the server took: from which version, its seeded terms (None: a dense step from weight
+    uploads) and the ids of the tensors whose values it changed."""
+
+    from_version: int
+    step: Optional[Step]
+    changed: frozenset
+
+    def to_json(self) -> dict:
+        st = self.step
+        return {"from_version": self.from_version, "changed": sorted(self.changed),
+                "step": None if st is None else {"t": list(st.t), "groups": [
+                    [g.seed, list(g.ks), list(g.coeffs), list(g.pids)] for g in st.groups]}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "_Record":
+        st = d["step"]
+        step = None if st is None else Step(int(d["from_version"]), tuple(int(t) for t in st["t"]), tuple(
+            TermGroup(int(s), tuple(int(k) for k in ks), tuple(float(c) for c in cs), tuple(int(p) for p in ps))
+            for s, ks, cs, ps in st["groups"]))
+        return cls(int(d["from_version"]), step, frozenset(int(p) for p in d["changed"]))
+
+
 class Server:
     """Holds its own copy of the trainable tensors (name -> tensor) and runs rounds.
 
@@ -81,14 +107,16 @@ class Server:
             head_optimizer: the head tensors' server optimizer (default SGD lr 1: the clients'
             head pseudo-gradient is minus their local update, so this is FedAvg on the head).
         max_samples: the most samples one update may claim (0: no cap).
-        replay_window: replay records kept (clients further behind download weights).
+        replay_window: steps whose seeded terms are kept (a client further behind downloads tensors).
+        client_state: clients keep their own optimizer state and roll tensors forward (seed-and-scalar
+            methods); False: a download carries tensor values only (weight-upload methods).
     """
 
     def __init__(self, params: dict, param_ids: dict, optimizer, *, seed: int = 0, perturbations_per_client: int = 1,
                  dist: str = "rademacher", groups: Optional[Sequence[Sequence[str]]] = None, shared: Sequence[str] = (),
                  pacing: Optional[VariancePacing] = None, candidates: int = 1, robust_factor: float = 10.0,
-                 head: Sequence[str] = (), head_directions: int = 0, max_samples: int = 0, replay_window: int = 100,
-                 smoothing: float = 0.9, head_optimizer=None):
+                 head: Sequence[str] = (), head_directions: int = 0, max_samples: int = 0, replay_window: int = 1000,
+                 smoothing: float = 0.9, head_optimizer=None, client_state: bool = True):
         missing = [n for n in params if n not in param_ids]
         if missing:
             raise ValueError(f"param_ids: no id for {missing}")
@@ -112,6 +140,7 @@ class Server:
         self.robust_factor = robust_factor
         self.max_samples = int(max_samples)
         self.replay_window = int(replay_window)
+        self.client_state = bool(client_state)
         self.smoothing = float(smoothing)
         self.round = 0
         self.model_version = 0
@@ -125,7 +154,8 @@ class Server:
         self.jvp_history: list = []
         self.prev_grad: Optional[dict] = None  # smoothed (EMA) estimate: discriminative sampling ranks against it
         self.schedule: list = []  # perturbations per optimizer step
-        self.replay_log: list = []  # ReplayRecord per SGD step, the latest replay_window
+        self.steps_log: list = []  # _Record per step, the latest replay_window
+        self.init_digest = state_digest(self.params)  # the version-0 state a fresh client rebuilds
         # Weight-upload rounds: name -> sample-weighted sum of the uploads' changes, name -> samples that
         # trained it, [loss sum, samples], the clients whose uploads are in.
         self._weights_in, self._weights_n, self._weights_loss, self._weights_from = {}, {}, [0.0, 0], []
@@ -279,27 +309,35 @@ class Server:
                     for k, v in zip(ks, vals):
                         yield name, plan.seed, pid, k, c * v, h
 
-    def _accumulate(self, terms, n_out: int) -> list:
-        """[{name: estimate}] x n_out from `_terms` rows: one seeded_axpy_ per (output, tensor, seed, pid)."""
-        outs = [{n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
-                for _ in range(n_out)]
+    @staticmethod
+    def _batches(terms) -> dict:
+        """{(output, name, seed, pid): (ks, coefficients)} of `_terms` rows, in the order they first occur:
+        one seeded_axpy_ each."""
         batches: dict = {}
         for name, seed, pid, k, c, h in terms:
             b = batches.setdefault((h, name, seed, pid), ([], []))
             b[0].append(k)
             b[1].append(c)
+        return batches
+
+    def _accumulate(self, batches: dict, n_out: int) -> list:
+        """[{name: estimate}] x n_out: the seeded_axpy_ of every batch, in order, into float32 zeros."""
+        outs = [{n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+                for _ in range(n_out)]
         for (h, name, seed, pid), (ks, cs) in batches.items():
             seeded_axpy_(outs[h][name], seed, pid, ks, cs, self.dist)
         return outs
 
     def _estimate(self, attempts) -> tuple:
-        """(gradient dict, variance, noise ratio, perturbations) from [(plans, updates), ...]."""
-        grads = self._accumulate(self._terms(attempts), 1)[0]
+        """(gradient dict, variance, noise ratio, perturbations, the estimate's batches) from
+        [(plans, updates), ...]."""
+        batches = self._batches(self._terms(attempts))
+        grads = self._accumulate(batches, 1)[0]
         members = [u for _, us in attempts for u in us]
         count = sum(len(u.ks) + len(u.head) for u in members)
         var = ratio = None
         if len(members) >= 2:  # client-level halves: the spread holds the client-to-client noise
-            m1, m2 = self._accumulate(self._terms(attempts, halves=True), 2)
+            m1, m2 = self._accumulate(self._batches(self._terms(attempts, halves=True)), 2)
             diff = sig = 0.0
             n = 0
             for name in grads:
@@ -309,7 +347,7 @@ class Server:
                 n += d.numel()
             var = diff / (4 * max(n, 1))
             ratio = diff / sig if sig > 0 else None
-        return grads, var, ratio, count
+        return grads, var, ratio, count, batches
 
     def _optimizers(self, grads) -> list:
         """[(optimizer, its slice of grads)]: the head tensors have their own (FedAvg) step."""
@@ -319,12 +357,12 @@ class Server:
             groups.append((self.head_optimizer, {n: g for n, g in grads.items() if n in head}))
         return [(o, g) for o, g in groups if g]
 
-    def _lr_of(self, name: str) -> float:
-        opt = self.head_optimizer if name in self.head else self.optimizer
-        return opt.schedule(opt.t)
+    def _opt_of(self, name: str):
+        return self.head_optimizer if name in self.head else self.optimizer
 
-    def _step(self, grads) -> bool:
-        """Optimizer step; rolled back (False) when a weight or the optimizer state would go non-finite."""
+    def _step(self, grads) -> Optional[frozenset]:
+        """Optimizer step: the names of the tensors whose values changed, or None (rolled back) when a
+        weight or the optimizer state would go non-finite."""
         saved = {n: p.detach().clone() for n, p in self.params.items()}
         groups = self._optimizers(grads)
         states = [o.state_dict() for o, _ in groups]
@@ -341,7 +379,8 @@ class Server:
                     p.copy_(saved[n])
             for (o, _), st in zip(groups, states):
                 o.load_state_dict(st)
-        return ok
+            return None
+        return frozenset(n for n, p in self.params.items() if not torch.equal(saved[n], p))
 
     def _close_round(self):
         self.round += 1
@@ -360,7 +399,7 @@ class Server:
             self._close_round()
             return res
         attempts = self.cache + [(dict(self.plans), list(self.accepted))]
-        grads, var, ratio, count = self._estimate(attempts)
+        grads, var, ratio, count, batches = self._estimate(attempts)
         weights = self._sample_weights(attempts)
         res.variance, res.noise_ratio, res.perturbations = var, ratio, count
         res.loss = (sum(u.loss * weights[u.client_id] for _, us in attempts for u in us)
@@ -374,8 +413,9 @@ class Server:
                 return res
             self.pacing.history.append(ratio if self.pacing.threshold is None else var)
             del self.pacing.history[:-1000]
-        lrs = {n: self._lr_of(n) for n in self.params}
-        if not self._step(grads):
+        t = (self.optimizer.t, self.head_optimizer.t)
+        changed = self._step(grads)
+        if changed is None:
             res.reason = "the step would make weights or optimizer state non-finite"
             self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
             self._close_round()
@@ -383,9 +423,7 @@ class Server:
         for u in self.accepted:
             self.jvp_history.extend(abs(j) for j in u.jvps)
         self.jvp_history = self.jvp_history[-4096:]
-        if self.replayable:
-            self.replay_log.append(self._replay_record(attempts, lrs))
-            del self.replay_log[:-self.replay_window]
+        self._record(Step(self.model_version, t, self._term_groups(batches)), changed)
         if self.candidates > 1:  # the direction discriminative sampling ranks against: smoothed, not raw
             a = self.smoothing
             prev = self.prev_grad
@@ -397,29 +435,83 @@ class Server:
         res.stepped = True
         return res
 
-    def _replay_record(self, attempts, lrs: dict) -> ReplayRecord:
-        """The seeded ops that reproduce this SGD step on a client: KBs, not weights."""
-        ops: dict = {}
-        for name, seed, pid, k, c, _ in self._terms(attempts):
-            op = ops.setdefault((seed, pid), (seed, pid, [], []))
-            op[2].append(k)
-            op[3].append(-lrs[name] * c)
-        return ReplayRecord(self.model_version, tuple(SeededOp(s, p, tuple(ks), tuple(cs))
-                                                      for s, p, ks, cs in ops.values()))
+    @staticmethod
+    def _term_groups(batches: dict) -> tuple:
+        """The estimate's seeded terms as TermGroups, in the order the server added them: tensors whose
+        (seed, ks, float32 coefficients) coincide share a group (per tensor the order is kept)."""
+        groups: dict = {}
+        for (h, name, seed, pid), (ks, cs) in batches.items():
+            key = (seed, tuple(ks), tuple(float(c) for c in np.asarray(cs, dtype=np.float32)))
+            groups.setdefault(key, []).append(pid)
+        return tuple(TermGroup(seed, ks, cs, tuple(pids)) for (seed, ks, cs), pids in groups.items())
 
-    @property
-    def replayable(self) -> bool:
-        """Whether a client can rebuild each step from (seed, ks, coefficients): plain SGD only."""
-        opts = [self.optimizer] + ([self.head_optimizer] if self.head else [])
-        return all(o.linear and not getattr(o, "momentum", 0.0) for o in opts)
+    def _record(self, step: Optional[Step], changed: frozenset):
+        """Log a step (None: a dense step from weight uploads, which no client can redo from seeds)."""
+        self.steps_log.append(_Record(self.model_version, step, frozenset(self.param_ids[n] for n in changed)))
+        del self.steps_log[:-self.replay_window]
 
-    def replay_chain(self, start: int, stop: int) -> Optional[list]:
-        """The ReplayRecords taking model version `start` to `stop`, or None when some step has none."""
-        if not self.replayable:
-            return None
-        by_version = {rec.from_version: rec for rec in self.replay_log}
-        chain = [by_version.get(v) for v in range(start, stop)]
-        return None if any(r is None for r in chain) else chain
+    # ------------------------------------------------------------------ downloads
+    def _raw(self, name: str, dtype: str = "fp32") -> RawTensor:
+        p = self.params[name]
+        value = p.detach().float().cpu().numpy().astype(np.float16 if dtype == "fp16" else np.float32)
+        state = {}
+        opt = self._opt_of(name)
+        if self.client_state and stateful(opt):
+            state = {k: v.detach().float().cpu().numpy() for k, v in opt.state.get(name, {}).items()}
+        return RawTensor(self.param_ids[name], value, state)
+
+    def _raw_bytes(self, name: str) -> int:
+        n = self.params[name].numel()
+        opt = self._opt_of(name)
+        return 4 * n * (1 + (len(opt.state.get(name, {})) if self.client_state and stateful(opt) else 0))
+
+    def rule(self) -> dict:
+        """The step rule a client needs to redo this server's steps."""
+        return {"body": optimizer_spec(self.optimizer), "head": optimizer_spec(self.head_optimizer),
+                "head_ids": [self.param_ids[n] for n in self.head]}
+
+    def sync_message(self, base: Optional[int], first_contact: bool = False) -> SyncMessage:
+        """What a client holding model version `base` (None: nothing it can build on) receives to hold
+        the current one: per tensor the cheapest sufficient message -- nothing when it has not changed
+        (and its optimizer state can be rolled forward without terms), the seeded terms of the steps
+        since `base` when they are smaller than the tensor, else the tensor itself (with its optimizer
+        state when clients keep one). `first_contact`: the client rebuilt version 0 from the run's seed,
+        so the message carries the initial state's digest for it to check."""
+        target = self.model_version
+        by_version = {r.from_version: r for r in self.steps_log}
+        recs = None
+        if base is not None and 0 <= base <= target:
+            recs = [by_version.get(v) for v in range(base, target)]
+            if any(r is None for r in recs):
+                recs = None
+        roll, raw = [], []
+        if recs is None or not self.client_state:
+            # Nothing to build on (or clients keep no optimizer state): every tensor that differs goes raw.
+            changed = set(self.params) if recs is None else {self.names_by_id[pid] for r in recs for pid in r.changed}
+            raw = [n for n in self.params if n in changed]
+        else:
+            for n, pid in self.param_ids.items():
+                if any(r.step is None and pid in r.changed for r in recs):
+                    raw.append(n)  # a dense step changed it: no seeds to redo it from
+                    continue
+                chain = 0.0
+                for r in recs:
+                    for g in (r.step.groups if r.step is not None else ()):
+                        if pid in g.pids:
+                            chain += (12 + 8 * len(g.ks) + 4 * len(g.pids)) / len(g.pids) + 4
+                (roll if chain <= self._raw_bytes(n) else raw).append(n)
+        steps = ()
+        if roll and recs:
+            roll_ids = {self.param_ids[n] for n in roll}
+            steps = tuple(Step(r.from_version, r.step.t, tuple(
+                TermGroup(g.seed, g.ks, g.coeffs, tuple(p for p in g.pids if p in roll_ids))
+                for g in r.step.groups if roll_ids.intersection(g.pids))) for r in recs if r.step is not None)
+        raw_t = tuple(self._raw(n) for n in raw)
+        needs_rule = self.client_state and (steps or any(t.state for t in raw_t))
+        return SyncMessage(base_version=None if recs is None else base, target_version=target, steps=steps,
+                           raw=raw_t, rule=self.rule() if needs_rule else None, dist=self.dist,
+                           init_digest=self.init_digest if first_contact and recs is not None and base == 0
+                           else None)
 
     # ------------------------------------------------------------------ weight-upload rounds
     def submit_weights(self, upload) -> bool:
@@ -466,9 +558,13 @@ class Server:
                           loss=loss_sum / max(1, n_tot))
         ok = False
         if self._weights_from:
-            ok = self._step({n: -(self._weights_in[n] / self._weights_n[n]) for n in self.params
-                             if n in self._weights_in})
-            if not ok:
+            t = (self.optimizer.t, self.head_optimizer.t)
+            changed = self._step({n: -(self._weights_in[n] / self._weights_n[n]) for n in self.params
+                                  if n in self._weights_in})
+            ok = changed is not None
+            if ok:
+                self._record(None, changed)
+            else:
                 res.reason = "the step would make weights or optimizer state non-finite"
                 self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
         else:
@@ -494,7 +590,7 @@ class Server:
             "pacing": self.pacing.state_dict() if self.pacing else None,
             "rejections": list(self.rejections), "rejected_total": self.rejected_total,
             "round_rejected": self._round_rejected,
-            "replay_log": [r.to_json() for r in self.replay_log],
+            "steps_log": [r.to_json() for r in self.steps_log], "init_digest": self.init_digest.hex(),
         }
 
     def load_state_dict(self, sd: dict):
@@ -514,7 +610,9 @@ class Server:
         self.rejections = list(sd["rejections"])
         self.rejected_total = sd.get("rejected_total", len(self.rejections))
         self._round_rejected = sd.get("round_rejected", 0)
-        self.replay_log = [ReplayRecord.from_json(r) for r in sd.get("replay_log", [])]
+        self.steps_log = [_Record.from_json(r) for r in sd.get("steps_log", [])]
+        if "init_digest" in sd:
+            self.init_digest = bytes.fromhex(sd["init_digest"])
 
     def save(self, path: str):
         save_checkpoint(path, self.state_dict())

@@ -27,6 +27,7 @@ from .optim import SGD, FedAdam, FedYogi, LRSchedule
 from .pacing import VariancePacing
 from .protocol import RoundRow, client_id
 from .runstate import LAYOUT, LayoutError, foreign_files, migrate
+from .sync import Download, Holdings
 from .server import Server
 from .task import ClientTask, load_task
 
@@ -88,6 +89,7 @@ class Simulation:
         if cfg.perturbations == 0 and not task.head_names and self.method.perturbs:
             raise ValueError("--perturbations 0 leaves nothing to train: the model has no exact head (--head exact)")
         self.server = Server(params, task.param_ids, _optimizer(cfg), seed=cfg.seed,
+                             client_state=self.method.server_step == "seeded",
                              perturbations_per_client=cfg.perturbations,
                              dist=self.method.perturbation_dist(cfg.dist), groups=groups, shared=shared,
                              pacing=_pacing(cfg, self.method), candidates=cfg.candidates,
@@ -100,9 +102,13 @@ class Simulation:
         self.failed = 0  # consecutive rounds without a valid update
         self.wall = 0.0
         self.cpu = 0.0  # process CPU seconds: comparable across runs on a shared machine
-        # Transport of a seed-and-scalar round: callable({client index: RoundPlan}) -> [Update wire bytes, ...];
-        # None = embedded (`_local_exchange`). fwdkern.fl.flower plugs Flower in here.
+        # Transport of a seed-and-scalar round: callable({client index: RoundPlan}, {client index: Download})
+        # -> [Update wire bytes, ...]; None = embedded (`_local_exchange`).
+        # fwdkern.fl.flower plugs Flower in here.
         self.exchange: Optional[Callable] = None
+        self.holdings = Holdings(first=0)  # the model version each client holds (fwdkern.fl.sync)
+        self._download_sizes: list = []  # (bytes, first contact) per client per round
+        self.on_download: Optional[Callable] = None  # callable(client, download record), e.g. to check it
         self._evaluated: Optional[tuple] = None  # (model version, metrics) of the last evaluation
 
     @property
@@ -140,9 +146,26 @@ class Simulation:
         answering = [c for c in chosen if not (cfg.dropout and rng.random() < cfg.dropout)]
         return chosen, answering
 
-    def _local_exchange(self, plans: dict) -> list:
-        """Embedded transport: every client evaluates the shared model in this process."""
+    def _local_exchange(self, plans: dict, downloads: dict) -> list:
+        """Embedded transport: every client evaluates the one shared model (which holds the server's
+        weights), so the downloads are only counted."""
         return [self.task.answer(c, plan) for c, plan in plans.items()]
+
+    def _downloads(self, plans: dict) -> dict:
+        """{client: Download}: what each answering client receives this round --
+        its plan, and the cheapest sufficient message from the version it holds (fwdkern.fl.sync), or
+        for a method that downloads as released, the whole trainable state."""
+        srv, out = self.server, {}
+        for c, plan in plans.items():
+            first = self.holdings.is_first_contact(c)
+            base = self.holdings.base(c) if self.method.download == "sync" else None
+            msg = srv.sync_message(base, first_contact=first)
+            out[c] = Download(plan.to_bytes(), msg.to_bytes(), Download.kind_of(msg))
+            self.holdings.synced(c, srv.model_version)
+            self._download_sizes.append((out[c].nbytes, first))
+            if self.on_download is not None:
+                self.on_download(c, out[c].sync)
+        return out
 
     def run_round(self) -> RoundRow:
         """One round (or pacing attempt): its metrics row, with an evaluation when the model
@@ -152,10 +175,16 @@ class Simulation:
         chosen, answering = self._choose_clients()
         plans = self.server.plan_round([client_id(c) for c in chosen])
         plans = {c: plans[client_id(c)] for c in answering}
+        downloads = self._downloads(plans)
         if self.method.server_step == "weights":
-            row = self._weights_round(plans)
+            res, up = self._weights_round(plans)
         else:
-            row = self._seeded_round(plans)
+            res, up = self._seeded_round(plans, downloads)
+        down = [d.nbytes for d in downloads.values()]
+        row = RoundRow.of(res, bytes_up_per_client=int(np.mean(up)) if up else 0,
+                          bytes_down_per_client=int(np.mean(down)) if down else 0,
+                          bytes_down_max=max(down, default=0), forward_passes_per_client=self._forward_passes(),
+                          **self._per_client())
         self.wall += time.perf_counter() - t0
         self.cpu += time.process_time() - c0
         v, every = self.server.model_version, self.cfg.eval_every
@@ -165,11 +194,11 @@ class Simulation:
         row.cpu_time_s = round(self.cpu, 3)
         return row
 
-    def _weights_round(self, plans: dict) -> RoundRow:
+    def _weights_round(self, plans: dict) -> tuple:
         """Weight-upload round (backprop: LoRA FedAvg; spry: SPRY as released). Each answering client
         downloads the global tensors, takes its local steps and uploads the tensors it trained; the
         server averages the changes per tensor (sample-weighted over the clients that trained it) and
-        steps its optimizer on minus that average (SGD lr 1 = FedAvg)."""
+        steps its optimizer on minus that average (SGD lr 1 = FedAvg). (RoundResult, bytes up per client)."""
         srv = self.server
         start = srv.weights()
         up = []
@@ -178,29 +207,25 @@ class Simulation:
             upload = self.task.answer(c, plan)
             srv.submit_weights(upload)
             up.append(upload.nbytes)
-        res = srv.finish_weight_round()
-        return RoundRow.of(res, bytes_up_per_client=int(np.mean(up)) if up else 0,
-                           bytes_down_per_client=4 * self.n_trainable,
-                           forward_passes_per_client=self._forward_passes(), **self._per_client())
+        return srv.finish_weight_round(), up
 
-    def _seeded_round(self, plans: dict) -> RoundRow:
-        """Seed-and-scalar round (fwdkern, mezo, fwdllm): plans out, scalar updates back."""
+    def _seeded_round(self, plans: dict, downloads: dict) -> tuple:
+        """Seed-and-scalar round (fwdkern, mezo, fwdllm): plans and downloads out, scalar updates back.
+        (RoundResult, bytes up per client)."""
         srv = self.server
         self._sync_model()
-        # The exchange gets {client index: plan} in sorted client order and returns the update
-        # records that arrived (wire bytes, or Update objects), in that same order, so the
-        # aggregation is identical whatever the transport (`exchange`, e.g. Flower).
+        # The exchange gets {client index: plan} in sorted client order (and each client's download
+        # records) and returns the update records that arrived (wire bytes, or Update objects), in that
+        # same order, so the aggregation is identical whatever the transport (`exchange`, e.g. Flower).
         exchange = self.exchange or self._local_exchange
         up = []
-        for upd in exchange(plans):
+        for upd in exchange(plans, downloads):
             srv.submit(upd)
             up.append(len(upd) if isinstance(upd, (bytes, bytearray)) else len(upd.to_bytes(self.cfg.wire)))
         res = srv.finish_round()
         if self.method.upload == "gradient":  # as released: clients upload full trainable-size gradients
             up = [4 * self.n_trainable for _ in up]
-        return RoundRow.of(res, bytes_up_per_client=int(np.mean(up)) if up else 0,
-                           bytes_down_per_client=self._bytes_down(plans),
-                           forward_passes_per_client=self._forward_passes(), **self._per_client())
+        return res, up
 
     def _per_client(self) -> dict:
         """What one participating client evaluates: body tangents and exact-head projections."""
@@ -211,15 +236,16 @@ class Simulation:
         """Client compute per round in forward-pass equivalents (see Method.passes_per_batch)."""
         return self.method.forward_passes(self.cfg.perturbations or 0, self.cfg.local_batches)
 
-    def _bytes_down(self, plans) -> int:
-        # Clients holding the previous version replay (seed, ks, coeffs) when the server optimizer is
-        # linear; otherwise they download the LoRA weights.
-        plan_bytes = int(np.mean([len(json.dumps(p.to_config())) for p in plans.values()])) if plans else 0
-        v = self.server.model_version
-        chain = self.server.replay_chain(v - 1, v) if v else None
-        if chain:
-            return plan_bytes + len(json.dumps(chain[0].to_json()["ops"]))
-        return plan_bytes + 4 * self.n_trainable
+    def download_stats(self) -> dict:
+        """Bytes a participating client received per round, over every (client, round) of the run: mean,
+        median, p95 and max, and the mean at a client's first contact."""
+        sizes = np.array([n for n, _ in self._download_sizes], dtype=np.float64)
+        first = [n for n, f in self._download_sizes if f]
+        if not sizes.size:
+            return {}
+        return {"mean": float(sizes.mean()), "p50": float(np.percentile(sizes, 50)),
+                "p95": float(np.percentile(sizes, 95)), "max": int(sizes.max()),
+                "first_contact_mean": float(np.mean(first)) if first else None, "count": int(sizes.size)}
 
     # ------------------------------------------------------------------ driver
     def run(self, replace_other_run: bool = False) -> dict:
@@ -264,6 +290,8 @@ class Simulation:
         self.metrics = [RoundRow.from_json(r) for r in sd["metrics"]]
         self.wall, self.cpu = sd["wall"], sd.get("cpu", 0.0)
         self.failed, self.initial = sd.get("failed", 0), sd.get("initial", {})
+        self.holdings.load_state_dict(sd.get("holdings", {}))
+        self._download_sizes = [(int(n), bool(f)) for n, f in sd.get("downloads", [])]
         self.log(f"resumed from {ckpt} at round {self.server.round}")
 
     def _run(self, replace_other_run: bool) -> dict:
@@ -303,6 +331,7 @@ class Simulation:
                    "perturbation_schedule": self.server.schedule, "wall_time_s": self.wall, "cpu_time_s": self.cpu,
                    "trainable_params": self.n_trainable,
                    "mean_bytes_up_per_client": float(np.mean([m.bytes_up_per_client for m in self.metrics])),
+                   "bytes_down_per_client": self.download_stats(),
                    "rejections": self.server.rejected_total}
         write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
         plots(self._rows(), cfg.out, self.initial, self._reference_lines())
@@ -331,7 +360,8 @@ class Simulation:
 
     def _state(self) -> dict:
         return {"layout": LAYOUT, "config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": self._rows(),
-                "wall": self.wall, "cpu": self.cpu, "failed": self.failed, "initial": dict(self.initial)}
+                "wall": self.wall, "cpu": self.cpu, "failed": self.failed,
+                "holdings": self.holdings.state_dict(), "downloads": [list(d) for d in self._download_sizes], "initial": dict(self.initial)}
 
     def save(self, path):
         save_checkpoint(path, self._state())

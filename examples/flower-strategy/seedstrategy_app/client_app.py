@@ -2,6 +2,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fwdkern.fl.flower.codec import plan_from_record
 from fwdkern.fl.flower.strategy import answer_plan
 
 from .task import client_batches, load_model, load_rows
@@ -17,8 +18,9 @@ def train(msg: Message, context: Context) -> Message:
         rows, names = load_rows(cfg["data"], cfg["text-column"], cfg["label-column"])
         _CACHE["model"], _CACHE["tok"] = load_model(cfg["model"], len(names))
         _CACHE["rows"] = rows
-    plan = msg.content["plan"]
+    plan = plan_from_record(msg.content["plan"])
     batches = client_batches(_CACHE["rows"], _CACHE["tok"], int(context.node_config["partition-id"]),
-                             int(context.node_config.get("num-partitions", 2)), int(plan["round"]),
+                             int(context.node_config.get("num-partitions", 2)), plan.round,
                              int(cfg["batch-size"]), int(cfg["max-length"]))
-    return answer_plan(msg, _CACHE["model"], batches)
+    # context.state keeps the node's copy of the tensors between messages: downloads stay seeds and scalars
+    return answer_plan(msg, _CACHE["model"], batches, state=context.state)

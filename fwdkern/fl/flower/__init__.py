@@ -16,11 +16,11 @@ There must be exactly one SuperNode per client, partition ids 0 .. clients-1, an
 must be importable by the SuperLink's and SuperNodes' Python (``pip install .``).
 """
 from .client_app import client_app, handle_query, handle_train  # noqa: F401
-from .codec import (plan_from_record, plan_to_record, replay_from_record, replay_to_record,  # noqa: F401
+from .codec import (plan_from_record, plan_to_record, sync_from_record, sync_to_record,  # noqa: F401
                     update_from_content, update_to_content)
 from .run_config import FLOWER_DEFAULTS, parse_run_config  # noqa: F401
 from .server_app import FlowerExchange, discover_partitions, run_server, server_app  # noqa: F401
 
 __all__ = ["client_app", "server_app", "FlowerExchange", "parse_run_config", "discover_partitions",
-           "handle_train", "handle_query", "plan_to_record", "plan_from_record", "replay_to_record",
-           "replay_from_record", "update_to_content", "update_from_content", "run_server", "FLOWER_DEFAULTS"]
+           "handle_train", "handle_query", "plan_to_record", "plan_from_record", "sync_to_record",
+           "sync_from_record", "update_to_content", "update_from_content", "run_server", "FLOWER_DEFAULTS"]

@@ -1,35 +1,35 @@
 """Flower ClientApp: one SuperNode is one simulated client (its ``partition-id``).
 
-It builds only the client task (model, data, batching, local computation; no Server), keeps
-its adapter weights and model version in ``context.state`` (the SuperNode keeps a run's
-Context between messages, although each message runs in a fresh ``flwr-clientapp`` process),
-brings them to the plan's version (downloaded weights, or the replay of missed SGD steps)
-and answers with its jvp scalars.
+It builds only the client task (model, data, batching, local computation; no Server), keeps its
+copy of the trainable tensors, their optimizer state and its model version in ``context.state``
+(the SuperNode keeps a run's Context between messages, although each message runs in a fresh
+``flwr-clientapp`` process), applies the round's download (fwdkern.fl.sync) and answers the plan
+with its update's wire record.
 """
 from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..sync import apply_replay
 from ..protocol import client_id
+from ..sync import Replica
 from ..task import ClientTask, load_task
-from .codec import plan_from_record, replay_from_record, update_to_content
+from .codec import plan_from_record, replica_from_state, replica_to_state, sync_from_record, update_to_content
 from .run_config import config_key, parse_run_config
 
 log = logging.getLogger("fwdkern.fl")
 
-STATE_WEIGHTS, STATE_INFO = "fwdkern.weights", "fwdkern.client"
-
-_TASKS: dict = {}  # config JSON -> ClientTask: repeated messages in one process do not rebuild
+_TASKS: dict = {}  # config JSON -> (ClientTask, its initial weights): repeated messages in one process do not rebuild
 
 
-def client_task(cfg) -> ClientTask:
+def client_task(cfg) -> tuple:
+    """(ClientTask, its initial trainable weights: version 0, rebuilt from the run's seed)."""
     key = config_key(cfg)
     if key not in _TASKS:
-        _TASKS[key] = load_task(cfg, log=lambda *a: log.info(" ".join(map(str, a))))
+        task = load_task(cfg, log=lambda *a: log.info(" ".join(map(str, a))))
+        _TASKS[key] = (task, task.weights())
     return _TASKS[key]
 
 
@@ -51,44 +51,28 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Bring the local weights to the plan's model version, then answer the plan."""
+    """Apply the download to the client's copy of the tensors, then answer the plan."""
     cfg, _ = parse_run_config(context.run_config)
     c = partition_id(context)
     content = msg.content
     plan = plan_from_record(content["plan"])
     if plan.client_id != client_id(c):
         raise ValueError(f"plan for {plan.client_id!r} sent to the node with partition-id {c}")
-    task = client_task(cfg)
-    state = context.state
-    sync = content["sync"]
-    if "weights" in content:
-        weights, version = content["weights"].to_torch_state_dict(), int(sync["target_version"])
-    elif STATE_WEIGHTS in state:
-        weights, version = state[STATE_WEIGHTS].to_torch_state_dict(), int(state[STATE_INFO]["version"])
-    else:
-        raise RuntimeError("no local weights in context.state and none in the message")
-    task.load_weights(weights)
-    replayed = 0
-    if "replay" in content:
-        for rec in replay_from_record(content["replay"]):
-            if rec.from_version < version:
-                continue  # already applied (a reply that got lost)
-            if rec.from_version != version:
-                raise RuntimeError(f"replay gap: local version {version}, record from {rec.from_version}")
-            apply_replay(task.params, task.names_by_id, rec, plan.dist)
-            version += 1
-            replayed += 1
-    if version != plan.model_version:
-        raise RuntimeError(f"local weights at version {version}, plan needs {plan.model_version}")
-    update = task.answer(c, plan)
-    state[STATE_WEIGHTS] = ArrayRecord(torch_state_dict=task.weights())
-    info = dict(state[STATE_INFO]) if STATE_INFO in state else {"messages": 0, "replayed": 0, "downloads": 0}
-    info.update(version=version, messages=int(info["messages"]) + 1, replayed=int(info["replayed"]) + replayed,
-                downloads=int(info["downloads"]) + int("weights" in content))
-    state[STATE_INFO] = ConfigRecord(info)
-    reply = update_to_content(update)
-    # The client's context.state bookkeeping after this message (shows whether Flower persisted the state).
-    reply["client"] = ConfigRecord({k: int(v) for k, v in info.items()})
+    download = sync_from_record(content["sync"])
+    task, initial = client_task(cfg)
+    task.load_weights(initial)  # version 0; replaced by what context.state holds, if anything
+    replica = Replica.fresh(task.params, task.param_ids)
+    info = replica_from_state(replica, context.state) or {"messages": 0, "steps": 0, "tensors": 0}
+    replica.apply(download)
+    if replica.version != plan.model_version:
+        raise RuntimeError(f"local weights at version {replica.version}, the plan needs {plan.model_version}")
+    record = task.answer(c, plan)
+    info = {"messages": info.get("messages", 0) + 1, "steps": info.get("steps", 0) + len(download.steps),
+            "tensors": info.get("tensors", 0) + len(download.raw)}
+    replica_to_state(replica, context.state, **info)
+    reply = update_to_content(record)
+    # The client's bookkeeping after this message (shows whether Flower persisted its state).
+    reply["client"] = ConfigRecord({"version": int(replica.version), **info})
     return Message(reply, reply_to=msg)
 
 

@@ -1,75 +1,45 @@
-"""Flower records <-> fwdkern protocol messages (plans, replay records, updates).
+"""Flower records <-> fwdkern's wire records (plans, downloads, updates).
 
-Plans and replay records travel as ConfigRecord lists of ints and floats, an update as its binary
-wire record (the bytes the client encoded, in a ConfigRecord), so seeds and scalars need no
-arrays; weights (ArrayRecord) only travel when a client must download them.
+Each travels as its binary record in a ConfigRecord under the key "record" (the bytes fwdkern's
+protocol encodes: :class:`RoundPlan`, :class:`SyncMessage`, :class:`Update`), so what a node
+receives and sends is exactly what the accounting counts, and seeds and scalars need no arrays.
+A client's own state between messages (its tensors, optimizer state, version) lives in its
+``context.state`` (:func:`replica_to_state` / :func:`replica_from_state`).
 """
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, RecordDict
+import json
 
-from ..._seed import join_seed, split_seed
-from ..protocol import MAX_UPDATE_BYTES, ReplayRecord, RoundPlan, SeededOp, UpdateRejected
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-__all__ = ["plan_to_record", "plan_from_record", "replay_to_record", "replay_from_record", "update_to_content",
-           "update_from_content", "nbytes"]
+from ..protocol import MAX_UPDATE_BYTES, RoundPlan, SyncMessage, UpdateRejected
+
+__all__ = ["plan_to_record", "plan_from_record", "sync_to_record", "sync_from_record", "update_to_content",
+           "update_from_content", "nbytes", "replica_to_state", "replica_from_state"]
+
+STATE_WEIGHTS, STATE_OPT, STATE_INFO = "fwdkern.weights", "fwdkern.optimizer", "fwdkern.client"
+
+
+def _record(rec, what: str) -> bytes:
+    if not isinstance(rec, ConfigRecord) or not isinstance(rec.get("record"), bytes):
+        raise ValueError(f"malformed {what}: expected a ConfigRecord holding bytes under 'record'")
+    return rec["record"]
 
 
 def plan_to_record(plan: RoundPlan) -> ConfigRecord:
-    return ConfigRecord(plan.to_config())
+    return ConfigRecord({"record": plan.to_bytes()})
 
 
 def plan_from_record(rec: ConfigRecord) -> RoundPlan:
-    return RoundPlan.from_config(dict(rec))
+    return RoundPlan.from_bytes(_record(rec, "plan"))
 
 
-def replay_to_record(records: list) -> ConfigRecord:
-    """ReplayRecords (``Server.replay_chain``) as flat typed lists.
-
-    Consecutive ops of a record that share (seed, ks, coefficients) -- one update's ops
-    over the tensors it perturbed, whose coefficients coincide whenever those tensors
-    have the same total weight -- travel once with their list of tensor ids. Per record:
-    from_version and group count; per group: seed halves, tensor and k counts; tensor
-    ids, ks and coefficients (float64, bit-exact) concatenated.
-    """
-    out = {"versions": [], "num_groups": [], "seed_lo": [], "seed_hi": [], "num_pids": [], "num_ks": [],
-           "pids": [], "ks": [], "coeffs": []}
-    for rec in records:
-        groups = []
-        for op in rec.ops:
-            key = (int(op.seed), [int(k) for k in op.ks], [float(c) for c in op.coeffs])
-            if groups and groups[-1][0] == key:
-                groups[-1][1].append(int(op.pid))
-            else:
-                groups.append((key, [int(op.pid)]))
-        out["versions"].append(int(rec.from_version))
-        out["num_groups"].append(len(groups))
-        for (seed, ks, coeffs), pids in groups:
-            lo, hi = split_seed(seed)
-            out["seed_lo"].append(lo)
-            out["seed_hi"].append(hi)
-            out["num_pids"].append(len(pids))
-            out["num_ks"].append(len(ks))
-            out["pids"].extend(pids)
-            out["ks"].extend(ks)
-            out["coeffs"].extend(coeffs)
-    return ConfigRecord(out)
+def sync_to_record(record: bytes) -> ConfigRecord:
+    return ConfigRecord({"record": bytes(record)})
 
 
-def replay_from_record(rec: ConfigRecord) -> list:
-    """Inverse of `replay_to_record`: [ReplayRecord, ...]."""
-    records, g, p, k = [], 0, 0, 0
-    for version, n_groups in zip(rec["versions"], rec["num_groups"]):
-        ops = []
-        for _ in range(n_groups):
-            seed = join_seed(rec["seed_lo"][g], rec["seed_hi"][g])
-            n_p, n_k = rec["num_pids"][g], rec["num_ks"][g]
-            ks = tuple(int(x) for x in rec["ks"][k:k + n_k])
-            coeffs = tuple(float(x) for x in rec["coeffs"][k:k + n_k])
-            ops.extend(SeededOp(seed, int(pid), ks, coeffs) for pid in rec["pids"][p:p + n_p])
-            g, p, k = g + 1, p + n_p, k + n_k
-        records.append(ReplayRecord(int(version), tuple(ops)))
-    return records
+def sync_from_record(rec: ConfigRecord) -> SyncMessage:
+    return SyncMessage.from_bytes(_record(rec, "download"))
 
 
 def update_to_content(record: bytes) -> RecordDict:
@@ -97,3 +67,38 @@ def update_from_content(content: RecordDict) -> bytes:
 def nbytes(content: RecordDict) -> int:
     """Payload bytes of a message content as Flower counts them (records' count_bytes)."""
     return int(sum(r.count_bytes() for r in content.values()))
+
+
+def replica_to_state(replica, state: RecordDict, **info):
+    """Keep a client's Replica (fwdkern.fl.sync) in its ``context.state``: tensors, optimizer state,
+    version and step rule (plus the integer bookkeeping `info`)."""
+    sd = replica.state_dict()
+    state[STATE_WEIGHTS] = ArrayRecord(torch_state_dict={n: p.detach().cpu().clone()
+                                                         for n, p in replica.params.items()})
+    opt = {f"{g}/{k}/{n}": t.detach().cpu().clone() for g, st in enumerate(sd["state"]) for n, ts in st.items()
+           for k, t in ts.items()}
+    state[STATE_OPT] = ArrayRecord(torch_state_dict=opt)
+    state[STATE_INFO] = ConfigRecord({"version": -1 if sd["version"] is None else int(sd["version"]),
+                                      "rule": json.dumps(sd["rule"]), **{k: int(v) for k, v in info.items()}})
+
+
+def replica_from_state(replica, state: RecordDict) -> dict:
+    """Restore a Replica from ``context.state`` (left as it is when the state holds none); returns the
+    integer bookkeeping kept beside it."""
+    if STATE_INFO not in state or STATE_WEIGHTS not in state:
+        return {}
+    info = dict(state[STATE_INFO])
+    weights = state[STATE_WEIGHTS].to_torch_state_dict()
+    if set(weights) != set(replica.params):
+        raise ValueError("context.state holds weights of another model")
+    for n, p in replica.params.items():
+        p.data.copy_(weights[n])
+    groups: list = [{}, {}]
+    if STATE_OPT in state:
+        for key, t in state[STATE_OPT].to_torch_state_dict().items():
+            g, k, n = key.split("/", 2)
+            groups[int(g)].setdefault(n, {})[k] = t
+    version = int(info.pop("version"))
+    replica.load_state_dict({"version": None if version < 0 else version, "rule": json.loads(info.pop("rule")),
+                             "state": groups})
+    return {k: v for k, v in info.items() if isinstance(v, int)}

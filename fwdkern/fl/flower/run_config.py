@@ -1,8 +1,9 @@
 """A run's settings from Flower's ``context.run_config`` ([tool.flwr.app.config] + ``--run-config``).
 
 Every RunConfig field is a flat key with dashes (``clients-per-round = 10``), so one field can be
-overridden on the command line; ``target-modules`` is a space-separated string ("" = the family
-default) and ``label-column = "none"`` means plain text. ``run-config`` (JSON, or a path to a JSON
+overridden on the command line; ``target-modules`` and ``layers`` are space-separated strings ("" =
+the default), ``label-column = "none"`` means plain text and ``"auto"`` leaves an optional setting
+(``perturbations``, ``lr``, ...) to the default recipe. ``run-config`` (JSON, or a path to a JSON
 file) sets several fields at once and takes precedence over the flat keys. The Flower options of
 :data:`FLOWER_DEFAULTS` configure the transport.
 """
@@ -18,8 +19,6 @@ from ..methods import flower_methods, method
 # Flower run-config keys of the transport and their defaults.
 FLOWER_DEFAULTS = {
     "run-config": "{}",  # RunConfig fields as JSON, or a path to a JSON file
-    "sync": "replay",  # "replay": replay records when possible; "weights": always weights when behind
-    "max-replay": 100,  # weights again after this many replayed steps since a client's last download
     "round-timeout": 600.0,  # seconds to wait for replies; a node that has not answered is a dropout
     "node-timeout": 120.0,  # seconds to wait for the SuperNodes to connect and report their partition id
     "poll-interval": 0.2,  # seconds between pulls for replies
@@ -33,13 +32,20 @@ def flat_key(name: str) -> str:
 def _field_value(f: dataclasses.Field, v):
     """A flat Flower value (bool/int/float/str) as the RunConfig field `f` holds it."""
     hint = typing.get_type_hints(RunConfig)[f.name]
-    if f.name == "target_modules":
+    if f.name in ("target_modules", "layers"):
         if not isinstance(v, str):
             raise ValueError(f"{flat_key(f.name)}: expected a space-separated string, got {v!r}")
-        return v.split() or None
+        try:
+            items = [int(x) for x in v.split()] if f.name == "layers" else v.split()
+        except ValueError:
+            raise ValueError(f"{flat_key(f.name)}: expected block indices, got {v!r}") from None
+        return items or None
     if f.name == "label_column":
         return None if str(v).lower() == "none" else str(v)
-    base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+    optional = typing.get_origin(hint) is typing.Union
+    if optional and v == "auto":  # left to the default recipe (None in RunConfig)
+        return None
+    base = typing.get_args(hint)[0] if optional else hint
     if base is bool:
         if not isinstance(v, bool):
             raise ValueError(f"{flat_key(f.name)}: expected true or false, got {v!r}")
@@ -82,9 +88,6 @@ def parse_run_config(run_config) -> tuple:
     if not row.flower:
         raise ValueError(f"method {cfg.method!r}: the Flower runner carries seed-and-scalar rounds only; use one of "
                          f"{', '.join(flower_methods())} (or the embedded runner, fwdkern train)")
-    if opts["sync"] not in ("replay", "weights"):
-        raise ValueError(f"sync: {opts['sync']!r} is neither 'replay' nor 'weights'")
-    opts["max-replay"] = int(opts["max-replay"])
     for k in ("round-timeout", "node-timeout", "poll-interval"):
         opts[k] = float(opts[k])
     return cfg, opts

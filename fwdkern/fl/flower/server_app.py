@@ -6,26 +6,23 @@ hands the plans to :class:`FlowerExchange`, which sends every sampled client a m
 turns the replies back into `Update`s. So metrics.jsonl, summary.json and the checkpoint in
 ``cfg.out`` are the embedded runner's files.
 
-What travels per round (see ``flower.jsonl`` in ``cfg.out`` for the measured bytes):
+What travels per round (``flower.jsonl`` in ``cfg.out`` logs each client's bytes):
 
-  down  ConfigRecord "plan"    the RoundPlan (seed as two 32-bit halves, ks, tensor ids)
-        ConfigRecord "replay"  the server steps the client missed since its last
-                               contact, as (seed, tensor id, ks, coefficients) lists:
-                               the client redoes them with ``seeded_axpy_`` (SGD only)
-        ArrayRecord "weights"  the trainable tensors, only at first contact, after a
-                               failed exchange, for non-linear server optimizers
-                               (FedAdam/FedYogi, momentum), past ``max-replay`` steps
-                               since the last download, or with ``sync = "weights"``
+  down  ConfigRecord "plan"  the RoundPlan's binary record (seed, ks, tensor ids, head block)
+        ConfigRecord "sync"  the client's download (fwdkern.fl.sync): per tensor nothing, the
+                             steps since the version it holds as seeds and scalars (it redoes
+                             them with ``seeded_axpy_`` and the step rule, FedAdam/FedYogi and
+                             momentum included, on its own optimizer state), or the tensor
+                             itself -- whichever is smaller; a client seen for the first time
+                             rebuilds the initial adapter from the run's seed
   up    ConfigRecord "update": the Update's binary wire record (client_id, round,
         model_version, ks, one jvp per k and the head projections in the run's --wire
         encoding, loss, num_samples)
 
-Replay rebuilds the server's SGD step with a different summation order, so replaying
-clients evaluate at weights within float32 rounding (~1e-7 relative) of the server's;
-``sync = "weights"`` makes every client evaluate at the server's exact weights
-(bit-identical to the embedded runner) at the cost of a weights download whenever a
-client is behind. Whatever a node sends (errors, timeouts, malformed replies) counts as a
-dropout or a rejection and never stops the ServerApp.
+A client's tensors after its download are bit-identical to the server's, so a Flower run
+computes what the embedded runner computes. Whatever a node sends (errors, timeouts,
+malformed replies) counts as a dropout or a rejection and never stops the ServerApp; the
+next download of such a client carries every tensor.
 """
 from __future__ import annotations
 
@@ -35,12 +32,12 @@ import os
 import time
 from typing import Callable, Optional
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..protocol import RoundPlan, Update, UpdateRejected
+from ..protocol import Update, UpdateRejected
 from ..simulation import CHECKPOINT, build
-from .codec import nbytes, plan_to_record, replay_to_record, update_from_content
+from .codec import nbytes, update_from_content
 from .run_config import FLOWER_DEFAULTS, parse_run_config
 
 log = logging.getLogger("fwdkern.fl")
@@ -121,57 +118,34 @@ def discover_partitions(grid: Grid, clients: int, timeout: float, poll: float = 
 
 
 class FlowerExchange:
-    """`Simulation.exchange` over a Flower Grid: plans out, Updates back, in client order."""
+    """`Simulation.exchange` over a Flower Grid: plans and downloads out, update records back, in client
+    order."""
 
     def __init__(self, grid: Grid, sim, node_of: dict, opts: Optional[dict] = None,
                  record: Optional[Callable] = None):
         self.grid, self.sim, self.node_of = grid, sim, dict(node_of)
         self.opts = dict(FLOWER_DEFAULTS, **(opts or {}))
-        self.known: dict = {}  # client -> model version of its stored weights (absent: unknown)
-        self.downloaded: dict = {}  # client -> model version of its last weights download
         self.record = record or (lambda row: None)
 
-    def content_for(self, c: int, plan: RoundPlan) -> tuple:
-        """(RecordDict, sync mode) for client c: the plan plus what brings it to plan.model_version."""
-        srv = self.sim.server
-        target = plan.model_version
-        have = self.known.get(c)
-        mode = "none"
-        chain = None
-        if have != target:
-            mode = "weights"
-            if (self.opts["sync"] == "replay" and have is not None and have < target
-                    and target - self.downloaded.get(c, have) <= self.opts["max-replay"]):
-                chain = srv.replay_chain(have, target)
-                if chain is not None:
-                    mode = "replay"
-        content = RecordDict({"plan": plan_to_record(plan),
-                              "sync": ConfigRecord({"mode": mode, "base_version": -1 if have is None else have,
-                                                    "target_version": target})})
-        if mode == "replay":
-            content["replay"] = replay_to_record(chain)
-        elif mode == "weights":
-            content["weights"] = ArrayRecord(torch_state_dict=srv.weights())
-        return content, mode
-
-    def __call__(self, plans: dict) -> list:
+    def __call__(self, plans: dict, downloads: dict) -> list:
         srv = self.sim.server
         t0 = time.perf_counter()
         row = {"round": srv.round, "attempt": srv.attempt, "clients": {}}
         msgs = {}
         for c, plan in plans.items():
-            content, mode = self.content_for(c, plan)
+            d = downloads[c]
+            content = RecordDict({"plan": ConfigRecord({"record": d.plan}), "sync": ConfigRecord({"record": d.sync})})
             msgs[c] = Message(content, dst_node_id=self.node_of[c], message_type=TRAIN,
                               group_id=f"{srv.round}.{srv.attempt}", ttl=self.opts["round-timeout"])
-            row["clients"][c] = {"sync": mode, "bytes_down": nbytes(content)}
+            row["clients"][c] = {"sync": d.kind, "bytes_down": nbytes(content), "download_bytes": d.nbytes}
         replies = _send_and_collect(self.grid, msgs, self.opts["round-timeout"], self.opts["poll-interval"])
         out = []
         for c, plan in plans.items():  # client order, not arrival order: aggregation is order-sensitive
             info = row["clients"][c]
             r = replies.get(c)
             if r is None or r.has_error():
-                # Dropout: the round proceeds without it; its local state is unknown from now on.
-                self.known.pop(c, None)
+                # Dropout: the round proceeds without it; what it holds is unknown from now on.
+                self.sim.holdings.lost(c)
                 info["status"] = "timeout" if r is None else "error"
                 if r is not None:
                     info["error"] = f"{r.error.code}: {r.error.reason}"
@@ -188,17 +162,13 @@ class FlowerExchange:
                 state = dict(r.content["client"]) if "client" in r.content else None
             except Exception as e:  # noqa: BLE001 -- whatever a node sends must not stop the ServerApp
                 reason = str(e) if isinstance(e, UpdateRejected) else f"malformed reply: {e!r}"
-                self.known.pop(c, None)
+                self.sim.holdings.lost(c)
                 srv.reject(plan.client_id, reason)
                 info.update(status="malformed", error=reason)
                 continue
-            # Validation (stale version, NaN, ...) is Server.submit's; here only the client's sync state.
-            if upd.model_version == plan.model_version:
-                self.known[c] = plan.model_version
-                if info["sync"] == "weights":
-                    self.downloaded[c] = plan.model_version
-            else:
-                self.known.pop(c, None)
+            # Validation (stale version, NaN, ...) is Server.submit's; here only what the client holds.
+            if upd.model_version != plan.model_version:
+                self.sim.holdings.lost(c)
             if state is not None:
                 info["state"] = state
             info.update(status="ok", jvps=list(upd.jvps), loss=upd.loss)

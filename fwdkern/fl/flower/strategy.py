@@ -12,9 +12,10 @@ Client side (inside ``@app.train()``)::
     from fwdkern.fl.flower.strategy import answer_plan
     return answer_plan(msg, model, batches)   # batches: the client's list of model-input dicts
 
-Per round the strategy sends each sampled node the current trainable tensors (ArrayRecord
-"arrays", as Flower's own strategies do) and its plan (ConfigRecord "plan": seed halves,
-perturbation indices, tensor ids); the node answers with one jvp per perturbation (ConfigRecord
+Per round the strategy sends each sampled node its plan (ConfigRecord "plan": the seed, perturbation
+indices, tensor ids) and its download (ConfigRecord "sync": per tensor nothing, the steps it missed as
+seeds and scalars, or the tensor itself, whichever is smaller -- the whole trainable state at a node's
+first contact; fwdkern.fl.sync); the node answers with one jvp per perturbation (ConfigRecord
 "update": the Update's binary wire record, a few hundred bytes). Aggregation, validation and the
 optimizer step are :class:`fwdkern.fl.Server`'s: malformed, stale or poisoned replies are
 rejected with a reason and never stop the ServerApp; pacing, when configured, turns a round into
@@ -38,7 +39,9 @@ from ..client import seeded_answer
 from ..optim import SGD, FedAdam, FedYogi
 from ..protocol import UpdateRejected
 from ..server import Server
-from .codec import plan_from_record, plan_to_record, update_from_content, update_to_content
+from ..sync import Holdings, Replica, state_digest
+from .codec import (nbytes, plan_from_record, plan_to_record, replica_from_state, replica_to_state, sync_from_record,
+                    sync_to_record, update_from_content, update_to_content)
 
 log = logging.getLogger("fwdkern.fl")
 
@@ -68,6 +71,11 @@ class SeedStrategy(Strategy):
         self.node_timeout = float(node_timeout)
         self.seed = seed
         self.history: list = []  # Server.finish_round's RoundResult per round
+        # What each node holds. A node's first download carries every tensor: its model is the app's own,
+        # so nothing says it starts from the strategy's initial arrays.
+        self.holdings = Holdings(first=None)
+        self.bytes_down: list = []  # (round, node id, bytes of its plan + download)
+        self._sent: list = []
 
     @classmethod
     def from_model(cls, model, optimizer: str = "fedadam", lr: float = 0.01, **kw) -> "SeedStrategy":
@@ -97,6 +105,7 @@ class SeedStrategy(Strategy):
         with torch.no_grad():
             for n, p in self.server.params.items():
                 p.copy_(sd[n])
+        self.server.init_digest = state_digest(self.server.params)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -113,21 +122,38 @@ class SeedStrategy(Strategy):
         # and the rounded id then addresses no node.
         chosen = sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=n, replace=False)) if n else []
         plans = self.server.plan_round([str(nid) for nid in chosen])
-        weights = ArrayRecord(torch_state_dict=self.server.weights())
-        return [Message(RecordDict({"arrays": weights, "plan": plan_to_record(plans[str(nid)]),
-                                    "config": config}), dst_node_id=nid, message_type="train")
-                for nid in chosen]
+        out = []
+        for nid in chosen:
+            # Per tensor the cheapest sufficient download from what the node holds (fwdkern.fl.sync).
+            msg = self.server.sync_message(self.holdings.base(nid), first_contact=self.holdings.is_first_contact(nid))
+            self.holdings.synced(nid, self.server.model_version)
+            content = RecordDict({"plan": plan_to_record(plans[str(nid)]), "sync": sync_to_record(msg.to_bytes()),
+                                  "config": config})
+            self.bytes_down.append((self.server.round, nid, nbytes(content)))
+            out.append(Message(content, dst_node_id=nid, message_type="train"))
+        self._sent = list(chosen)
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        answered = set()
         for r in replies:
+            node = getattr(r.metadata, "src_node_id", None)
             try:
                 if r.has_error():
+                    self.holdings.lost(node)
                     raise UpdateRejected(f"error reply: {r.error.reason}")
+                answered.add(node)
                 self.server.submit(update_from_content(r.content))
             except UpdateRejected as e:
-                self.server.reject(str(getattr(r.metadata, "src_node_id", "?")), str(e))
+                self.holdings.lost(node)
+                self.server.reject(str(node if node is not None else "?"), str(e))
             except Exception as e:  # noqa: BLE001 -- whatever a node sends must not stop the ServerApp
-                self.server.reject(str(getattr(r.metadata, "src_node_id", "?")), f"malformed reply: {e!r}"[:200])
+                self.holdings.lost(node)
+                self.server.reject(str(node if node is not None else "?"), f"malformed reply: {e!r}"[:200])
+        for nid in self._sent:  # no reply: what it holds is unknown
+            if nid not in answered:
+                self.holdings.lost(nid)
         res = self.server.finish_round()
         self.history.append(res)
         metrics = {k: float(getattr(res, k)) for k in ("accepted", "rejected", "perturbations", "loss")
@@ -144,20 +170,28 @@ class SeedStrategy(Strategy):
         return None
 
 
-def answer_plan(msg: Message, model, batches, wire: str = "fp32") -> Message:
-    """Client side: load the strategy's arrays into `model`'s trainable tensors, run one jvp per batch
-    for the plan in `msg` (the client step of fwdkern.fl.client), and reply with the sample-averaged
-    directional derivatives in the `wire` encoding."""
+def answer_plan(msg: Message, model, batches, state=None, wire: str = "fp32") -> Message:
+    """Client side: apply the strategy's download to `model`'s trainable tensors, run one jvp per batch for
+    the plan in `msg` (the client step of fwdkern.fl.client), and reply with the sample-averaged
+    directional derivatives in the `wire` encoding.
+
+    `state`: the node's ``context.state``, where the client keeps its tensors, optimizer state and
+    version between messages, so later downloads carry only seeds and scalars (without it every
+    download must carry the whole trainable state: a partial one fails, and the strategy then sends
+    everything)."""
     import fwdkern
 
     content = msg.content
     plan = plan_from_record(content["plan"])
-    sd = content["arrays"].to_torch_state_dict()
-    tr = {n: p for n, _, p in fwdkern.trainable(model)}
-    if set(sd) != set(tr):
-        raise ValueError("arrays do not match the model's trainable tensors")
-    with torch.no_grad():
-        for n, p in tr.items():
-            p.copy_(sd[n].to(p.dtype))
-    return Message(update_to_content(seeded_answer(model, list(batches), plan, estimator="jvp", wire=wire)),
-                   reply_to=msg)
+    download = sync_from_record(content["sync"])
+    tr = fwdkern.trainable(model)
+    replica = Replica({n: p for n, _, p in tr}, {n: pid for n, pid, _ in tr})
+    if state is not None:
+        replica_from_state(replica, state)
+    replica.apply(download)
+    if replica.version != plan.model_version:
+        raise ValueError(f"the model is at version {replica.version}, the plan needs {plan.model_version}")
+    record = seeded_answer(model, list(batches), plan, estimator="jvp", wire=wire)
+    if state is not None:
+        replica_to_state(replica, state)
+    return Message(update_to_content(record), reply_to=msg)
