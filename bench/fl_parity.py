@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import sys
 import tempfile
 
@@ -41,27 +40,11 @@ RUNS = {
 
 
 def _tiny_lm(d):
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from _tiny_models import save_tiny_llama, story_lines
 
-    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "rug", "."] + [f"w{i}" for i in range(20)]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    rng = random.Random(0)
+    save_tiny_llama(d)
     with open(os.path.join(d, "text.txt"), "w") as f:
-        for _ in range(80):
-            f.write(" ".join([rng.choice(["the", "a"]), rng.choice(["cat", "dog"]), rng.choice(["sat", "ran"]), "on",
-                              "the", rng.choice(["mat", "rug"]), "."] + [rng.choice(words[10:])
-                                                                         for _ in range(rng.randrange(0, 4))]) + "\n")
+        f.write("\n".join(story_lines(80)) + "\n")
     return d
 
 

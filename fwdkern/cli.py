@@ -87,13 +87,22 @@ def main(argv=None) -> int:
                         "data's size and the clients. Rerun the same command to resume; a larger --rounds extends "
                         "a finished run.")
     _add_run_args(tr, RUN_DEFAULTS_SHOWN)
-    demo = sub.add_parser("demo", help="the bundled federated demo (MiniLM + BBC News, the default recipe)",
-                          description="`fwdkern train` with the demo's settings: " + ", ".join(
-                              f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
-                              for k, v in DEMO_DEFAULTS.items()) + "; every other option as in train.")
-    _add_run_args(demo, DEMO_DEFAULTS)
-    demo.set_defaults(**DEMO_DEFAULTS)
+    demo = sub.add_parser("demo", help="the bundled federated demos: classification (MiniLM + BBC News) or lm "
+                          "(SmolLM2-135M adapting to a corpus)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="`fwdkern train` with a demo's settings; every other option as in train.\n" +
+                          "\n".join(f"  {name}: " + " ".join(f"--{k.replace('_', '-')} "
+                                                             f"{' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                                             for k, v in d.items()) for name, d in DEMOS.items()))
+    demo.add_argument("which", nargs="?", default="classification", choices=list(DEMOS),
+                      help="which demo (default: classification)")
+    _add_run_args(demo, {}, suppress=True)
+    gen = sub.add_parser("generate", help="continue a prompt with a causal-LM run's trained adapter (greedy)")
+    gen.add_argument("--run", required=True, help="the run's folder (--out of fwdkern train / demo lm)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated (default: 48)")
     args = ap.parse_args(argv)
+    if args.cmd == "generate":
+        return _guard(generate, args)
     if args.cmd in ("train", "demo"):
         return _guard(train, args)
     if args.cmd == "bench-seeded":
@@ -124,36 +133,42 @@ def info() -> int:
     return 0
 
 
-# The demo: the default recipe on the bundled MiniLM + BBC News, 20 client rounds. NOTE (2-core CPU,
-# bench/results/fl_bbc_cpu/): the recipe trains the classifier head exactly on each client and
-# uploads 200 seeded projections of its update; the demo's settings below only fix the run's size.
+# The demos: the default recipe on bundled models and data; their settings only fix each run's size.
+# classification: MiniLM on BBC News (bench/results/: the demo's committed run);
+# lm: SmolLM2-135M adapting federatedly to a bundled corpus it did not see in this form.
 DEMO_DEFAULTS = dict(model="all-minilm-l6-v2", data="bbc_news", rounds=20, max_length=64, max_test=445,
                      eval_every=5, target_modules=["layer.5.attention.self.query", "layer.5.attention.self.value"],
                      out="runs/demo")
+DEMO_LM_DEFAULTS = dict(model="smollm2-135m", data="guardian_headlines", task="causal_lm", clients=100,
+                        clients_per_round=5, rounds=20, max_length=48, max_test=128, eval_every=5, out="runs/demo_lm")
+DEMOS = {"classification": DEMO_DEFAULTS, "lm": DEMO_LM_DEFAULTS}
 RUN_DEFAULTS_SHOWN: dict = {}
 
 
-def _add_run_args(p, overrides: dict):
+def _add_run_args(p, overrides: dict, suppress: bool = False):
+    """Every RunConfig field as an option (`suppress`: an option left out is absent from the namespace, so
+    the caller fills it in from its own defaults -- a demo's settings, then train's)."""
     from .fl.config import fields_help
 
     for f, meta in fields_help():
         flag = "--" + f.name.replace("_", "-")
         default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        shown = "auto" if default is None else (" ".join(default) if isinstance(default, list) else default)
+        shown = "auto" if default is None else (" ".join(map(str, default)) if isinstance(default, list) else default)
         text = meta.get("help", "")
         if "choices" in meta:
             text += f" [choices: {', '.join(map(str, meta['choices']))}]"
         if "(default:" not in text:
-            text += f" (default: {shown})"
+            text += f" (default: the demo's setting above, else {shown})" if suppress else f" (default: {shown})"
         text = text.replace("%", "%%")
+        value = argparse.SUPPRESS if suppress else (None if meta.get("nargs") else f.default)
         if meta.get("nargs"):
-            p.add_argument(flag, nargs=meta["nargs"], type=meta.get("type", str), default=None,
+            p.add_argument(flag, nargs=meta["nargs"], type=meta.get("type", str), default=value,
                            metavar="INDEX" if meta.get("type") is int else "NAME", help=text)
         elif isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", default=f.default, help=text)
+            p.add_argument(flag, action="store_true", default=value, help=text)
         else:
             typ = meta.get("type") or (type(f.default) if f.default is not None else str)
-            p.add_argument(flag, type=typ, default=f.default, metavar=f.name.upper(), help=text)
+            p.add_argument(flag, type=typ, default=value, metavar=f.name.upper(), help=text)
 
 
 def _add_field(p, name):
@@ -215,7 +230,11 @@ def train(args) -> int:
     from .fl.config import RunConfig
     from .fl.simulation import build
 
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    if args.cmd == "demo":  # RunConfig's defaults, then the demo's, then what was given
+        kw = {**RunConfig().to_json(), **DEMOS[args.which],
+              **{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}}
+    else:
+        kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     if isinstance(kw["label_column"], str) and kw["label_column"].lower() == "none":
         kw["label_column"] = None
     cfg = RunConfig(**kw)
@@ -231,6 +250,49 @@ def train(args) -> int:
           f"per client per round {summary['mean_bytes_up_per_client']:.0f} B up, "
           f"{summary['bytes_down_per_client'].get('mean', 0):.0f} B down (p95 "
           f"{summary['bytes_down_per_client'].get('p95', 0):.0f}) -> {cfg.out}")
+    return 0
+
+
+def generate(args) -> int:
+    """Greedy continuation of --prompt by a causal-LM run's model (its base + the trained adapter)."""
+    import os
+
+    import torch
+
+    from .fl.checkpoint import load_checkpoint
+    from .fl.config import RunConfig
+    from .engine import trainable
+    from .fl.lm import wrap_prompt
+    from .fl.models import load_model, load_tokenizer, resolve_model_path
+    from .fl.runstate import migrate
+    from .fl.simulation import CHECKPOINT
+
+    ckpt = os.path.join(args.run, CHECKPOINT)
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"--run {args.run}: no {CHECKPOINT} (not a fwdkern run folder, or the run has not "
+                                "saved yet)")
+    if not 1 <= args.max_new_tokens <= 4096:
+        raise ValueError(f"--max-new-tokens: must be in [1, 4096], got {args.max_new_tokens}")
+    state = migrate(load_checkpoint(ckpt), ckpt, log=lambda *a: None)
+    cfg = RunConfig.from_json(state["config"])
+    if cfg.task != "causal_lm" and not (cfg.task == "auto" and cfg.label_column is None):
+        raise ValueError(f"--run {args.run}: a {cfg.task} run; generate continues text with a causal-LM run")
+    path = resolve_model_path(cfg.model)
+    tok = load_tokenizer(path)
+    model, tok = load_model(cfg, None, "causal_lm", tok)
+    weights = state["server"]["params"]
+    with torch.no_grad():
+        for n, _, p in trainable(model):
+            p.copy_(weights[n])
+    model.eval()
+    text = args.prompt
+    if cfg.prompt_column is not None:  # trained on prompt/response pairs: the prompt as it trained on them
+        text = wrap_prompt(tok, args.prompt, cfg.chat_template)
+    ids = tok(text, return_tensors="pt", add_special_tokens=cfg.prompt_column is None)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    print(args.prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
 
 

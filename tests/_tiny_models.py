@@ -76,3 +76,41 @@ def save_learnable(d):
         rows.append([" ".join(toks), "pos" if lab else "neg"])
     write_csv(d / "data.csv", ["sentence", "sentiment"], rows)
     return d
+
+
+LM_WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "rug", "."] + [f"w{i}" for i in range(20)]
+
+
+def save_tiny_llama(d, words=LM_WORDS, *, layers=2, max_positions=64, chat_template=None):
+    """A LlamaForCausalLM (hidden 32) + word-level tokenizer over `words`, saved to folder `d`; `chat_template`:
+    a Jinja chat template for the tokenizer (None: the tokenizer has none)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + list(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    return d
+
+
+def story_lines(n, seed=0):
+    """Sentences of a tiny learnable language ('the cat sat on the mat .' and fillers), one per line."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        lines.append(" ".join([rng.choice(["the", "a"]), rng.choice(["cat", "dog"]), rng.choice(["sat", "ran"]), "on",
+                               "the", rng.choice(["mat", "rug"]), "."]
+                              + [rng.choice(LM_WORDS[10:]) for _ in range(rng.randrange(0, 4))]))
+    return lines

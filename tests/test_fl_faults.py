@@ -19,7 +19,7 @@ from fwdkern.fl.simulation import RunFailed, Simulation, build  # noqa: E402
 from _tiny_models import save_tiny_bert, sentiment_rows, write_csv  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"] + [f"w{i}" for i in range(20)]
-TIMING = ("wall_time_s", "cpu_time_s")
+TIMING = ("wall_time_s", "cpu_time_s", "provenance")  # when and where a run ran, not what it computed
 
 
 @pytest.fixture(scope="module")

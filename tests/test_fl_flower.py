@@ -268,6 +268,30 @@ def test_in_process_grid_matches_embedded_bit_for_bit(tiny, tmp_path, task_ident
     _check_downloads_counted(rows, fl_metrics)
 
 
+def test_causal_lm_runs_through_the_flower_apps(tmp_path, task_identity):
+    """The same ServerApp/ClientApp run a causal-LM task: its windows, held-out loss and downloads are the
+    embedded runner's, bit for bit."""
+    from _tiny_models import save_tiny_llama, story_lines
+
+    d = save_tiny_llama(tmp_path / "lm")
+    (d / "text.txt").write_text("\n".join(story_lines(60)) + "\n")
+    kw = dict(model=str(d), data=str(d / "text.txt"), label_column=None, task="causal_lm", clients=2,
+              clients_per_round=2, rounds=3, max_length=16, eval_every=3, checkpoint_every=0, max_test=8,
+              num_threads=1, samples=1, optimizer="fedadam")
+    ref, ref_jvps = _embedded(RunConfig(out=str(tmp_path / "emb"), **kw))
+    cfg = RunConfig(out=str(tmp_path / "fl"), **kw)
+    rows = []
+    sim = _flower_sim(cfg, FakeGrid([0, 1], _run_config(cfg)), {"round-timeout": 5.0, "poll-interval": 0.01}, rows)
+    summary = sim.run()
+    assert [r["status"] for row in rows for r in row["clients"].values()] == ["ok"] * 6
+    got, exp = _params(sim), _params(ref)
+    assert all(torch.equal(got[n], exp[n]) for n in exp)
+    assert [{c: r["jvps"] for c, r in row["clients"].items()} for row in rows] == ref_jvps
+    emb = json.load(open(tmp_path / "emb" / "summary.json"))
+    assert summary["final"] == emb["final"] and "eval_loss" in summary["final"]
+    assert (tmp_path / "fl" / "samples.md").exists() and (tmp_path / "fl" / "adapter").is_dir()
+
+
 def test_lost_client_state_recovers_with_a_full_download(tiny, tmp_path, task_identity):
     """A SuperNode that lost its context.state (e.g. restarted) refuses a download that does not apply
     to what it holds; its next download carries every tensor."""

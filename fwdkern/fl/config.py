@@ -87,6 +87,13 @@ class RunConfig:
     task: str = _opt("auto", "auto (classification if labelled, else causal LM), classification, prompt "
                      "(a causal LM's label-word logits as the classifier) or causal_lm", TASKS)
     prompt_template: str = _opt("{text}\nTopic:", "task=prompt: the label word follows this prompt")
+    prompt_column: Optional[str] = _opt(None, "causal LM on prompt/response pairs: the column of --data holding the "
+                                        "prompt (the loss is on the response only)")
+    response_column: Optional[str] = _opt(None, "causal LM on prompt/response pairs: the column holding the response")
+    chat_template: str = _opt("auto", "prompt/response pairs: wrap the prompt in the tokenizer's chat template (auto: "
+                              "when it has one)", ("auto", "off"))
+    samples: int = _opt(4, "causal LM: held-out prompts continued (greedy) before training and at the end, in "
+                        "samples.md (0: none)")
     pooling: str = _opt("auto", "classification model: auto (the pooling a sentence-transformers checkpoint declares, "
                         "else the Hugging Face classification head), hf, mean, cls or max", POOLINGS)
     head: str = _opt("auto", "classifier head: exact (each client trains it exactly on its own features -- no pass "
@@ -180,6 +187,7 @@ class RunConfig:
                 raise ConfigError(f"--pacing: expected off, auto or a positive number, got {self.pacing!r}") from None
             need(thr > 0 and math.isfinite(thr), "pacing", f"a threshold must be positive, got {self.pacing}")
         need("{text}" in self.prompt_template, "prompt-template", "must contain {text}")
+        need(0 <= self.samples <= 64, "samples", f"must be in [0, 64], got {self.samples}")
         if self.layers is not None:
             need(isinstance(self.layers, list) and self.layers and all(
                 isinstance(i, int) and not isinstance(i, bool) for i in self.layers), "layers", "expected block indices")

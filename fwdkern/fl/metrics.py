@@ -1,8 +1,11 @@
 """Per-round metrics of a run: the metrics.jsonl file, the console progress line and the plots."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import subprocess
 
 from .checkpoint import failpoint, write_atomic
 
@@ -36,6 +39,8 @@ def progress(row, total, version, client_round=None) -> str:
     width = 30
     done = int(width * version / max(1, total))
     acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
+    if "eval_loss" in row:
+        acc = f" held-out loss {row['eval_loss']:.3f} (ppl {row['perplexity']:.1f})"
     loss = f" loss {row['loss']:.4f}" if row.get("loss") is not None else ""
     cr = f"client round {client_round}" if client_round is not None else f"round {row['round']}"
     work = [f"{row.get('tangents_per_client', 0)} tangents"]
@@ -99,3 +104,32 @@ def plots(metrics, out, initial=None, reference=None):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     plt.close(fig)
+
+
+def provenance() -> dict:
+    """Where a result comes from: fwdkern (and its commit when known: $FWDKERN_COMMIT, or the git
+    checkout it runs from), torch, Python, the device, torch's threads, the date and the machine's load."""
+    import torch
+
+    import fwdkern
+
+    commit = os.environ.get("FWDKERN_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(fwdkern.__file__)), "rev-parse",
+                                     "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                device = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), device)
+        except OSError:
+            pass
+    return {"fwdkern": fwdkern.__version__, "commit": commit or None, "torch": torch.__version__,
+            "python": platform.python_version(), "device": device, "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

@@ -81,30 +81,44 @@ def resolve_pooling(requested: str, path: str) -> str:
     return declared[0] if declared else "hf"
 
 
-def load_model(cfg, data, task: str):
-    """(patched model, tokenizer) for `cfg.model`, with LoRA adapters as `cfg` asks. transformers' per-file
-    "Loading weights" bars are off meanwhile: a run prints one line for its model."""
+def load_tokenizer(path: str):
+    """The tokenizer of the model folder `path` (a pad token set when it has none); ValueError when the
+    folder has no tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"--model {path}: no tokenizer in the model folder ({' '.join(str(e).split())[:160]})") \
+            from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg, data, task: str, tok=None):
+    """(patched model, tokenizer) for `cfg.model`, with LoRA adapters as `cfg` asks (`tok`: the model's
+    tokenizer when already loaded). transformers' per-file "Loading weights" bars are off meanwhile: a
+    run prints one line for its model."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return _load_model(cfg, data, task)
+        return _load_model(cfg, data, task, tok)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
 
 
-def _load_model(cfg, data, task: str):
+def _load_model(cfg, data, task: str, tok=None):
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import fwdkern
 
     path = resolve_model_path(cfg.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = tok if tok is not None else load_tokenizer(path)
     torch.manual_seed(cfg.seed)  # the fresh classifier head and LoRA A draw from torch's generator
     if task == "classification":
         pooling = resolve_pooling(cfg.pooling, path)

@@ -19,10 +19,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from .._seed import derive_seed
-from .checkpoint import CorruptCheckpoint, RunLock, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import CorruptCheckpoint, RunLock, atomic_path, load_checkpoint, save_checkpoint, write_atomic
 from .config import RunConfig
-from .evaluation import evaluate
-from .metrics import MetricsLog, plots, progress
+from .evaluation import continuations, evaluate, samples_markdown
+from .metrics import MetricsLog, plots, progress, provenance
 from .optim import SGD, FedAdam, FedYogi, LRSchedule
 from .pacing import VariancePacing
 from .protocol import RoundRow, client_id
@@ -110,6 +110,7 @@ class Simulation:
         self._download_sizes: list = []  # (bytes, first contact) per client per round
         self.on_download: Optional[Callable] = None  # callable(client, download record), e.g. to check it
         self._evaluated: Optional[tuple] = None  # (model version, metrics) of the last evaluation
+        self.samples_before: list = []  # causal LM: held-out prompts continued before training
 
     @property
     def model(self):
@@ -290,6 +291,7 @@ class Simulation:
         self.metrics = [RoundRow.from_json(r) for r in sd["metrics"]]
         self.wall, self.cpu = sd["wall"], sd.get("cpu", 0.0)
         self.failed, self.initial = sd.get("failed", 0), sd.get("initial", {})
+        self.samples_before = [tuple(x) for x in sd.get("samples_before", [])]
         self.holdings.load_state_dict(sd.get("holdings", {}))
         self._download_sizes = [(int(n), bool(f)) for n, f in sd.get("downloads", [])]
         self.log(f"resumed from {ckpt} at round {self.server.round}")
@@ -303,6 +305,8 @@ class Simulation:
             self.initial = self.evaluate()
             if self.initial:
                 self.log(f"before training: " + ", ".join(f"{k} {v:.3f}" for k, v in self.initial.items()))
+            if self.task.lm is not None and cfg.samples:
+                self.samples_before = continuations(self.task, cfg.samples)
         while self.server.model_version < cfg.rounds and not (
                 cfg.max_client_rounds and len(self.metrics) >= cfg.max_client_rounds):
             before = self._state()
@@ -325,7 +329,8 @@ class Simulation:
                 self.save(ckpt)
         final = self.final_evaluation()
         self.save(ckpt)
-        summary = {"config": cfg.to_json(), "initial": self.initial, "final": final,
+        self._write_outputs()
+        summary = {"config": cfg.to_json(), "provenance": provenance(), "initial": self.initial, "final": final,
                    "rounds": self.server.model_version,
                    "client_rounds": len(self.metrics),
                    "perturbation_schedule": self.server.schedule, "wall_time_s": self.wall, "cpu_time_s": self.cpu,
@@ -333,9 +338,26 @@ class Simulation:
                    "mean_bytes_up_per_client": float(np.mean([m.bytes_up_per_client for m in self.metrics])),
                    "bytes_down_per_client": self.download_stats(),
                    "rejections": self.server.rejected_total}
+        if self.task.lm is not None:
+            summary["heldout_windows"] = len(self.task.heldout_windows())
         write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
         plots(self._rows(), cfg.out, self.initial, self._reference_lines())
         return summary
+
+    def _write_outputs(self):
+        """What a causal-LM run leaves to read and ship: samples.md (held-out prompts continued before
+        training and now) and adapter/ (peft's format: PeftModel.from_pretrained(base, out/adapter))."""
+        if self.task.lm is None:
+            return
+        from ..engine import save_adapter
+
+        with atomic_path(os.path.join(self.cfg.out, "adapter"), directory=True) as tmp:
+            save_adapter(self.model, tmp)
+        if self.cfg.samples:
+            after = continuations(self.task, self.cfg.samples)
+            text = samples_markdown(self.samples_before, after, f"{self.cfg.model} on {self.task.dataset.name}, "
+                                    f"{self.cfg.method}, {self.server.model_version} steps")
+            write_atomic(os.path.join(self.cfg.out, "samples.md"), text.encode())
 
     def _reference_lines(self) -> dict:
         """Chance and majority-class accuracy of the test set (what "it learned" is measured against)."""
@@ -359,9 +381,10 @@ class Simulation:
         return [r.to_json() for r in self.metrics]
 
     def _state(self) -> dict:
-        return {"layout": LAYOUT, "config": self.cfg.to_json(), "server": self.server.state_dict(), "metrics": self._rows(),
-                "wall": self.wall, "cpu": self.cpu, "failed": self.failed,
-                "holdings": self.holdings.state_dict(), "downloads": [list(d) for d in self._download_sizes], "initial": dict(self.initial)}
+        return {"layout": LAYOUT, "config": self.cfg.to_json(), "server": self.server.state_dict(),
+                "metrics": self._rows(), "wall": self.wall, "cpu": self.cpu, "failed": self.failed,
+                "holdings": self.holdings.state_dict(), "samples_before": [list(x) for x in self.samples_before],
+                "downloads": [list(d) for d in self._download_sizes], "initial": dict(self.initial)}
 
     def save(self, path):
         save_checkpoint(path, self._state())

@@ -15,7 +15,8 @@ from ..engine import trainable
 from .data import federated_split, load_dataset
 from .head import ExactHead, find_head
 from .methods import method as method_row
-from .models import load_model, resolve_task
+from .lm import LMData, check_model_takes
+from .models import load_model, load_tokenizer, resolve_model_path, resolve_task
 
 __all__ = ["ClientTask", "load_task"]
 
@@ -26,7 +27,8 @@ class ClientTask:
     `cfg` is the resolved configuration (fwdkern.fl.recipe: no setting left unset); `head_at`: the
     (path, names) of the head trained exactly (:func:`fwdkern.fl.head.find_head`), or None."""
 
-    def __init__(self, cfg, model, tokenizer, dataset, task: str = "classification", head_at=None, split=None):
+    def __init__(self, cfg, model, tokenizer, dataset, task: str = "classification", head_at=None, split=None,
+                 lm=None):
         self.cfg, self.model, self.tok, self.task = cfg, model, tokenizer, task
         self.method = method_row(cfg.method)
         self.dataset = dataset
@@ -46,6 +48,25 @@ class ClientTask:
             from .prompt import PromptTask
 
             self.prompt = PromptTask(tokenizer, dataset.label_names, cfg.prompt_template, cfg.max_length)
+        # causal LM: (training windows, held-out windows) of fwdkern.fl.lm, built before the model loads
+        self.lm, self.lm_test = lm if lm is not None else lm_data(cfg, tokenizer, self.train, self.test, task)
+        if self.lm is not None:
+            self.client_windows = [[w for d in part for w in self.lm.windows[d]] for part in self.parts]
+            empty = [c for c, w in enumerate(self.client_windows) if not w]
+            if empty:
+                raise ValueError(f"--data: clients {empty[:5]} hold no text after tokenization (empty documents); "
+                                 "drop the empty rows or use fewer --clients")
+
+    def heldout_windows(self) -> list:
+        """The fixed held-out windows of a causal LM: round-robin over the held-out documents (no client
+        holds them), at most max_test."""
+        if self.lm_test is None:
+            return []
+        out, depth = [], 0
+        while len(out) < self.cfg.max_test and any(len(w) > depth for w in self.lm_test.windows):
+            out += [w[depth] for w in self.lm_test.windows if len(w) > depth]
+            depth += 1
+        return out[:self.cfg.max_test]
 
     @property
     def head_names(self) -> list:
@@ -78,8 +99,14 @@ class ClientTask:
         return batch
 
     def client_batches(self, client: int, rnd: int):
-        """The `local_batches` batches client `client` trains on in round `rnd` (drawn from its partition)."""
+        """The `local_batches` batches client `client` trains on in round `rnd` (drawn from its partition:
+        its examples, or for a causal LM the windows of its documents)."""
         rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, client, 7) % (2**63))
+        if self.lm is not None:
+            wins = self.client_windows[client]
+            return [self.lm.batch([wins[i] for i in rng.choice(len(wins), size=min(self.cfg.batch_size, len(wins)),
+                                                               replace=False)])
+                    for _ in range(self.cfg.local_batches)]
         idx = self.parts[client]
         out = []
         for _ in range(self.cfg.local_batches):
@@ -101,12 +128,29 @@ def load_task(cfg, log=print) -> ClientTask:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
+    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column, cfg.prompt_column, cfg.response_column)
     task = resolve_task(cfg.task, data)
     split = federated_split(data, cfg)
-    model, tok = load_model(cfg, data, task)
+    path = resolve_model_path(cfg.model)
+    tok = load_tokenizer(path)
+    if task == "causal_lm":
+        check_model_takes(path, cfg.max_length)
+    lm = lm_data(cfg, tok, split[0], split[1], task)  # bad data is refused here, before the model loads
+    model, tok = load_model(cfg, data, task, tok)
     head_at = find_head(cfg, model, task, method_row(cfg.method))
     resolved = resolve(cfg, len(split[0]), head_at is not None)
+    what = f"{len(data)} examples" if lm[0] is None else (
+        f"{len(data)} documents, {sum(map(len, lm[0].windows))} training windows of <= {cfg.max_length} tokens")
     log(f"model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), data {data.name} "
-        f"({len(data)} examples), method {cfg.method}, {cfg.clients} clients / {cfg.clients_per_round} per round")
-    return ClientTask(resolved, model, tok, data, task=task, head_at=head_at, split=split)
+        f"({what}), method {cfg.method}, {cfg.clients} clients / {cfg.clients_per_round} per round")
+    return ClientTask(resolved, model, tok, data, task=task, head_at=head_at, split=split, lm=lm)
+
+
+def lm_data(cfg, tok, train, test, task: str) -> tuple:
+    """(training LMData, held-out LMData) of a causal-LM run, (None, None) otherwise."""
+    if task != "causal_lm":
+        if train.prompts is not None:
+            raise ValueError("--prompt-column / --response-column are for causal LM fine-tuning (--task causal_lm)")
+        return None, None
+    return (LMData(tok, train, cfg.max_length, cfg.chat_template),
+            LMData(tok, test, cfg.max_length, cfg.chat_template, where="--data (held-out split)"))

@@ -1,0 +1,114 @@
+"""Causal-LM data of a federated run: documents cut into training windows, prompt/response pairs with
+the loss on the response only, and the held-out windows and prompts that say whether it learned.
+
+A document is tokenized once and split into consecutive windows of at most ``max_length`` tokens,
+each next-token target in exactly one window (nothing is truncated away); a prompt/response pair is
+one window whose prompt positions carry no loss (label -100), the prompt wrapped in the tokenizer's
+chat template when it has one. Clients
+hold documents (fwdkern.fl.data.partition deals documents), so no window of a document reaches two
+clients, and the held-out windows come from documents no client holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+__all__ = ["Window", "LMData", "check_model_takes", "uses_chat_template", "wrap_prompt"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One training or held-out sequence: token ids and their labels (IGNORE where no loss is taken)."""
+
+    doc: int
+    ids: tuple
+    labels: tuple
+
+
+def uses_chat_template(tokenizer, chat_template: str = "auto") -> bool:
+    return chat_template != "off" and getattr(tokenizer, "chat_template", None) is not None
+
+
+def wrap_prompt(tokenizer, prompt: str, chat_template: str = "auto") -> str:
+    """`prompt` as a user turn of the tokenizer's chat template, ready for the reply (unchanged without one)."""
+    if uses_chat_template(tokenizer, chat_template):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def check_model_takes(path: str, max_length: int):
+    """ValueError when `max_length` exceeds the positions the model at `path` takes (its config only)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit and max_length > limit:
+        raise ValueError(f"--max-length {max_length} is longer than anything the model takes ({limit} positions)")
+
+
+class LMData:
+    """Windows of a TextDataset's documents (or prompt/response pairs) for a causal LM.
+
+    `windows[d]`: the windows of document d, in order. ``prompt_ids(d)``: the opening of document d
+    (or its prompt) that a sample continues."""
+
+    def __init__(self, tokenizer, dataset, max_length: int, chat_template: str = "auto", where: str = "--data"):
+        self.tok, self.max_length = tokenizer, int(max_length)
+        self.bos = [tokenizer.bos_token_id] if (getattr(tokenizer, "add_bos_token", False)
+                                                and tokenizer.bos_token_id is not None) else []
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.chat_template = chat_template
+        self.chat = uses_chat_template(tokenizer, chat_template)
+        self.pairs = dataset.prompts is not None
+        self._openings: list = []
+        if self.pairs:
+            self.windows = [self._pair(i, p, r, where) for i, (p, r) in enumerate(zip(dataset.prompts, dataset.texts))]
+        else:
+            self.windows = self._documents(dataset.texts)
+        if not any(self.windows):
+            raise ValueError(f"{where}: no text to train on (every document is empty after tokenization)")
+
+    def _encode(self, texts) -> list:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def _documents(self, texts) -> list:
+        out = []
+        for d, ids in enumerate(self._encode(texts)):
+            ids = self.bos + ids + self.eos
+            # Consecutive windows share one token (the next one's first is its context only), so every
+            # next-token target of the document is in exactly one window.
+            step = max(1, self.max_length - 1)
+            wins = [ids[i:i + self.max_length] for i in range(0, max(1, len(ids) - 1), step)]
+            out.append([Window(d, tuple(w), tuple(w)) for w in wins if len(w) >= 2])
+            self._openings.append(ids[:max(2, min(16, len(ids) // 2))])
+        return out
+
+    def _pair(self, d, prompt, response, where) -> list:
+        p = ([] if self.chat else self.bos) + self._encode([wrap_prompt(self.tok, prompt, self.chat_template)])[0]
+        r = self._encode([response])[0] + self.eos
+        if len(p) >= self.max_length:
+            raise ValueError(f"{where}: the prompt of row {d + 1} is {len(p)} tokens, which leaves no room for its "
+                             f"response in --max-length {self.max_length}; raise --max-length or shorten it")
+        ids = (p + r)[:self.max_length]
+        self._openings.append(p)
+        return [Window(d, tuple(ids), tuple([IGNORE] * len(p) + ids[len(p):]))]
+
+    def prompt_ids(self, d: int) -> list:
+        return list(self._openings[d])
+
+    def batch(self, windows) -> dict:
+        """Right-padded input_ids, attention_mask and labels (IGNORE on padding and prompt tokens)."""
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.eos or [0])[0]
+        T = max(len(w.ids) for w in windows)
+        ids = torch.full((len(windows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(windows), T), dtype=torch.long)
+        labels = torch.full((len(windows), T), IGNORE, dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, :len(w.ids)] = torch.tensor(w.ids)
+            mask[i, :len(w.ids)] = 1
+            labels[i, :len(w.labels)] = torch.tensor(w.labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
