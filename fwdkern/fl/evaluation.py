@@ -13,11 +13,11 @@ __all__ = ["evaluate", "heldout_loss", "continuations", "samples_markdown"]
 
 
 @torch.no_grad()
-def evaluate(task, data) -> dict:
+def evaluate(task, data, validation: bool = False) -> dict:
     """Accuracy on `data` (a labelled TextDataset) for a classifier; held-out token loss and perplexity
-    (on the task's fixed held-out windows) for a causal LM; {} when neither applies."""
+    (on the task's fixed test -- or `validation` -- windows) for a causal LM; {} when neither applies."""
     if task.task == "causal_lm":
-        return heldout_loss(task)
+        return heldout_loss(task, validation=validation)
     if task.task not in ("classification", "prompt") or not data.labels:
         return {}
     correct, tot = 0, 0
@@ -32,9 +32,9 @@ def evaluate(task, data) -> dict:
 
 
 @torch.no_grad()
-def heldout_loss(task, batch_size: int = 8) -> dict:
+def heldout_loss(task, batch_size: int = 8, validation: bool = False) -> dict:
     """Mean next-token loss (nats per target token) over the held-out windows, and its perplexity."""
-    wins = task.heldout_windows()
+    wins = task.heldout_windows(validation)
     total, count = 0.0, 0
     for i in range(0, len(wins), batch_size):
         b = task.lm.batch(wins[i:i + batch_size])

@@ -131,6 +131,8 @@ class Simulation:
             return dict(self._evaluated[1])
         self._sync_model()
         metrics = evaluate(self.task, self.test)
+        if self.task.validation is not None:  # what settings are chosen on (never the test split)
+            metrics.update({f"val_{k}": v for k, v in evaluate(self.task, self.task.validation, True).items()})
         self._evaluated = (version, dict(metrics))
         return metrics
 

@@ -32,9 +32,12 @@ class ClientTask:
         self.cfg, self.model, self.tok, self.task = cfg, model, tokenizer, task
         self.method = method_row(cfg.method)
         self.dataset = dataset
-        self.train, self.test, self.parts = split if split is not None else federated_split(dataset, cfg)
+        split = split if split is not None else federated_split(dataset, cfg)
+        self.train, self.test, self.parts, self.validation = split
         self.model.eval()
         tr = trainable(model)
+        if cfg.lora_a == "frozen":  # LoRA-FA: A keeps its random init; no method trains or perturbs it
+            tr = [(n, pid, t) for n, pid, t in tr if not n.endswith("lora_A.weight")]
         self.params = {n: t for n, _, t in tr}
         self.param_ids = {n: pid for n, pid, _ in tr}
         self.names_by_id = {pid: n for n, pid in self.param_ids.items()}
@@ -48,8 +51,8 @@ class ClientTask:
             from .prompt import PromptTask
 
             self.prompt = PromptTask(tokenizer, dataset.label_names, cfg.prompt_template, cfg.max_length)
-        # causal LM: (training windows, held-out windows) of fwdkern.fl.lm, built before the model loads
-        self.lm, self.lm_test = lm if lm is not None else lm_data(cfg, tokenizer, self.train, self.test, task)
+        # causal LM: (training, held-out test, validation) windows of fwdkern.fl.lm, built before the model loads
+        self.lm, self.lm_test, self.lm_val = lm if lm is not None else lm_data(cfg, tokenizer, split, task)
         if self.lm is not None:
             self.client_windows = [[w for d in part for w in self.lm.windows[d]] for part in self.parts]
             empty = [c for c, w in enumerate(self.client_windows) if not w]
@@ -57,14 +60,15 @@ class ClientTask:
                 raise ValueError(f"--data: clients {empty[:5]} hold no text after tokenization (empty documents); "
                                  "drop the empty rows or use fewer --clients")
 
-    def heldout_windows(self) -> list:
-        """The fixed held-out windows of a causal LM: round-robin over the held-out documents (no client
-        holds them), at most max_test."""
-        if self.lm_test is None:
+    def heldout_windows(self, validation: bool = False) -> list:
+        """The fixed held-out windows of a causal LM: round-robin over the test (or validation) documents
+        (no client holds them), at most max_test."""
+        lm = self.lm_val if validation else self.lm_test
+        if lm is None:
             return []
         out, depth = [], 0
-        while len(out) < self.cfg.max_test and any(len(w) > depth for w in self.lm_test.windows):
-            out += [w[depth] for w in self.lm_test.windows if len(w) > depth]
+        while len(out) < self.cfg.max_test and any(len(w) > depth for w in lm.windows):
+            out += [w[depth] for w in lm.windows if len(w) > depth]
             depth += 1
         return out[:self.cfg.max_test]
 
@@ -135,7 +139,7 @@ def load_task(cfg, log=print) -> ClientTask:
     tok = load_tokenizer(path)
     if task == "causal_lm":
         check_model_takes(path, cfg.max_length)
-    lm = lm_data(cfg, tok, split[0], split[1], task)  # bad data is refused here, before the model loads
+    lm = lm_data(cfg, tok, split, task)  # bad data is refused here, before the model loads
     model, tok = load_model(cfg, data, task, tok)
     head_at = find_head(cfg, model, task, method_row(cfg.method))
     resolved = resolve(cfg, len(split[0]), head_at is not None)
@@ -146,11 +150,14 @@ def load_task(cfg, log=print) -> ClientTask:
     return ClientTask(resolved, model, tok, data, task=task, head_at=head_at, split=split, lm=lm)
 
 
-def lm_data(cfg, tok, train, test, task: str) -> tuple:
-    """(training LMData, held-out LMData) of a causal-LM run, (None, None) otherwise."""
+def lm_data(cfg, tok, split, task: str) -> tuple:
+    """(training, test, validation) LMData of a causal-LM run (validation None without a validation
+    split), (None, None, None) otherwise."""
     if task != "causal_lm":
-        if train.prompts is not None:
+        if split.train.prompts is not None:
             raise ValueError("--prompt-column / --response-column are for causal LM fine-tuning (--task causal_lm)")
-        return None, None
-    return (LMData(tok, train, cfg.max_length, cfg.chat_template),
-            LMData(tok, test, cfg.max_length, cfg.chat_template, where="--data (held-out split)"))
+        return None, None, None
+    return (LMData(tok, split.train, cfg.max_length, cfg.chat_template),
+            LMData(tok, split.test, cfg.max_length, cfg.chat_template, where="--data (held-out split)"),
+            None if split.validation is None else
+            LMData(tok, split.validation, cfg.max_length, cfg.chat_template, where="--data (validation split)"))
