@@ -81,6 +81,7 @@ def fingerprint(name, over, root, keys=None):
                     max_length=12, clients=12, clients_per_round=4, rounds=5, eval_every=2, checkpoint_every=2,
                     max_test=40)
     base.update(over, out=os.path.join(root, "runs", name), num_threads=1)
+    base.update(json.loads(os.environ.get("FL_PARITY_EXTRA", "{}")))  # e.g. a new setting at its old behaviour
     sim = build(RunConfig(**base), log=lambda *a: None)
     summary = sim.run()
     params = {n: hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]

@@ -252,9 +252,10 @@ def test_in_process_grid_matches_embedded_bit_for_bit(tiny, tmp_path, task_ident
     sim.run()
     assert [r["status"] for row in rows for r in row["clients"].values()] == ["ok"] * 6
     # first contact: nothing to download (the initial adapter is rebuilt from the run's seed); then the
-    # body's steps as seeds and scalars and the (smaller than its steps) head as a tensor
+    # body's steps as seeds and scalars, the (smaller than its steps) head as a tensor, and the guard's
+    # proposed body step (seeds and scalars again) that the node measures its loss with
     assert [[row["clients"][c]["sync"] for c in (0, 1)] for row in rows] == (
-        [["none"] * 2] + [["steps+tensors"] * 2] * 2)
+        [["none"] * 2] + [["steps+tensors+probe"] * 2] * 2)
     # context.state carried each node's weights and bookkeeping between messages
     assert [row["clients"][0]["state"]["messages"] for row in rows] == [1, 2, 3]
     got, exp = _params(sim), _params(ref)
@@ -283,7 +284,8 @@ def test_causal_lm_runs_through_the_flower_apps(tmp_path, task_identity):
     rows = []
     sim = _flower_sim(cfg, FakeGrid([0, 1], _run_config(cfg)), {"round-timeout": 5.0, "poll-interval": 0.01}, rows)
     summary = sim.run()
-    assert [r["status"] for row in rows for r in row["clients"].values()] == ["ok"] * 6
+    assert {r["status"] for row in rows for r in row["clients"].values()} == {"ok"}
+    assert any(row["clients"][0]["sync"] != "none" for row in rows[1:])  # the guard's probe travels as well
     got, exp = _params(sim), _params(ref)
     assert all(torch.equal(got[n], exp[n]) for n in exp)
     assert [{c: r["jvps"] for c, r in row["clients"].items()} for row in rows] == ref_jvps
@@ -310,7 +312,7 @@ def test_lost_client_state_recovers_with_a_full_download(tiny, tmp_path, task_id
                                      record=record)
     assert sim.run()["rounds"] == 4
     assert [(r["clients"][1]["sync"], r["clients"][1]["status"]) for r in rows] == [
-        ("none", "ok"), ("steps+tensors", "ok"), ("steps+tensors", "error"), ("tensors", "ok")]
+        ("none", "ok"), ("steps+tensors+probe", "ok"), ("steps+tensors+probe", "error"), ("tensors+probe", "ok")]
     assert "download applies to version 1, the client holds 0" in rows[2]["clients"][1]["error"]
 
 
@@ -349,8 +351,8 @@ def test_malformed_error_and_missing_replies_do_not_crash(tiny, tmp_path, task_i
                                                               "malformed", "ok"]
     assert [row["clients"][0]["status"] for row in rows] == ["ok"] * 6
     # every tensor again after each failure (what the client holds is unknown from then on)
-    assert [row["clients"][1]["sync"] for row in rows[4:]] == ["tensors", "tensors"]
-    assert rows[5]["clients"][0]["sync"] == "steps+tensors"
+    assert [row["clients"][1]["sync"] for row in rows[4:]] == ["tensors+probe", "tensors+probe"]
+    assert rows[5]["clients"][0]["sync"] == "steps+tensors+probe"
     reasons = [r["reason"] for r in sim.server.rejections]
     assert any("malformed" in r for r in reasons) and any("answered as 'client0'" in r for r in reasons)
     assert any("non-finite jvp" in r for r in reasons)
@@ -489,7 +491,7 @@ def test_superlink_supernodes_flwr_run_match_embedded(tiny, tmp_path):
     # the body's steps travel as seeds and scalars and the small head as a tensor, since each client's
     # copy survived in context.state across process-isolated messages.
     assert [[row["clients"][str(c)]["sync"] for c in range(2)] for row in rows] == (
-        [["none"] * 2] + [["steps+tensors"] * 2] * 2)
+        [["none"] * 2] + [["steps+tensors+probe"] * 2] * 2)
     assert [row["clients"]["0"]["state"]["messages"] for row in rows] == [1, 2, 3]
     ref, ref_jvps = _embedded(_cfg(tiny, tmp_path / "embedded"))
     # Final trainable weights (the ServerApp's checkpoint) and per-round losses/jvps: every client

@@ -43,13 +43,15 @@ class WeightUpload:
 
 
 def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", eps: float = 1e-3, head=None,
-                  wire: str = "fp32") -> bytes:
+                  wire: str = "fp32", probe=None) -> bytes:
     """The wire record (``Update.to_bytes(wire)``) answering `plan` on `batches`.
 
     estimator "jvp": one exact directional derivative per planned k (fwdkern.jvp); "finite_difference":
     the central difference (L(θ+εv) − L(θ−εv)) / 2ε. Values are averaged over samples. `head` (an
     :class:`fwdkern.fl.head.ExactHead`) answers the plan's head block from the features captured at
-    its input during the same forward passes."""
+    its input during the same forward passes. `probe`: when the plan asks for it, a context manager in
+    which the model holds the guard's proposed body step (fwdkern.fl.guard); the client's loss on the
+    same batches with it is reported as ``extra["probe_loss"]`` (one more forward per batch)."""
     jv = np.zeros(len(plan.ks))
     loss, n = 0.0, 0
     feats = []
@@ -78,23 +80,27 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
     if n == 0:
         raise ValueError("seeded_answer: no batches")
     head_vals = head.project(plan, feats) if capture is not None else ()
+    extra = {}
+    if plan.probe and probe is not None:
+        with torch.no_grad(), probe():
+            extra["probe_loss"] = sum(float(model(**b).loss) * int(b["input_ids"].shape[0]) for b in batches) / n
     return Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
-                  loss / n, head=head_vals).to_bytes(wire)
+                  loss / n, extra=extra, head=head_vals).to_bytes(wire)
 
 
-def answer_jvp(task, client: int, plan: RoundPlan) -> bytes:
+def answer_jvp(task, client: int, plan: RoundPlan, probe=None) -> bytes:
     """fwdkern: exact forward gradients through the planned tensors, and the exact head's projections."""
     return seeded_answer(task.model, task.client_batches(client, plan.round), plan, estimator="jvp", head=task.head,
-                         wire=task.cfg.wire)
+                         wire=task.cfg.wire, probe=probe)
 
 
-def answer_finite_difference(task, client: int, plan: RoundPlan) -> bytes:
+def answer_finite_difference(task, client: int, plan: RoundPlan, probe=None) -> bytes:
     """Zeroth order (MeZO, FwdLLM): central finite differences along each planned perturbation."""
     return seeded_answer(task.model, task.client_batches(client, plan.round), plan, estimator="finite_difference",
-                         eps=task.cfg.eps, wire=task.cfg.wire)
+                         eps=task.cfg.eps, wire=task.cfg.wire, probe=probe)
 
 
-def train_backprop(task, client: int, plan: RoundPlan) -> WeightUpload:
+def train_backprop(task, client: int, plan: RoundPlan, probe=None) -> WeightUpload:
     """LoRA FedAvg's client: SGD steps (autograd) from the downloaded weights on the client's batches."""
     params = task.params
     n_c, loss_tot = 0, 0.0
@@ -116,7 +122,7 @@ def train_backprop(task, client: int, plan: RoundPlan) -> WeightUpload:
                         {n: p.detach().clone() for n, p in params.items()})
 
 
-def train_spry(task, client: int, plan: RoundPlan) -> WeightUpload:
+def train_spry(task, client: int, plan: RoundPlan, probe=None) -> WeightUpload:
     """SPRY as released: per local batch one forward-gradient estimate (jvp x v, K tangents) of the
     tensors the plan deals this client, and an AdamW step on them; uploads those tensors."""
     names = [task.names_by_id[pid] for pid in plan.param_ids]

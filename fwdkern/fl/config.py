@@ -79,6 +79,11 @@ class RunConfig:
                        "perturbations) or a FwdLLM variance threshold; fwdllm defaults to FwdLLM's 0.1")
     max_pacing_attempts: int = _opt(4, "client rounds one step may take under pacing")
     candidates: int = _opt(1, "discriminative sampling: candidates per kept perturbation (1 = off)")
+    guard: str = _opt("auto", "body guard: each body step is proposed, measured by the next round's clients (one more "
+                      "forward each) and taken only if it does not raise their loss; rejected steps halve the next "
+                      "proposal's lr (auto: on whenever the body trains by forward gradients)", ("auto", "on", "off"))
+    guard_tolerance: float = _opt(0.0, "body guard: the relative rise of the clients' mean loss a body step may cause "
+                                  "and still be taken")
     split: bool = _opt(False, "SPRY splitting: deal LoRA layers out to the round's clients")
     eps: float = _opt(1e-3, "finite-difference step of mezo / fwdllm")
     dist: str = _opt("rademacher", "perturbation distribution", ("rademacher", "gaussian"))
@@ -173,6 +178,8 @@ class RunConfig:
              f"must be in [0, 4096], got {self.perturbations}")
         need(self.max_pacing_attempts >= 1, "max-pacing-attempts", f"must be at least 1, got {self.max_pacing_attempts}")
         need(self.candidates >= 1, "candidates", f"must be at least 1, got {self.candidates}")
+        need(0.0 <= self.guard_tolerance <= 1.0, "guard-tolerance", f"must be in [0, 1], got {self.guard_tolerance}")
+        need(not (self.guard == "on" and self.pacing != "off"), "guard", "the body guard and --pacing do not combine")
         need(self.r >= 1, "r", f"LoRA rank must be at least 1, got {self.r}")
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", f"must be positive, got {self.dirichlet_alpha}")
         need(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval-every/--checkpoint-every", "must be >= 0")

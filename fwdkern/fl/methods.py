@@ -33,6 +33,7 @@ class Method:
         forward 1, a LoRA tangent at most 1, a backward 2).
     perturbs: the body trains by perturbations (so K = 0 with no exact head trains nothing).
     exact_head: a classifier head may be trained exactly on the clients (fwdkern.fl.head).
+    guard: its body steps may go through the body guard (fwdkern.fl.guard).
     pacing: variance pacing (more perturbations at the same model version) applies.
     deals_layers: the LoRA layers are always dealt out to the round's clients (SPRY).
     flower: the Flower ServerApp / ClientApp carry it (seed-and-scalar rounds only).
@@ -50,6 +51,7 @@ class Method:
     dist: Optional[str] = None
     perturbs: bool = True
     exact_head: bool = False
+    guard: bool = False
     pacing: bool = True
     deals_layers: bool = False
     flower: bool = True
@@ -64,7 +66,7 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fwdkern", "exact jvp (fwdkern.jvp) through the body + the head trained exactly on each client; seeds "
-           "and scalars up", client.answer_jvp, "seeded", "scalars", lambda K: 1 + K, exact_head=True,
+           "and scalars up", client.answer_jvp, "seeded", "scalars", lambda K: 1 + K, exact_head=True, guard=True,
            defaults=dict(optimizer="fedadam", lr=0.01, perturbations=0, perturbations_no_head=16, local_lr=None)),
     Method("mezo", "zeroth order (MeZO / FedKSeed): (L(θ+εv) − L(θ−εv)) / 2ε per perturbation; seeds and scalars "
            "up", client.answer_finite_difference, "seeded", "scalars", lambda K: 2 * K,

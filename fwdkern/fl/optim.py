@@ -57,9 +57,10 @@ class _Opt:
         return all(bool(torch.isfinite(t).all()) for st in self.state.values() for t in st.values())
 
     @torch.no_grad()
-    def step(self, params: dict, grads: dict):
-        """One server step: every named tensor moves by _delta (computed in float32)."""
-        lr = self.schedule(self.t)
+    def step(self, params: dict, grads: dict, lr_scale: float = 1.0):
+        """One server step: every named tensor moves by _delta (computed in float32) at the schedule's lr
+        times `lr_scale` (the body guard's shrink factor; 1 otherwise)."""
+        lr = self.schedule(self.t) * lr_scale
         for name, g in grads.items():
             p = params[name]
             p.copy_((p.float() - self._delta(name, p, g.float(), lr)).to(p.dtype))

@@ -127,6 +127,7 @@ class RoundPlan:
     tensors when the split is off). num_batches: local batches to average over.
     max_samples: most samples an update may claim (0: no cap).
     head_ks / head_ids: indices and tensors of the projected exact head pseudo-gradient (optional).
+    probe: the client also reports its loss with the body step the guard proposes (fwdkern.fl.guard).
     """
 
     client_id: str
@@ -140,6 +141,7 @@ class RoundPlan:
     max_samples: int = 0
     head_ks: tuple = ()
     head_ids: tuple = ()
+    probe: bool = False
 
     def to_config(self) -> dict:
         """Flat dict of ints/strings/int lists (fits a Flower ConfigRecord)."""
@@ -158,8 +160,8 @@ class RoundPlan:
         """The plan's binary wire record (what a client downloads; :meth:`from_bytes` parses it)."""
         cid = self.client_id.encode("utf-8")
         return b"".join([_PLAN_MAGIC, struct.pack("<BB", _VERSION, len(cid)), cid,
-                         struct.pack("<IIQIBI", self.round, self.model_version, self.seed, self.num_batches,
-                                     _DIST_CODE[self.dist], self.max_samples),
+                         struct.pack("<IIQIBIB", self.round, self.model_version, self.seed, self.num_batches,
+                                     _DIST_CODE[self.dist], self.max_samples, int(self.probe)),
                          _pack_ints(self.ks), _pack_ints(self.param_ids), _pack_ints(self.head_ks),
                          _pack_ints(self.head_ids)])
 
@@ -174,15 +176,15 @@ class RoundPlan:
             if version != _VERSION:
                 raise UpdateRejected(f"record version {version} not understood")
             cid = _client_id(r.take(n_id).decode("utf-8"))
-            rnd, mv, seed, nb, dist, ms = r.unpack("<IIQIBI")
-            if dist not in _DIST_NAME or nb < 1 or ms > MAX_SAMPLES or nb > MAX_SAMPLES:
+            rnd, mv, seed, nb, dist, ms, probe = r.unpack("<IIQIBIB")
+            if dist not in _DIST_NAME or nb < 1 or ms > MAX_SAMPLES or nb > MAX_SAMPLES or probe > 1:
                 raise UpdateRejected("dist, num_batches or max_samples out of range")
             ks, pids, hks, hids = (_read_ints(r, MAX_VALUES) for _ in range(4))
             if r.i != len(r.b):
                 raise UpdateRejected(f"{len(r.b) - r.i} trailing bytes")
         except (UpdateRejected, UnicodeDecodeError) as e:
             raise ValueError(f"malformed plan: {e}") from None
-        return cls(cid, rnd, mv, seed, ks, pids, nb, _DIST_NAME[dist], ms, hks, hids)
+        return cls(cid, rnd, mv, seed, ks, pids, nb, _DIST_NAME[dist], ms, hks, hids, bool(probe))
 
     @classmethod
     def from_config(cls, d: dict) -> "RoundPlan":
@@ -198,7 +200,7 @@ class RoundPlan:
                        num_batches=_int(d.get("num_batches", 1), "num_batches", 1, MAX_SAMPLES), dist=dist,
                        max_samples=_int(d.get("max_samples", 0), "max_samples", 0, MAX_SAMPLES),
                        head_ks=_ints(list(d.get("head_ks", [])), "head_ks"),
-                       head_ids=_ints(list(d.get("head_ids", [])), "head_ids"))
+                       head_ids=_ints(list(d.get("head_ids", [])), "head_ids"), probe=bool(d.get("probe", False)))
         except KeyError as e:
             raise ValueError(f"malformed plan: no {e}") from None
         except UpdateRejected as e:
@@ -474,7 +476,10 @@ class RoundResult:
     accepted / rejected: updates kept / refused this attempt. stepped: the optimizer stepped (the model
     version advanced); reason: why not. loss: the sample-weighted mean of the clients' losses.
     perturbations: scalars in the estimate (jvps + head projections). variance / noise_ratio: the
-    pacing measures of the estimate (None below two updates); threshold: the pacing threshold."""
+    pacing measures of the estimate (None below two updates); threshold: the pacing threshold.
+    guard / guard_delta / guard_scale: the body guard's decision on the pending body step ("accepted",
+    "rejected"; None: no proposal was pending), the clients' measured relative loss change with it, and
+    the lr scale it was proposed with (fwdkern.fl.guard)."""
 
     round: int
     attempt: int
@@ -487,6 +492,9 @@ class RoundResult:
     variance: Optional[float] = None
     noise_ratio: Optional[float] = None
     threshold: Optional[float] = None
+    guard: Optional[str] = None
+    guard_delta: Optional[float] = None
+    guard_scale: Optional[float] = None
 
 
 @dataclass
@@ -518,18 +526,22 @@ class RoundRow:
     bytes_down_max: int = 0
     reason: Optional[str] = None
     noise_ratio: Optional[float] = None
+    guard: Optional[str] = None
+    guard_delta: Optional[float] = None
+    guard_scale: Optional[float] = None
     evaluation: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
     cpu_time_s: float = 0.0
 
-    _OPTIONAL = ("reason", "noise_ratio")  # written only when set
+    _OPTIONAL = ("reason", "noise_ratio", "guard", "guard_delta", "guard_scale")  # written only when set
 
     @classmethod
     def of(cls, result: RoundResult, **kw) -> "RoundRow":
         return cls(round=result.round, attempt=result.attempt, stepped=result.stepped, loss=result.loss,
                    perturbations=result.perturbations, variance=result.variance, threshold=result.threshold,
                    accepted=result.accepted, rejected=result.rejected, reason=result.reason,
-                   noise_ratio=result.noise_ratio, **kw)
+                   noise_ratio=result.noise_ratio, guard=result.guard, guard_delta=result.guard_delta,
+                   guard_scale=result.guard_scale, **kw)
 
     def to_json(self) -> dict:
         d = {}
@@ -573,11 +585,14 @@ class TermGroup:
 @dataclass(frozen=True)
 class Step:
     """One server step as a client redoes it: the version it starts from, the optimizers' step counts
-    before it (body, head) and the estimate's seeded terms in the order the server added them."""
+    before it (body, head; None: that optimizer did not step, its tensors and state stay as they are),
+    the estimate's seeded terms in the order the server added them, and each optimizer's lr scale (the
+    body guard's shrink factor)."""
 
     from_version: int
     t: tuple
     groups: tuple
+    scale: tuple = (1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -598,7 +613,8 @@ class SyncMessage:
     its tensors and optimizer state; a step with no terms for a tensor still moves its state) and the
     ``raw`` tensors are replaced. ``rule``: the step rule (optimizer specs and the head's tensor ids),
     ``dist``: the perturbation distribution; ``init_digest``: 8 bytes of the version-0 state a client
-    seen for the first time rebuilds from the run's seed instead of downloading it."""
+    seen for the first time rebuilds from the run's seed instead of downloading it; ``probe``: the body
+    step the guard proposes (not applied: the client measures its loss with it, fwdkern.fl.guard)."""
 
     base_version: Optional[int]
     target_version: int
@@ -607,6 +623,7 @@ class SyncMessage:
     rule: Optional[dict] = None
     dist: str = "rademacher"
     init_digest: Optional[bytes] = None
+    probe: Optional[Step] = None
 
     def to_bytes(self) -> bytes:
         flags = (1 if self.init_digest is not None else 0) | (2 if self.rule is not None else 0)
@@ -617,9 +634,11 @@ class SyncMessage:
         if self.rule is not None:
             rule = json.dumps(self.rule, separators=(",", ":")).encode()
             parts += [struct.pack("<I", len(rule)), rule]
-        parts.append(struct.pack("<I", len(self.steps)))
-        for st in self.steps:
-            parts.append(struct.pack("<IIII", st.from_version, st.t[0], st.t[1], len(st.groups)))
+        steps = list(self.steps) + ([self.probe] if self.probe is not None else [])
+        parts.append(struct.pack("<IB", len(self.steps), self.probe is not None))
+        for st in steps:
+            parts.append(struct.pack("<IIIddI", st.from_version, *(NO_VERSION if t is None else t for t in st.t),
+                                     *st.scale, len(st.groups)))
             for g in st.groups:
                 parts += [struct.pack("<Q", g.seed), _pack_ints(g.ks), np.asarray(g.coeffs, dtype="<f4").tobytes(),
                           _pack_ints(g.pids)]
@@ -656,12 +675,14 @@ class SyncMessage:
                 rule = json.loads(r.take(n).decode("utf-8"))
                 if not isinstance(rule, dict):
                     raise UpdateRejected("the step rule is not an object")
-            n_steps, = r.unpack("<I")
-            if n_steps > len(r.b):
+            n_steps, has_probe = r.unpack("<IB")
+            if n_steps > len(r.b) or has_probe > 1:
                 raise UpdateRejected(f"{n_steps} steps in {len(r.b)} bytes")
             steps = []
-            for _ in range(n_steps):
-                fv, t0, t1, n_groups = r.unpack("<IIII")
+            for _ in range(n_steps + has_probe):
+                fv, t0, t1, s0, s1, n_groups = r.unpack("<IIIddI")
+                if not (math.isfinite(s0) and math.isfinite(s1) and 0 < s0 <= 1 and 0 < s1 <= 1):
+                    raise UpdateRejected("lr scale outside (0, 1]")
                 if n_groups > len(r.b):
                     raise UpdateRejected(f"{n_groups} term groups in {len(r.b)} bytes")
                 groups = []
@@ -672,7 +693,8 @@ class SyncMessage:
                     if not np.isfinite(coeffs).all():
                         raise UpdateRejected("non-finite coefficient")
                     groups.append(TermGroup(seed, ks, tuple(float(c) for c in coeffs), _read_ints(r, MAX_VALUES)))
-                steps.append(Step(fv, (t0, t1), tuple(groups)))
+                steps.append(Step(fv, tuple(None if t == NO_VERSION else t for t in (t0, t1)), tuple(groups),
+                                  (s0, s1)))
             n_raw, = r.unpack("<I")
             if n_raw > len(r.b):
                 raise UpdateRejected(f"{n_raw} tensors in {len(r.b)} bytes")
@@ -696,5 +718,5 @@ class SyncMessage:
                 raise UpdateRejected(f"{len(r.b) - r.i} trailing bytes")
         except (ValueError, struct.error, RecursionError, KeyError) as e:
             raise ValueError(f"malformed download: {e}") from None
-        return cls(None if base == NO_VERSION else base, target, tuple(steps), tuple(raw), rule,
-                   _DIST_NAME[dist], digest)
+        return cls(None if base == NO_VERSION else base, target, tuple(steps[:n_steps]), tuple(raw), rule,
+                   _DIST_NAME[dist], digest, steps[n_steps] if has_probe else None)

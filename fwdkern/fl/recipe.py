@@ -55,4 +55,6 @@ def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool) -> RunConfig:
             else m["perturbations_no_head"]
     if d["local_lr"] is None and m["local_lr"]:  # only methods with local steps use it
         d["local_lr"] = m["local_lr"]
+    if d["guard"] == "auto":  # the guard wherever the body trains by forward gradients (and pacing is off)
+        d["guard"] = "on" if (method(cfg.method).guard and d["perturbations"] and d["pacing"] == "off") else "off"
     return RunConfig(**d)

@@ -25,8 +25,10 @@ optimizer state non-finite is rolled back (the round counts as failed).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -35,6 +37,7 @@ import torch
 from .._seed import derive_seed
 from ..ops import seeded_axpy_, seeded_dot
 from .checkpoint import load_checkpoint, save_checkpoint
+from .guard import Guard
 from .optim import SGD, optimizer_spec, stateful
 from .pacing import VariancePacing
 from .protocol import (RawTensor, RoundPlan, RoundResult, Step, SyncMessage, TermGroup, Update, UpdateRejected,
@@ -49,6 +52,14 @@ __all__ = ["Server", "VariancePacing"]
 MAX_REJECTIONS_KEPT = 1000  # the rejection log keeps the latest ones (the count is kept in full)
 MAX_WARNINGS_PER_ROUND = 20
 HEAD_K_OFFSET = 1 << 30  # head-block indices: disjoint from the jvp block's
+
+
+def _probe_loss(u) -> Optional[float]:
+    """A client's loss with the guard's proposed body step (Update.extra["probe_loss"]), when it is a finite number."""
+    v = (u.extra or {}).get("probe_loss")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
 def _lower_median(vals):
@@ -76,15 +87,16 @@ class _Record:
     def to_json(self) -> dict:
         st = self.step
         return {"from_version": self.from_version, "changed": sorted(self.changed),
-                "step": None if st is None else {"t": list(st.t), "groups": [
+                "step": None if st is None else {"t": list(st.t), "scale": list(st.scale), "groups": [
                     [g.seed, list(g.ks), list(g.coeffs), list(g.pids)] for g in st.groups]}}
 
     @classmethod
     def from_json(cls, d: dict) -> "_Record":
         st = d["step"]
-        step = None if st is None else Step(int(d["from_version"]), tuple(int(t) for t in st["t"]), tuple(
+        step = None if st is None else Step(int(d["from_version"]), tuple(None if t is None else int(t)
+                                                                          for t in st["t"]), tuple(
             TermGroup(int(s), tuple(int(k) for k in ks), tuple(float(c) for c in cs), tuple(int(p) for p in ps))
-            for s, ks, cs, ps in st["groups"]))
+            for s, ks, cs, ps in st["groups"]), tuple(float(x) for x in st.get("scale", (1.0, 1.0))))
         return cls(int(d["from_version"]), step, frozenset(int(p) for p in d["changed"]))
 
 
@@ -110,13 +122,16 @@ class Server:
         replay_window: steps whose seeded terms are kept (a client further behind downloads tensors).
         client_state: clients keep their own optimizer state and roll tensors forward (seed-and-scalar
             methods); False: a download carries tensor values only (weight-upload methods).
+        guard: a :class:`fwdkern.fl.guard.Guard`: each body step is proposed and taken only when the next
+            round's clients measure that it does not raise their loss (the head steps at once).
     """
 
     def __init__(self, params: dict, param_ids: dict, optimizer, *, seed: int = 0, perturbations_per_client: int = 1,
                  dist: str = "rademacher", groups: Optional[Sequence[Sequence[str]]] = None, shared: Sequence[str] = (),
                  pacing: Optional[VariancePacing] = None, candidates: int = 1, robust_factor: float = 10.0,
                  head: Sequence[str] = (), head_directions: int = 0, max_samples: int = 0, replay_window: int = 1000,
-                 smoothing: float = 0.9, head_optimizer=None, client_state: bool = True):
+                 smoothing: float = 0.9, head_optimizer=None, client_state: bool = True,
+                 guard: Optional[Guard] = None):
         missing = [n for n in params if n not in param_ids]
         if missing:
             raise ValueError(f"param_ids: no id for {missing}")
@@ -141,6 +156,10 @@ class Server:
         self.max_samples = int(max_samples)
         self.replay_window = int(replay_window)
         self.client_state = bool(client_state)
+        if guard is not None and pacing is not None:
+            raise ValueError("guard: the body guard and variance pacing do not combine (use one)")
+        self.guard = guard
+        self.pending: Optional[dict] = None  # the guard's proposed body step: params, optimizer state, Step
         self.smoothing = float(smoothing)
         self.round = 0
         self.model_version = 0
@@ -205,7 +224,7 @@ class Server:
             self.plans[c] = RoundPlan(client_id=c, round=self.round, model_version=self.model_version, seed=seed,
                                       ks=tuple(ks), param_ids=tuple(assign[c]), dist=self.dist,
                                       max_samples=self.max_samples, head_ks=head_ks,
-                                      head_ids=head_ids if self.M else ())
+                                      head_ids=head_ids if self.M else (), probe=self.pending is not None)
         self.accepted = []
         return dict(self.plans)
 
@@ -404,6 +423,8 @@ class Server:
         res.variance, res.noise_ratio, res.perturbations = var, ratio, count
         res.loss = (sum(u.loss * weights[u.client_id] for _, us in attempts for u in us)
                     / max(1, sum(weights.values())))
+        if self.guard is not None:
+            return self._finish_guarded(res, attempts, grads, batches, count)
         if self.pacing is not None:
             res.threshold = self.pacing.current_threshold()
             if self.pacing.exceeded(var, ratio) and self.attempt + 1 < self.pacing.max_attempts:
@@ -433,6 +454,80 @@ class Server:
         self.model_version += 1
         self._close_round()
         res.stepped = True
+        return res
+
+    def _finish_guarded(self, res: RoundResult, attempts, grads: dict, batches: dict, count: int) -> RoundResult:
+        """A round under the body guard: decide on the pending body proposal from this round's probe
+        losses, take the head's exact step and (if accepted) the proposal as one model version, and
+        propose the body step of this round's estimate for the next round's clients to measure."""
+        head = set(self.head)
+        commit = None
+        if self.pending is not None:
+            w = self._sample_weights(attempts)
+            d = self.guard.decide([(w[u.client_id], u.loss, _probe_loss(u)) for _, us in attempts for u in us])
+            res.guard, res.guard_delta, res.guard_scale = ("accepted" if d.accepted else "rejected"), d.delta, d.scale
+            commit = self.pending if d.accepted else None
+            self.pending = None
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        states = (self.optimizer.state_dict(), self.head_optimizer.state_dict())
+        head_grads = {n: g for n, g in grads.items() if n in head}
+        t_head = self.head_optimizer.t if head_grads else None
+        groups = self._term_groups(batches)
+        head_ids = {self.param_ids[n] for n in head}
+        ok = all(bool(torch.isfinite(g).all()) for g in grads.values())
+        if ok and head_grads:
+            self.head_optimizer.step(self.params, head_grads)
+        body_step = None
+        if ok and commit is not None:
+            with torch.no_grad():
+                for n, v in commit["params"].items():
+                    self.params[n].copy_(v)
+            self.optimizer.load_state_dict(commit["state"])
+            body_step = commit["step"]
+        ok = ok and all(bool(torch.isfinite(p).all()) for p in self.params.values()) and self.head_optimizer.finite()
+        if not ok:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+            self.optimizer.load_state_dict(states[0])
+            self.head_optimizer.load_state_dict(states[1])
+            res.reason = "the step would make weights or optimizer state non-finite"
+            self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
+            self._close_round()
+            return res
+        changed = frozenset(n for n, p in self.params.items() if not torch.equal(saved[n], p))
+        if head_grads or body_step is not None:
+            head_groups = tuple(g for g in (TermGroup(g.seed, g.ks, g.coeffs, tuple(p for p in g.pids if p in head_ids))
+                                            for g in groups) if g.pids)
+            self._record(Step(self.model_version, (body_step.t[0] if body_step else None, t_head),
+                              (body_step.groups if body_step else ()) + head_groups,
+                              (body_step.scale[0] if body_step else 1.0, 1.0)), changed)
+            self.model_version += 1
+            self.schedule.append(count)
+            res.stepped = True
+        else:  # nothing to take this round: the guard keeps the body where it is
+            res.reason = ("guard: body step rejected" if res.guard == "rejected" else
+                          "guard: body step proposed, measured next round")
+        body_groups = tuple(g for g in (TermGroup(g.seed, g.ks, g.coeffs, tuple(p for p in g.pids if p not in head_ids))
+                                        for g in groups) if g.pids)
+        if body_groups:  # this round's body step, proposed for the next round's clients to measure
+            body = {n: g for n, g in grads.items() if n not in head}
+            params = {n: self.params[n].detach().clone() for n in body}
+            opt = copy.deepcopy(self.optimizer)
+            t = opt.t
+            opt.step(params, body, lr_scale=self.guard.scale)
+            if all(bool(torch.isfinite(p).all()) for p in params.values()) and opt.finite():
+                self.pending = {"params": params, "state": opt.state_dict(),
+                                "step": Step(self.model_version, (t, None), body_groups, (self.guard.scale, 1.0))}
+        for u in self.accepted:
+            self.jvp_history.extend(abs(j) for j in u.jvps)
+        self.jvp_history = self.jvp_history[-4096:]
+        if self.candidates > 1:
+            a = self.smoothing
+            prev = self.prev_grad
+            self.prev_grad = {n: g.clone() if prev is None else prev[n].mul(a).add_(g, alpha=1 - a)
+                              for n, g in grads.items()}
+        self._close_round()
         return res
 
     @staticmethod
@@ -500,18 +595,20 @@ class Server:
                         if pid in g.pids:
                             chain += (12 + 8 * len(g.ks) + 4 * len(g.pids)) / len(g.pids) + 4
                 (roll if chain <= self._raw_bytes(n) else raw).append(n)
+        probe = self.pending["step"] if self.pending is not None else None
         steps = ()
         if roll and recs:
             roll_ids = {self.param_ids[n] for n in roll}
             steps = tuple(Step(r.from_version, r.step.t, tuple(
                 TermGroup(g.seed, g.ks, g.coeffs, tuple(p for p in g.pids if p in roll_ids))
-                for g in r.step.groups if roll_ids.intersection(g.pids))) for r in recs if r.step is not None)
+                for g in r.step.groups if roll_ids.intersection(g.pids)), r.step.scale)
+                for r in recs if r.step is not None)
         raw_t = tuple(self._raw(n) for n in raw)
         needs_rule = self.client_state and (steps or any(t.state for t in raw_t))
         return SyncMessage(base_version=None if recs is None else base, target_version=target, steps=steps,
-                           raw=raw_t, rule=self.rule() if needs_rule else None, dist=self.dist,
+                           raw=raw_t, rule=self.rule() if needs_rule or probe is not None else None, dist=self.dist,
                            init_digest=self.init_digest if first_contact and recs is not None and base == 0
-                           else None)
+                           else None, probe=probe)
 
     # ------------------------------------------------------------------ weight-upload rounds
     def submit_weights(self, upload) -> bool:
@@ -591,6 +688,10 @@ class Server:
             "rejections": list(self.rejections), "rejected_total": self.rejected_total,
             "round_rejected": self._round_rejected,
             "steps_log": [r.to_json() for r in self.steps_log], "init_digest": self.init_digest.hex(),
+            "guard": self.guard.state_dict() if self.guard is not None else None,
+            "pending": None if self.pending is None else {
+                "params": dict(self.pending["params"]), "state": self.pending["state"],
+                "step": _Record(self.pending["step"].from_version, self.pending["step"], frozenset()).to_json()},
         }
 
     def load_state_dict(self, sd: dict):
@@ -611,6 +712,12 @@ class Server:
         self.rejected_total = sd.get("rejected_total", len(self.rejections))
         self._round_rejected = sd.get("round_rejected", 0)
         self.steps_log = [_Record.from_json(r) for r in sd.get("steps_log", [])]
+        if self.guard is not None and sd.get("guard"):
+            self.guard.load_state_dict(sd["guard"])
+        pending = sd.get("pending")
+        self.pending = None if pending is None else {
+            "params": {n: t.clone() for n, t in pending["params"].items()}, "state": pending["state"],
+            "step": _Record.from_json(pending["step"]).step}
         if "init_digest" in sd:
             self.init_digest = bytes.fromhex(sd["init_digest"])
 

@@ -22,12 +22,13 @@ from .._seed import derive_seed
 from .checkpoint import CorruptCheckpoint, RunLock, atomic_path, load_checkpoint, save_checkpoint, write_atomic
 from .config import RunConfig
 from .evaluation import continuations, evaluate, samples_markdown
+from .guard import Guard
 from .metrics import MetricsLog, plots, progress, provenance
 from .optim import SGD, FedAdam, FedYogi, LRSchedule
 from .pacing import VariancePacing
 from .protocol import RoundRow, client_id
 from .runstate import LAYOUT, LayoutError, foreign_files, migrate
-from .sync import Download, Holdings
+from .sync import Download, Holdings, swapped
 from .server import Server
 from .task import ClientTask, load_task
 
@@ -95,7 +96,8 @@ class Simulation:
                              pacing=_pacing(cfg, self.method), candidates=cfg.candidates,
                              max_samples=cfg.batch_size * cfg.local_batches, head=task.head_names,
                              head_directions=cfg.head_directions if task.head_names else 0,
-                             head_optimizer=SGD(cfg.head_server_lr))
+                             head_optimizer=SGD(cfg.head_server_lr),
+                             guard=Guard(cfg.guard_tolerance) if cfg.guard == "on" else None)
         self.n_trainable = task.n_trainable
         self.metrics: list = []  # RoundRow per client round
         self.initial: dict = {}  # test metrics before any training
@@ -151,8 +153,10 @@ class Simulation:
 
     def _local_exchange(self, plans: dict, downloads: dict) -> list:
         """Embedded transport: every client evaluates the one shared model (which holds the server's
-        weights), so the downloads are only counted."""
-        return [self.task.answer(c, plan) for c, plan in plans.items()]
+        weights), so the downloads are only counted; the guard's probe is the server's proposal itself."""
+        pending = self.server.pending
+        probe = (lambda: swapped(self.task.params, pending["params"])) if pending is not None else None
+        return [self.task.answer(c, plan, probe=probe) for c, plan in plans.items()]
 
     def _downloads(self, plans: dict) -> dict:
         """{client: Download}: what each answering client receives this round --
@@ -318,7 +322,8 @@ class Simulation:
                 save_checkpoint(ckpt, before)
                 raise Interrupted(f"interrupted in round {self.server.round}; the state before it is saved in "
                                   f"{ckpt}: rerun the same command to resume") from None
-            self.failed = 0 if row.stepped or (row.reason or "").startswith("variance") else self.failed + 1
+            # a pacing retry or a rejected body step is the protocol working, not a failed round
+            self.failed = 0 if row.stepped or (row.reason or "").startswith(("variance", "guard")) else self.failed + 1
             self.metrics.append(row)
             mlog.append(row.to_json())
             self.log(progress(row.to_json(), cfg.rounds, self.server.model_version, len(self.metrics)))

@@ -9,6 +9,8 @@ its tensors and optimizer state are bit-identical to the server's (same ops, sam
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Optional
@@ -20,7 +22,7 @@ from ..ops import seeded_axpy_
 from .optim import optimizer_from_spec
 from .protocol import SyncMessage
 
-__all__ = ["Replica", "SyncError", "state_digest", "Holdings", "Download"]
+__all__ = ["Replica", "SyncError", "state_digest", "Holdings", "Download", "swapped"]
 
 
 class SyncError(RuntimeError):
@@ -78,6 +80,25 @@ class Replica:
     def _opt(self, name: str):
         return self.opts[1] if name in self.head else self.opts[0]
 
+    @torch.no_grad()
+    def preview(self, step, dist: str = "rademacher") -> dict:
+        """The body tensors as `step` (the guard's proposed body step, not applied) would leave them:
+        computed on copies with a copy of the body optimizer's state, exactly as the server proposed it."""
+        if self.opts is None:
+            raise SyncError("a proposed body step arrived but no step rule is known")
+        opt = copy.deepcopy(self.opts[0])
+        body = [n for n in self.params if n not in self.head]
+        out = {n: self.params[n].detach().clone() for n in body}
+        grads = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in out.items()}
+        for g in step.groups:
+            for pid in g.pids:
+                n = self._name(pid)
+                if n in grads:
+                    seeded_axpy_(grads[n], g.seed, pid, list(g.ks), list(g.coeffs), dist)
+        opt.t = step.t[0]
+        opt.step(out, grads, lr_scale=step.scale[0])
+        return out
+
     def state_dict(self) -> dict:
         """The client's version, step rule and optimizer state (its tensors are `params`)."""
         return {"version": self.version, "rule": self.rule,
@@ -121,11 +142,11 @@ class Replica:
                     n = self._name(pid)
                     if n in grads:
                         seeded_axpy_(grads[n], g.seed, pid, list(g.ks), list(g.coeffs), msg.dist)
-            for opt, t in zip(self.opts, step.t):
+            for opt, t, scale in zip(self.opts, step.t, step.scale):
                 mine = {n: g for n, g in grads.items() if self._opt(n) is opt}
-                if mine:
+                if mine and t is not None:  # (None: that optimizer did not step)
                     opt.t = t
-                    opt.step(self.params, mine)
+                    opt.step(self.params, mine, lr_scale=scale)
         for n, t in raw:
             p = self.params[n]
             p.copy_(torch.from_numpy(np.array(t.value, dtype=np.float32)).reshape(p.shape).to(p.dtype))
@@ -155,8 +176,23 @@ class Download:
 
     @staticmethod
     def kind_of(msg: SyncMessage) -> str:
-        parts = (["steps"] if msg.steps else []) + (["tensors"] if msg.raw else [])
+        parts = (["steps"] if msg.steps else []) + (["tensors"] if msg.raw else []) + (["probe"] if msg.probe else [])
         return "+".join(parts) or "none"
+
+
+@contextlib.contextmanager
+def swapped(params: dict, values: dict):
+    """Within the block the tensors `params[n]` hold `values[n]` (the guard's probe); restored after."""
+    saved = {n: params[n].detach().clone() for n in values}
+    try:
+        with torch.no_grad():
+            for n, v in values.items():
+                params[n].copy_(v)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
 
 
 class Holdings:

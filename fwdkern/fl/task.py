@@ -119,9 +119,10 @@ class ClientTask:
                                   [self.train.labels[i] for i in pick] if self.train.labels else None))
         return out
 
-    def answer(self, client: int, plan):
-        """The method's client step for `plan` (wire bytes or a WeightUpload)."""
-        return self.method.client_step(self, client, plan)
+    def answer(self, client: int, plan, probe=None):
+        """The method's client step for `plan` (wire bytes or a WeightUpload); `probe`: see
+        fwdkern.fl.client.seeded_answer."""
+        return self.method.client_step(self, client, plan, probe=probe)
 
 
 def load_task(cfg, log=print) -> ClientTask:

@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..protocol import client_id
-from ..sync import Replica
+from ..sync import Replica, swapped
 from ..task import ClientTask, load_task
 from .codec import plan_from_record, replica_from_state, replica_to_state, sync_from_record, update_to_content
 from .run_config import config_key, parse_run_config
@@ -66,7 +66,11 @@ def handle_train(msg: Message, context: Context) -> Message:
     replica.apply(download)
     if replica.version != plan.model_version:
         raise RuntimeError(f"local weights at version {replica.version}, the plan needs {plan.model_version}")
-    record = task.answer(c, plan)
+    probe = None
+    if download.probe is not None:  # the guard's proposed body step: the client measures its loss with it
+        values = replica.preview(download.probe, download.dist)
+        probe = lambda: swapped(task.params, values)  # noqa: E731
+    record = task.answer(c, plan, probe=probe)
     info = {"messages": info.get("messages", 0) + 1, "steps": info.get("steps", 0) + len(download.steps),
             "tensors": info.get("tensors", 0) + len(download.raw)}
     replica_to_state(replica, context.state, **info)
