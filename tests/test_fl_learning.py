@@ -1,6 +1,8 @@
 """What decides how well the federated loop learns: pacing that follows the gradient's scale and
 counts client noise, discriminative sampling's bias, bias-corrected FedAdam, backprop's server
 optimizer, and the default recipe learning on a small set."""
+import math
+
 import pytest
 import torch
 
@@ -232,3 +234,29 @@ def test_head_calibration_out_of_range_is_refused(tau):
 
     with pytest.raises(ConfigError, match="head-calibration"):
         RunConfig(head_calibration=tau).validate()
+
+
+def test_backprop_defaults_stay_finite_on_a_small_set_with_large_logits(tmp_path):
+    """A tiny encoder initialised with large weights (initial loss ~5, logits in the tens) and backprop's
+    default local lr (2): the clipped local steps stay finite and the clients' loss falls (4.9 -> 1.1-1.8
+    measured); without the clip the same run bounces between 4 and 8.5 and never settles."""
+    from fwdkern.fl.config import RunConfig
+    from fwdkern.fl.simulation import build
+    from _tiny_models import LEARNABLE_WORDS, save_tiny_bert, sentiment_rows, write_csv
+
+    (tmp_path / "big").mkdir()
+    d = save_tiny_bert(tmp_path / "big", LEARNABLE_WORDS[:12], layers=1, initializer_range=3.0)
+    write_csv(d / "data.csv", ["sentence", "sentiment"], sentiment_rows(LEARNABLE_WORDS[:12], 80))
+    kw = dict(model=str(d), data=str(d / "data.csv"), text_column="sentence", label_column="sentiment", clients=4,
+              clients_per_round=4, rounds=8, max_length=12, eval_every=0, max_test=20, method="backprop",
+              num_threads=1, checkpoint_every=0)
+    sim = build(RunConfig(out=str(tmp_path / "clip"), **kw), log=lambda *a: None)
+    assert sim.cfg.local_lr == 2.0 and sim.cfg.local_clip == 1.0  # the defaults
+    sim.run()
+    loss = [r.loss for r in sim.metrics]
+    assert all(math.isfinite(x) for x in loss) and all(torch.isfinite(p).all() for p in sim.server.params.values())
+    assert sum(loss[-3:]) / 3 < 0.6 * loss[0], loss
+    raw = build(RunConfig(out=str(tmp_path / "raw"), local_clip=0.0, **kw), log=lambda *a: None)
+    raw.run()
+    unclipped = [r.loss for r in raw.metrics]
+    assert sum(unclipped[-3:]) / 3 > 0.8 * unclipped[0], unclipped  # what the clip prevents

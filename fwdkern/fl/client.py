@@ -11,6 +11,7 @@ same code.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,8 @@ def answer_finite_difference(task, client: int, plan: RoundPlan, probe=None) -> 
 
 
 def train_backprop(task, client: int, plan: RoundPlan, probe=None) -> WeightUpload:
-    """LoRA FedAvg's client: SGD steps (autograd) from the downloaded weights on the client's batches."""
+    """LoRA FedAvg's client: SGD steps (autograd) from the downloaded weights on the client's batches, each
+    batch's gradient clipped to ``local_clip`` in global norm."""
     params = task.params
     n_c, loss_tot = 0, 0.0
     for batch in task.client_batches(client, plan.round):
@@ -110,11 +112,14 @@ def train_backprop(task, client: int, plan: RoundPlan, probe=None) -> WeightUplo
         with _checkpointing(task.model, task.cfg.checkpointing):
             out = task.model(**batch)
             grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+        clip = task.cfg.local_clip
+        norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+        scale = clip / norm if clip and norm > clip else 1.0
         with torch.no_grad():
             for p, g in zip(params.values(), grads):
                 p.requires_grad_(False)
                 if g is not None:
-                    p.sub_(task.cfg.local_lr * g)
+                    p.sub_((task.cfg.local_lr * scale) * g)
         bs = int(batch["input_ids"].shape[0])
         loss_tot += float(out.loss.detach()) * bs
         n_c += bs

@@ -122,6 +122,8 @@ class RunConfig:
                                "mean (a linear head with a bias absorbs it; helps a feature set dominated by a common "
                                "mode, such as a random HF pooler, and diverges on SmolLM2's hidden states)",
                                ("off", "on"))
+    local_clip: float = _opt(1.0, "backprop's local steps: each batch's gradient is clipped to this global norm "
+                             "(0: off), so a local lr tuned on one data set cannot blow up on another")
     checkpointing: bool = _opt(False, "backprop: activation checkpointing (recompute activations in the backward "
                                "pass; the memory-matched rival of forward gradients)")
     wire: str = _opt("fp32", "encoding of the clients' uploads: fp32 / fp16 binary, sign (1 bit per value, "
@@ -171,6 +173,7 @@ class RunConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1) (1 = no client ever answers), got {self.dropout}")
         need(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.local_lr is None or self.local_lr > 0, "local-lr", f"must be positive, got {self.local_lr}")
+        need(self.local_clip >= 0, "local-clip", f"must be >= 0, got {self.local_clip}")
         need(self.eps > 0, "eps", f"must be positive, got {self.eps}")
         need(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         need(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
