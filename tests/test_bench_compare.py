@@ -1,16 +1,20 @@
-"""bench/fl_compare.py's target arithmetic: the numbers the README quotes come from it."""
+"""bench/fl_compare.py and bench/results.py: settings are chosen on the validation split, grids grow past an
+edge, and the tables (with the targets the README quotes) come from per-run rows with provenance."""
 import importlib.util
+import json
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _load_fl_compare():
-    # Load by path: the suite runs from tests/ against the installed package, so bench/ is not
-    # importable, and fl_compare's own sys.path entry (the repo root) must not leak into other tests.
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fl_compare.py")
+
+def _load(name, rel):
+    # Load by path: the suite runs from tests/ against the installed package, so bench/ is not importable,
+    # and a bench module's own sys.path entry (the repo root) must not leak into other tests.
     saved = list(sys.path)
     try:
-        spec = importlib.util.spec_from_file_location("_fl_compare_under_test", path)
+        sys.path.insert(0, ROOT)
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
@@ -18,47 +22,72 @@ def _load_fl_compare():
     return mod
 
 
-_fl = _load_fl_compare()
-_curve, targets = _fl._curve, _fl.targets
+_fl = _load("_fl_compare_under_test", os.path.join("bench", "fl_compare.py"))
+_results = _load("_results_under_test", os.path.join("bench", "results.py"))
 
 
-def _row(curves, rounds):
-    seeds = {s: {"curve": c} for s, c in curves.items()}
-    mean = {}
-    for k in rounds:
-        vals = [next(a for r, _, a in reversed(c) if r <= k) for c in curves.values()]
-        mean[str(k)] = {"mean": sum(vals) / len(vals), "n": len(vals), "spread": max(vals) - min(vals)}
-    return {"seeds": seeds, "mean_acc": mean}
+def _write_run(d, evals, final, val=None, cpu=10.0, rounds=4, up=800, down=None):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for i in range(rounds):
+            row = {"round": i, "loss": 1.0 / (i + 1), "bytes_up_per_client": up, "bytes_down_per_client": 5000,
+                   "cpu_time_s": cpu * (i + 1) / rounds}
+            row.update(evals.get(i + 1, {}))
+            f.write(json.dumps(row) + "\n")
+    summary = {"initial": {"accuracy": 0.2}, "final": dict(final, **({"val_accuracy": val} if val is not None else {})),
+               "rounds": rounds, "cpu_time_s": cpu, "mean_bytes_up_per_client": up,
+               "bytes_down_per_client": down or {"mean": 5000.0, "p95": 8000.0, "first_contact_mean": 100.0},
+               "provenance": {"commit": "abc1234", "torch": "2.13.0", "device": "cpu", "threads": 1,
+                              "date": "2026-12-06T00:00:00", "load": 1.0}}
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump(summary, f)
 
 
-def test_curve_accumulates_forward_passes_and_keeps_evaluations():
-    ms = [{"forward_passes_per_client": 3}, {"forward_passes_per_client": 3, "accuracy": 0.5},
-          {"forward_passes_per_client": 3}, {"forward_passes_per_client": 3, "accuracy": 0.7}]
-    assert _curve(ms) == [(2, 6, 0.5), (4, 12, 0.7)]
+def test_rows_carry_provenance_and_the_summary_is_the_mean_over_seeds(tmp_path):
+    rows = []
+    for seed, acc in ((0, 0.9), (1, 0.8)):
+        d = str(tmp_path / f"s{seed}")
+        _write_run(d, {2: {"accuracy": acc - 0.1}, 4: {"accuracy": acc}}, {"accuracy": acc})
+        rows += _results.run_rows("x", "final", "head_only", "head_lr=8.0", seed, d, per_round_clients=10)
+    r = [r for r in rows if r["metric"] == "accuracy" and r["client_round"] == 4 and r["seed"] == 0][0]
+    assert r["commit"] == "abc1234" and r["device"] == "cpu" and r["value"] == 0.9
+    s = {(x["metric"], x["client_round"]): x for x in _results.summarize(rows)}
+    acc = s[("accuracy", 4)]
+    assert abs(acc["mean"] - 0.85) < 1e-12 and abs(acc["half_spread"] - 0.05) < 1e-12 and acc["n"] == 2
+    assert abs(s[("cpu_s_per_client_round", "")]["mean"] - 10.0 / 4 / 10) < 1e-12
+    assert s[("bytes_down_p95", "")]["mean"] == 8000.0 and s[("accuracy", 0)]["mean"] == 0.2
+    _results.write(rows, str(tmp_path / "table"))
+    hits = _results.show(str(tmp_path / "table"), {"method": "head_only", "metric": "accuracy", "client_round": "4"})
+    assert len(hits) == 1 and float(hits[0]["mean"]) == 0.85
 
 
-def test_mezo_is_compared_at_an_equal_forward_pass_budget():
-    # fwdkern: 3 passes per round, MeZO: 8. MeZO's run ends at 160 passes (20 rounds), so fwdkern is
-    # read at its last evaluation within 160 passes (round 50, not its round 80), MeZO at round 20.
-    fk = _row({0: [(10, 30, 0.9), (50, 150, 0.94), (80, 240, 0.95)],
-               1: [(10, 30, 0.8), (50, 150, 0.92), (80, 240, 0.96)]}, [10, 80])
-    mz = _row({0: [(10, 80, 0.3), (20, 160, 0.4)], 1: [(10, 80, 0.2), (20, 160, 0.5)]}, [10, 20])
-    t = targets({"fwdkern": fk, "mezo": mz})["fwdkern_minus_mezo_at_equal_forward_passes"]
-    assert t["forward_passes_per_client"] == 160 and t["n"] == 2
-    assert t["fwdkern"]["client_rounds"] == [50, 50] and t["mezo"]["client_rounds"] == [20, 20]
-    assert abs(t["delta"] - (0.93 - 0.45)) < 1e-9
+def test_a_sweep_picks_on_the_validation_split_and_grows_past_an_edge(tmp_path, monkeypatch):
+    monkeypatch.setattr(_fl, "RUNS", str(tmp_path))
+    suite = _fl.Suite("fl_bbc")
+    grids = suite.grids()
+    # test accuracy would pick head_lr 32; the validation split picks 8
+    for lr, test, val in ((2.0, 0.80, 0.85), (8.0, 0.85, 0.90), (32.0, 0.95, 0.86)):
+        _write_run(suite.sweep_dir("head_only", {"head_lr": lr}), {}, {"accuracy": test}, val=val)
+    assert suite.best("head_only", grids) == {"head_lr": 8.0}
+    assert not suite.extend("head_only", grids)  # the pick is inside the grid
+    _write_run(suite.sweep_dir("head_only", {"head_lr": 32.0}), {}, {"accuracy": 0.95}, val=0.95)
+    assert suite.best("head_only", grids) == {"head_lr": 32.0}
+    assert suite.extend("head_only", grids) and grids["head_only"]["head_lr"] == [2.0, 8.0, 32.0, 128.0]
 
 
-def test_backprop_and_default_targets():
-    fk = _row({0: [(40, 120, 0.94), (80, 240, 0.95)]}, [40, 80])
-    bp = _row({0: [(40, 360, 0.95), (80, 720, 0.96)]}, [40, 80])
-    d = _row({0: [(40, 120, 0.93)]}, [40])
-    t = targets({"fwdkern": fk, "backprop": bp, "default": d})
-    assert abs(t["fwdkern_minus_backprop_at_40"]["delta"] + 0.01) < 1e-9
-    assert abs(t["fwdkern_minus_backprop_at_80"]["delta"] + 0.01) < 1e-9
-    assert t["default_over_fwdkern"]["at"] == 40 and abs(t["default_over_fwdkern"]["ratio"] - 0.93 / 0.94) < 1e-3
-    assert targets({"backprop": bp}) == {}  # nothing to compare without fwdkern
-    # a better tuned variant (here the calibrated head) is the one the default is measured against
-    cal = _row({0: [(40, 120, 0.98)]}, [40])
-    t = targets({"fwdkern": fk, "fwdkern_calibrated": cal, "default": d})["default_over_fwdkern"]
-    assert t["best"] == "fwdkern_calibrated" and abs(t["ratio"] - 0.93 / 0.98) < 1e-3
+def test_targets_from_the_summary_rows():
+    def row(method, metric, rnd, mean, spread=0.0, n=2):
+        return dict(suite="s", method=method, setting="", client_round=rnd, metric=metric, mean=mean,
+                    half_spread=spread, n=n, seeds="0 1")
+
+    cls = [row("default", "accuracy", 0, 0.5), row("default", "accuracy", 40, 0.93, 0.01),
+           row("head_only", "accuracy", 40, 0.85, 0.02), row("backprop", "accuracy", 40, 0.95),
+           row("backprop_fedadam", "accuracy", 40, 0.91)]
+    t = {k: v for k, v, _ in _fl.targets("fl_word_order", cls, [40])}
+    assert abs(t["default_minus_head_only_at_40"] - 0.08) < 1e-12
+    assert abs(t["gap_recovered_at_40"] - 0.8) < 1e-9  # (0.93 - 0.85) / (0.95 - 0.85): the better backprop
+    lm = [row("default", "eval_loss", 0, 4.0), row("default", "eval_loss", 12, 3.8), row("backprop", "eval_loss", 12, 3.75),
+          row("backprop_fedadam", "eval_loss", 12, 3.9), row("default", "cpu_s_per_client_round", "", 6.0),
+          row("backprop", "cpu_s_per_client_round", "", 2.0)]
+    t = {k: v for k, v, _ in _fl.targets("fl_causal_lm", lm, [12])}
+    assert abs(t["loss_drop_ratio_at_12"] - 0.2 / 0.25) < 1e-9 and abs(t["cpu_ratio_to_backprop"] - 3.0) < 1e-12

@@ -1,0 +1,161 @@
+"""Benchmark result tables: one table per suite with provenance on every row, and the command that
+traces a quoted number to the row it comes from.
+
+Federated suites (bench/fl_compare.py) keep their run folders in bench/runs/<suite>/ (not committed);
+their results are two CSV files in bench/results/<suite>/:
+
+* runs.csv -- one row per (run, client round, metric): suite, phase (sweep / final / extra), method
+  (the row label of fl_compare's suite), setting, seed, client_round (0 = before training; empty for
+  a run-level value), metric, value, and the provenance of the run (fwdkern commit, torch, device,
+  torch threads, date, machine load);
+* summary.csv -- what tables and the README quote: per (method, setting, client round, metric) the
+  mean over seeds, half the spread (max - min) / 2, the number of seeds and which.
+
+    python bench/results.py show fl_bbc method=fwdkern metric=accuracy client_round=40
+    python bench/results.py show fl_bbc --runs method=fwdkern metric=accuracy client_round=40
+    python bench/results.py show seeded_cpu_2026-11-22.json name=test_seeded_axpy
+
+`show` prints the summary rows (or with --runs the per-run rows) matching every key=value filter;
+for a pytest-benchmark JSON file it prints one row per benchmark (name, parameters, median,
+extra_info). A filter value matches a column exactly, or as a prefix when it ends in '*'.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+RUN_FIELDS = ["suite", "phase", "method", "setting", "seed", "client_round", "metric", "value", "commit", "torch",
+              "device", "threads", "date", "load"]
+SUMMARY_FIELDS = ["suite", "method", "setting", "client_round", "metric", "mean", "half_spread", "n", "seeds"]
+# Per-round fields of metrics.jsonl that the tables keep (evaluations are added as they appear).
+ROUND_METRICS = ("loss", "bytes_up_per_client", "bytes_down_per_client", "bytes_down_max", "cpu_time_s",
+                 "forward_passes_per_client", "tangents_per_client", "head_projections_per_client", "guard_delta",
+                 "guard_scale")
+EVAL_METRICS = ("accuracy", "val_accuracy", "eval_loss", "val_eval_loss", "perplexity", "val_perplexity")
+
+
+def run_rows(suite: str, phase: str, method: str, setting: str, seed, run_dir: str, per_round_clients: int,
+             extra: dict = None) -> list:
+    """The runs.csv rows of one run folder (metrics.jsonl + summary.json): its initial evaluation, every
+    round's metrics, and run-level values (CPU s per client round, download distribution, `extra`)."""
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    prov = summary.get("provenance", {})
+    base = dict(suite=suite, phase=phase, method=method, setting=setting, seed=seed, commit=prov.get("commit"),
+                torch=prov.get("torch"), device=prov.get("device"), threads=prov.get("threads"),
+                date=prov.get("date"), load=prov.get("load"))
+    out = [dict(base, client_round=0, metric=k, value=v) for k, v in summary.get("initial", {}).items()]
+    for i, r in enumerate(rows, 1):
+        for k in ROUND_METRICS + EVAL_METRICS:
+            if r.get(k) is not None:
+                out.append(dict(base, client_round=i, metric=k, value=r[k]))
+    n = max(1, len(rows))
+    run_level = {"client_rounds": len(rows), "steps": summary.get("rounds"),
+                 "cpu_s_per_client_round": summary.get("cpu_time_s", 0) / n / max(1, per_round_clients),
+                 "bytes_up_per_client_round": summary.get("mean_bytes_up_per_client")}
+    for k, v in (summary.get("bytes_down_per_client") or {}).items():
+        run_level[f"bytes_down_{k}"] = v
+    run_level.update(extra or {})
+    out += [dict(base, client_round="", metric=k, value=v) for k, v in run_level.items() if v is not None]
+    return out
+
+
+def summarize(rows: list) -> list:
+    """summary.csv rows: per (method, setting, client round, metric) the mean over seeds and half the spread."""
+    groups: dict = {}
+    for r in rows:
+        if r["phase"] == "sweep":
+            continue
+        key = (r["suite"], r["method"], r["setting"], r["client_round"], r["metric"])
+        groups.setdefault(key, {})[r["seed"]] = float(r["value"])
+    out = []
+    for (suite, method, setting, rnd, metric), by_seed in groups.items():
+        vals = list(by_seed.values())
+        out.append(dict(suite=suite, method=method, setting=setting, client_round=rnd, metric=metric,
+                        mean=sum(vals) / len(vals), half_spread=(max(vals) - min(vals)) / 2, n=len(vals),
+                        seeds=" ".join(str(s) for s in sorted(by_seed))))
+    return out
+
+
+def write(rows: list, folder: str):
+    os.makedirs(folder, exist_ok=True)
+    for name, fields, data in (("runs.csv", RUN_FIELDS, rows), ("summary.csv", SUMMARY_FIELDS, summarize(rows))):
+        with open(os.path.join(folder, name), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in data:
+                w.writerow({k: _fmt(r.get(k)) for k in fields})
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def read(path: str) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _match(row: dict, filters: dict) -> bool:
+    for k, want in filters.items():
+        have = str(row.get(k, ""))
+        if want.endswith("*") and have.startswith(want[:-1]):
+            continue
+        if have != want:
+            return False
+    return True
+
+
+def benchmark_rows(path: str) -> list:
+    """One row per pytest-benchmark record: name, parameters, median seconds, extra_info."""
+    with open(path) as f:
+        data = json.load(f)
+    out = []
+    for b in data.get("benchmarks", []):
+        row = {"name": b.get("name"), "params": json.dumps(b.get("params"), sort_keys=True),
+               "median_s": b.get("stats", {}).get("median")}
+        row.update({k: v if isinstance(v, (int, float, str)) else json.dumps(v) for k, v in
+                    (b.get("extra_info") or {}).items()})
+        out.append(row)
+    return out
+
+
+def show(target: str, filters: dict, runs: bool = False) -> list:
+    if target.endswith(".json"):
+        rows = benchmark_rows(target if os.path.exists(target) else os.path.join(RESULTS, target))
+    else:
+        folder = target if os.path.isdir(target) else os.path.join(RESULTS, target)
+        rows = read(os.path.join(folder, "runs.csv" if runs else "summary.csv"))
+    hits = [r for r in rows if _match(r, filters)]
+    if hits:
+        cols = [c for c in hits[0] if any(h.get(c) not in ("", None) for h in hits)]
+        print(" | ".join(cols))
+        for h in hits:
+            print(" | ".join(str(h.get(c, "")) for c in cols))
+    else:
+        print(f"no row of {target} matches {filters}")
+    return hits
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "show":
+        print(__doc__)
+        return 2
+    runs = "--runs" in argv
+    argv = [a for a in argv if a != "--runs"]
+    filters = dict(a.split("=", 1) for a in argv[2:])
+    return 0 if show(argv[1], filters, runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
