@@ -13,11 +13,13 @@ their results are two CSV files in bench/results/<suite>/:
 
     python bench/results.py show fl_bbc method=fwdkern metric=accuracy client_round=40
     python bench/results.py show fl_bbc --runs method=fwdkern metric=accuracy client_round=40
-    python bench/results.py show seeded_cpu_2026-11-22.json name=test_seeded_axpy
+    python bench/results.py show seeded_cpu_2026-11-22.json "name=test_seeded[axpy-1048576-16-cpu]"
+    python bench/results.py show trainer_cpu/results.json "path=runs.*"
 
 `show` prints the summary rows (or with --runs the per-run rows) matching every key=value filter;
 for a pytest-benchmark JSON file it prints one row per benchmark (name, parameters, median,
-extra_info). A filter value matches a column exactly, or as a prefix when it ends in '*'.
+extra_info), for any other JSON result one row per value (its key path). A filter value matches a
+column exactly, or as a prefix when it ends in '*'.
 """
 from __future__ import annotations
 
@@ -115,10 +117,24 @@ def _match(row: dict, filters: dict) -> bool:
     return True
 
 
+def _leaves(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], obj
+
+
 def benchmark_rows(path: str) -> list:
-    """One row per pytest-benchmark record: name, parameters, median seconds, extra_info."""
+    """One row per pytest-benchmark record (name, parameters, median seconds, extra_info); any other JSON
+    result: one row per value (its key path, e.g. runs.0.accuracy)."""
     with open(path) as f:
         data = json.load(f)
+    if not (isinstance(data, dict) and "benchmarks" in data):
+        return [{"path": p, "value": v} for p, v in _leaves(data)]
     out = []
     for b in data.get("benchmarks", []):
         row = {"name": b.get("name"), "params": json.dumps(b.get("params"), sort_keys=True),
