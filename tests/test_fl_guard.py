@@ -114,15 +114,18 @@ def test_a_run_whose_body_steps_all_raise_the_loss_keeps_the_body_where_it_was(t
                 clients=8, clients_per_round=4, rounds=6, max_length=12, eval_every=3, max_test=40, num_threads=1,
                 checkpoint_every=0)
     h = build(RunConfig(out=str(tmp_path / "head"), **base), log=lambda *a: None).run()
-    guarded = build(RunConfig(out=str(tmp_path / "guarded"), perturbations=4, optimizer="sgd", lr=1e4, **base),
-                    log=lambda *a: None)
+    guarded = build(RunConfig(out=str(tmp_path / "guarded"), perturbations=4, optimizer="sgd", lr=1e4,
+                              **dict(base, rounds=14)), log=lambda *a: None)
     assert guarded.cfg.guard == "on"  # the recipe's choice when the body trains
     initial = guarded.server.weights()
     g = guarded.run()
-    assert [r.guard for r in guarded.metrics[1:]] == ["rejected"] * 5
-    assert all(r.guard_delta > 0 for r in guarded.metrics[1:]) and guarded.metrics[-1].guard_scale == 1 / 16
+    # ten rejected proposals: the body has not paid, so it stops (no more tangents; the head goes on)
+    assert [r.guard for r in guarded.metrics[1:11]] == ["rejected"] * 9 + ["stopped"]
+    assert all(r.guard_delta > 0 for r in guarded.metrics[1:11]) and guarded.metrics[10].guard_scale == 1 / 16
+    assert [r.tangents_per_client for r in guarded.metrics] == [4] * 10 + [0] * 4
+    assert all(r.guard is None for r in guarded.metrics[11:]) and len(guarded.metrics) == 14
     body = [n for n in initial if n not in guarded.task.head_names]
     assert body and all(torch.equal(guarded.server.params[n], initial[n]) for n in body)
     assert g["final"]["accuracy"] >= h["final"]["accuracy"] - 0.05
     rows = [json.loads(line) for line in open(tmp_path / "guarded" / "metrics.jsonl")]
-    assert [r.get("guard") for r in rows] == [None] + ["rejected"] * 5
+    assert [r.get("guard") for r in rows] == [None] + ["rejected"] * 9 + ["stopped"] + [None] * 3

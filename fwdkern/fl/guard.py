@@ -5,8 +5,10 @@ their batches once more with the proposed step (one extra forward each) and repo
 their ordinary one. The step is taken when the sample-weighted mean loss with it is no higher than
 without it (up to ``tolerance``, relative); otherwise it is dropped and the next proposal's learning
 rate is halved (down to ``min_scale``), while accepted steps double it back toward 1. The head's
-exact step is never held back. Each round's decision, the measured relative change and the scale are
-in metrics.jsonl (guard, guard_delta, guard_scale).
+exact step is never held back. When the body has not paid (fewer than `min_accepted` of the last
+`window` proposals taken), it stops training for the rest of the run: the clients stop computing its
+tangents. Each round's decision ("accepted", "rejected", "stopped"), the measured relative change and
+the scale are in metrics.jsonl (guard, guard_delta, guard_scale).
 """
 from __future__ import annotations
 
@@ -30,10 +32,22 @@ class GuardDecision:
 
 @dataclass
 class Guard:
+    """tolerance: the relative loss rise a step may cause and still be taken; min_scale: the smallest lr
+    scale a proposal is made with; window / min_accepted: when fewer than `min_accepted` of the last
+    `window` proposals were taken, the body stops training for the rest of the run (it does not pay
+    for its tangents; 0: never)."""
+
     tolerance: float = 0.0
     min_scale: float = 1.0 / 16
     scale: float = 1.0  # the lr scale of the next proposal
     history: list = field(default_factory=list)
+    window: int = 10
+    min_accepted: int = 2
+
+    def gives_up(self) -> bool:
+        """Whether the body has not paid: fewer than min_accepted of the last `window` proposals taken."""
+        return bool(self.window) and len(self.history) >= self.window and \
+            sum(self.history[-self.window:]) < self.min_accepted
 
     def decide(self, losses: Sequence[tuple]) -> GuardDecision:
         """Decide on the pending proposal from [(sample weight, loss without it, loss with it)] of the
@@ -56,8 +70,9 @@ class Guard:
 
     def state_dict(self) -> dict:
         return {"tolerance": self.tolerance, "min_scale": self.min_scale, "scale": self.scale,
-                "history": list(self.history)}
+                "history": list(self.history), "window": self.window, "min_accepted": self.min_accepted}
 
     def load_state_dict(self, sd: dict):
         self.tolerance, self.min_scale = sd["tolerance"], sd["min_scale"]
         self.scale, self.history = sd["scale"], list(sd["history"])
+        self.window, self.min_accepted = sd.get("window", self.window), sd.get("min_accepted", self.min_accepted)

@@ -468,6 +468,9 @@ class Server:
             res.guard, res.guard_delta, res.guard_scale = ("accepted" if d.accepted else "rejected"), d.delta, d.scale
             commit = self.pending if d.accepted else None
             self.pending = None
+            if self.guard.gives_up() and self.head:  # the body has not paid: no more tangents this run
+                self.K = 0
+                res.guard = "stopped"
         saved = {n: p.detach().clone() for n, p in self.params.items()}
         states = (self.optimizer.state_dict(), self.head_optimizer.state_dict())
         head_grads = {n: g for n, g in grads.items() if n in head}
@@ -506,11 +509,11 @@ class Server:
             self.schedule.append(count)
             res.stepped = True
         else:  # nothing to take this round: the guard keeps the body where it is
-            res.reason = ("guard: body step rejected" if res.guard == "rejected" else
+            res.reason = ("guard: body step rejected" if res.guard in ("rejected", "stopped") else
                           "guard: body step proposed, measured next round")
         body_groups = tuple(g for g in (TermGroup(g.seed, g.ks, g.coeffs, tuple(p for p in g.pids if p not in head_ids))
                                         for g in groups) if g.pids)
-        if body_groups:  # this round's body step, proposed for the next round's clients to measure
+        if body_groups and self.K:  # this round's body step, proposed for the next round's clients to measure
             body = {n: g for n, g in grads.items() if n not in head}
             params = {n: self.params[n].detach().clone() for n in body}
             opt = copy.deepcopy(self.optimizer)
@@ -689,6 +692,7 @@ class Server:
             "round_rejected": self._round_rejected,
             "steps_log": [r.to_json() for r in self.steps_log], "init_digest": self.init_digest.hex(),
             "guard": self.guard.state_dict() if self.guard is not None else None,
+            "perturbations_per_client": self.K,
             "pending": None if self.pending is None else {
                 "params": dict(self.pending["params"]), "state": self.pending["state"],
                 "step": _Record(self.pending["step"].from_version, self.pending["step"], frozenset()).to_json()},
@@ -714,6 +718,7 @@ class Server:
         self.steps_log = [_Record.from_json(r) for r in sd.get("steps_log", [])]
         if self.guard is not None and sd.get("guard"):
             self.guard.load_state_dict(sd["guard"])
+        self.K = sd.get("perturbations_per_client", self.K)
         pending = sd.get("pending")
         self.pending = None if pending is None else {
             "params": {n: t.clone() for n, t in pending["params"].items()}, "state": pending["state"],

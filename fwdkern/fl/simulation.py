@@ -236,12 +236,13 @@ class Simulation:
 
     def _per_client(self) -> dict:
         """What one participating client evaluates: body tangents and exact-head projections."""
-        return {"tangents_per_client": (self.cfg.perturbations or 0) if self.method.perturbs else 0,
+        return {"tangents_per_client": self.server.K if self.method.perturbs else 0,
                 "head_projections_per_client": self.cfg.head_directions if self.task.head is not None else 0}
 
     def _forward_passes(self) -> int:
         """Client compute per round in forward-pass equivalents (see Method.passes_per_batch)."""
-        return self.method.forward_passes(self.cfg.perturbations or 0, self.cfg.local_batches)
+        probe = self.cfg.local_batches if self.server.pending is not None else 0  # the guard's probe forward
+        return self.method.forward_passes(self.server.K, self.cfg.local_batches) + probe
 
     def download_stats(self) -> dict:
         """Bytes a participating client received per round, over every (client, round) of the run: mean,
