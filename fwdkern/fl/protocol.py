@@ -498,8 +498,9 @@ class RoundResult:
 
 
 @dataclass
-class RoundRow:
-    """One row of metrics.jsonl: one client round (or pacing attempt) of a run.
+class RoundRow(RoundResult):
+    """One row of metrics.jsonl: one client round (or pacing attempt) of a run -- what the server did
+    (the RoundResult's fields) and what it cost the clients.
 
     perturbations: scalars in the round's estimate over all its clients (and pacing attempts).
     tangents_per_client / head_projections_per_client: what one client evaluates: forward-gradient
@@ -509,26 +510,12 @@ class RoundRow:
     forward_passes_per_client: client compute in forward-pass equivalents. evaluation: the test metrics
     when the round was evaluated. wall_time_s / cpu_time_s: the run's training time so far."""
 
-    round: int
-    attempt: int
-    stepped: bool
-    loss: Optional[float]
-    perturbations: int
-    variance: Optional[float]
-    threshold: Optional[float]
-    bytes_up_per_client: int
-    bytes_down_per_client: int
-    accepted: int
-    rejected: int
-    forward_passes_per_client: int
+    bytes_up_per_client: int = 0
+    bytes_down_per_client: int = 0
+    bytes_down_max: int = 0
+    forward_passes_per_client: int = 0
     tangents_per_client: int = 0
     head_projections_per_client: int = 0
-    bytes_down_max: int = 0
-    reason: Optional[str] = None
-    noise_ratio: Optional[float] = None
-    guard: Optional[str] = None
-    guard_delta: Optional[float] = None
-    guard_scale: Optional[float] = None
     evaluation: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
     cpu_time_s: float = 0.0
@@ -537,11 +524,7 @@ class RoundRow:
 
     @classmethod
     def of(cls, result: RoundResult, **kw) -> "RoundRow":
-        return cls(round=result.round, attempt=result.attempt, stepped=result.stepped, loss=result.loss,
-                   perturbations=result.perturbations, variance=result.variance, threshold=result.threshold,
-                   accepted=result.accepted, rejected=result.rejected, reason=result.reason,
-                   noise_ratio=result.noise_ratio, guard=result.guard, guard_delta=result.guard_delta,
-                   guard_scale=result.guard_scale, **kw)
+        return cls(**{f.name: getattr(result, f.name) for f in fields(RoundResult)}, **kw)
 
     def to_json(self) -> dict:
         d = {}
