@@ -116,6 +116,14 @@ SUITES = {
                          metric="eval_loss", sweep_rounds=12, seeds=[0, 1], methods=_lm_methods(),
                          final_rounds={"default": 24, "fwdkern": 24, "backprop": 24, "backprop_fedadam": 24},
                          also=dict(backprop_ckpt=("backprop", dict(checkpointing=True)))),
+    # Gemma-3-270M with an int4 base: the client-memory column of the causal-LM comparison (its learning
+    # runs do not fit the CPU); the recipe's settings, one client round per method.
+    "fl_causal_lm_gemma": dict(common=dict(model="gemma3-270m", data="bbc_news", task="causal_lm", clients=20,
+                                           clients_per_round=5, batch_size=4, max_length=64, local_batches=1,
+                                           max_test=16, eval_every=0, samples=0, base_quant="int4"),
+                               metric="eval_loss", sweep_rounds=1, seeds=[0],
+                               methods={k: v for k, v in _lm_methods().items() if k in ("default", "backprop")},
+                               final_rounds={}, also=dict(backprop_ckpt=("backprop", dict(checkpointing=True)))),
 }
 
 

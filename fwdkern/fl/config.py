@@ -61,6 +61,8 @@ class RunConfig:
                      "bottleneck adapter, reduction 16)", ("lora", "ia3", "bitfit", "adapter"))
     r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / r)")
+    base_quant: str = _opt("none", "keep the frozen base quantized: none (float), int8 (per channel) or int4 (group-wise); "
+                           "the LoRA layers' dense GEMMs run on the quantized weights (memory)", ("none", "int8", "int4"))
     lora_a: str = _opt("train", "LoRA's A matrices: train (with B), or frozen at their random init so only B trains "
                        "(LoRA-FA): every method then trains and perturbs B (and any head) only", ("train", "frozen"))
     target_modules: Optional[list] = _opt(None, "module names that get adapters (default: per model family)",

@@ -148,9 +148,11 @@ def _load_model(cfg, data, task: str, tok=None):
                                                     verbalizer_ids(tok, data.label_names))
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
+    quant = None if cfg.base_quant == "none" else cfg.base_quant
     if cfg.peft == "lora":
         model = fwdkern.patch(model, r=cfg.r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
-                              layers=cfg.layers)
+                              layers=cfg.layers, base_quant=quant)
     else:
-        model = fwdkern.patch(model, peft=cfg.peft, target_modules=cfg.target_modules, layers=cfg.layers)
+        model = fwdkern.patch(model, peft=cfg.peft, target_modules=cfg.target_modules, layers=cfg.layers,
+                              base_quant=quant)
     return model, tok
