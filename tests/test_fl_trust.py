@@ -355,3 +355,9 @@ def test_binary_header_layout_is_stable():
     assert b[:2] == b"FK" and b[2] == 1 and b[3] == 0
     assert struct.unpack("<IIIf", b[4:20]) == (1, 2, 3, 0.5)
     assert len(b) < MAX_UPDATE_BYTES
+
+
+def test_block_indices_are_accepted_and_checked():
+    assert RunConfig(layers=[-1]).validate().layers == [-1]  # what `--layers -1` gives
+    with pytest.raises(ConfigError, match="--layers"):
+        RunConfig(layers=["x"]).validate()

@@ -151,8 +151,8 @@ class RunConfig:
                 continue
             if "choices" in meta and v not in meta["choices"]:
                 raise ConfigError(f"--{_flag(f.name)}: {v!r} is not one of {', '.join(map(str, meta['choices']))}")
-            if meta.get("type", f.type) in ("int", "float", int, float) and (
-                    isinstance(v, bool) or not isinstance(v, (int, float))):
+            if not meta.get("nargs") and meta.get("type", f.type) in ("int", "float", int, float) and (
+                    isinstance(v, bool) or not isinstance(v, (int, float))):  # (a list option checks its items below)
                 raise ConfigError(f"--{_flag(f.name)}: expected a number, got {v!r}")
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"--{_flag(f.name)}: {v} is not finite")
