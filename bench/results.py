@@ -15,11 +15,16 @@ their results are two CSV files in bench/results/<suite>/:
     python bench/results.py show fl_bbc --runs method=fwdkern metric=accuracy client_round=40
     python bench/results.py show seeded_cpu_2026-11-22.json "name=test_seeded[axpy-1048576-16-cpu]"
     python bench/results.py show trainer_cpu/results.json "path=runs.*"
+    python bench/results.py collect fl_causal_lm_explore --phase explore --commit 09cd0e5+ RUN_DIR ...
 
 `show` prints the summary rows (or with --runs the per-run rows) matching every key=value filter;
 for a pytest-benchmark JSON file it prints one row per benchmark (name, parameters, median,
 extra_info), for any other JSON result one row per value (its key path). A filter value matches a
 column exactly, or as a prefix when it ends in '*'.
+
+`collect` turns run folders of `fwdkern train` (metrics.jsonl + summary.json) into a suite's runs.csv and
+summary.csv: each run's label is its folder name, its setting the config values that differ between the
+runs, its seed the config's; --commit names the code a run's provenance lacks (a run from a working tree).
 """
 from __future__ import annotations
 
@@ -162,8 +167,43 @@ def show(target: str, filters: dict, runs: bool = False) -> list:
     return hits
 
 
+def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = None) -> list:
+    """runs.csv / summary.csv of bench/results/<suite>/ from run folders (see the module's docstring)."""
+    configs = {}
+    for d in run_dirs:
+        with open(os.path.join(d, "summary.json")) as f:
+            configs[d] = json.load(f)["config"]
+    keys = sorted({k for c in configs.values() for k in c})
+    # a field a run's code did not have yet is None there: only values that differ count
+    varying = [k for k in keys if k not in ("out", "seed", "rounds", "max_client_rounds") and
+               len({json.dumps(c.get(k), sort_keys=True) for c in configs.values() if c.get(k) is not None}) > 1]
+    rows = []
+    for d, c in configs.items():
+        setting = "_".join(f"{k}={c[k]}".replace(" ", "") for k in varying if c.get(k) is not None) or "default"
+        got = run_rows(suite, phase, os.path.basename(os.path.normpath(d)), setting, c.get("seed", 0), d,
+                       c.get("clients_per_round") or 1)
+        for r in got:
+            r["commit"] = r["commit"] or commit
+        rows += got
+    write(rows, os.path.join(RESULTS, suite))
+    return rows
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 3 and argv[0] == "collect":
+        opts = {"--phase": "explore", "--commit": None}
+        rest, i = [], 2
+        while i < len(argv):
+            if argv[i] in opts and i + 1 < len(argv):
+                opts[argv[i]] = argv[i + 1]
+                i += 2
+            else:
+                rest.append(argv[i])
+                i += 1
+        rows = collect(argv[1], rest, opts["--phase"], opts["--commit"])
+        print(f"{len(rows)} rows from {len(rest)} runs -> {os.path.join(RESULTS, argv[1])}")
+        return 0
     if len(argv) < 2 or argv[0] != "show":
         print(__doc__)
         return 2
