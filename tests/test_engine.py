@@ -129,6 +129,49 @@ def test_jvp_matches_autograd(family):
     assert torch.equal(L2, L)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_block_estimate_is_its_closed_form_and_its_tangents_start_at_the_block(family, monkeypatch):
+    # fwdkern's --split deals a client one block of consecutive layers (fwdkern.fl.splitting): its estimate
+    # (1/K) sum_k (∇L·v_k) v_k must equal the closed form with the autograd gradient restricted to the block
+    # -- zero on every tensor outside it -- and the layers below the block must run without tangents.
+    model = fwdkern.patch(_model(family))
+    _randomize(model)
+    batch = _batch(family)
+    tr = [(n, pid, p) for n, pid, p in fwdkern.trainable(model) if ".lora_" in n]
+    top = max(int(n.split("layer.")[-1].split(".")[0]) if "layer." in n else int(n.split("layers.")[-1].split(".")[0])
+              for n, _, _ in tr)
+    block = [n for n, _, _ in tr if f"layer.{top}." in n or f"layers.{top}." in n]
+    assert 0 < len(block) < len(tr)
+    dual_calls = []
+    orig = fwdkern.LoRALinear.forward_dual
+
+    def counted(self, *a, **kw):
+        dual_calls.append(self)
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(fwdkern.LoRALinear, "forward_dual", counted)
+    ks = list(range(6))
+    _, jv = fwdkern.jvp(model, batch, seed=7, ks=ks, params=block)
+    monkeypatch.undo()
+    assert len(dual_calls) == len(block) // 2  # one LoRA module per A/B pair, all in the top layer
+    model.zero_grad(set_to_none=True)
+    _autograd_loss(model, family, batch).backward()
+    v = {n: torch.stack([fwdkern.perturbation(p.shape, 7, pid, k).double() for k in ks]) for n, pid, p in tr}
+    g = {n: p.grad.double() for n, _, p in tr}
+    # the block's directional derivatives: the gradient dotted with v over the block's tensors only
+    d = sum(torch.einsum("...,k...->k", g[n], v[n]) for n in block)
+    scale = float(d.abs().max())
+    assert torch.allclose(jv.double(), d, rtol=1e-4, atol=1e-4 * scale)
+    # so on the block the estimate is the closed form (1/K) sum_k (g_b·v_k) v_k, and it is unbiased for g_b
+    # only in expectation: with the whole body's dot product it would differ (the check has teeth)
+    full = sum(torch.einsum("...,k...->k", g[n], v[n]) for n, _, _ in tr)
+    assert (full - d).abs().max() > 10 * 1e-4 * scale
+    for n in block:
+        est = torch.einsum("k,k...->...", jv.double(), v[n]) / len(ks)
+        closed = torch.einsum("k,k...->...", d, v[n]) / len(ks)
+        assert torch.allclose(est, closed, rtol=1e-4, atol=1e-4 * float(closed.abs().max())), n
+
+
 def test_trainable_and_ids():
     model = fwdkern.patch(_model("bert"))
     tr = fwdkern.trainable(model)

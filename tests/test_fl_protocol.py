@@ -152,6 +152,25 @@ def test_split_more_clients_than_groups():
     assert split_groups([], ["a"], 0) == {"a": ()}
 
 
+def test_contiguous_split_deals_each_client_one_block_of_consecutive_groups():
+    # fwdkern's --split: every group dealt exactly once per round, each client a run of neighbours (a block of
+    # layers, so its tangents start at its block), the blocks rotating over the rounds.
+    groups = [[i] for i in range(7)]
+    clients = ["a", "b", "c"]
+    seen = {c: set() for c in clients}
+    for r in range(3):
+        out = split_groups(groups, clients, round_index=r, shared=[9], contiguous=True)
+        body = {c: [p for p in v if p != 9] for c, v in out.items()}
+        assert sorted(p for v in body.values() for p in v) == list(range(7))
+        assert all(v == list(range(v[0], v[0] + len(v))) for v in body.values())
+        assert sorted(len(v) for v in body.values()) == [2, 2, 3] and all(v[0] == 9 for v in out.values())
+        for c, v in body.items():
+            seen[c].add(v[0])
+    assert all(len(v) == 3 for v in seen.values())  # every client held every block once in 3 rounds
+    # fewer groups than clients: the same as the round-robin deal
+    assert split_groups([[1], [2]], clients, 0, contiguous=True) == split_groups([[1], [2]], clients, 0)
+
+
 def test_spry_split_training():
     server, target = make(groups=[["a"], ["b"]], shared=["head"], perturbations_per_client=4)
     start = loss_of(server, target)

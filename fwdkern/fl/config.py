@@ -86,7 +86,8 @@ class RunConfig:
                       "proposal's lr (auto: on whenever the body trains by forward gradients)", ("auto", "on", "off"))
     guard_tolerance: float = _opt(0.0, "body guard: the relative rise of the clients' mean loss a body step may cause "
                                   "and still be taken")
-    split: bool = _opt(False, "SPRY splitting: deal LoRA layers out to the round's clients")
+    split: bool = _opt(False, "deal the LoRA layers out to the round's clients (SPRY's split): with fwdkern each "
+                              "client perturbs one block of consecutive layers, so its tangents start there")
     eps: float = _opt(1e-3, "finite-difference step of mezo / fwdllm")
     dist: str = _opt("rademacher", "perturbation distribution", ("rademacher", "gaussian"))
     eval_every: int = _opt(5, "evaluate the test set every N steps (0 = only at the end)")

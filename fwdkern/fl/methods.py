@@ -36,6 +36,9 @@ class Method:
     guard: its body steps may go through the body guard (fwdkern.fl.guard).
     pacing: variance pacing (more perturbations at the same model version) applies.
     deals_layers: the LoRA layers are always dealt out to the round's clients (SPRY).
+    deal: how dealt layers (``deals_layers`` or ``--split``) go to clients: "blocks" (each client a run of
+        consecutive layers, so its tangent work starts at its block) or "round_robin" (every C-th layer,
+        SPRY as released).
     flower: the Flower ServerApp / ClientApp carry it (seed-and-scalar rounds only).
     defaults: the recipe's value for each setting left unset (fwdkern.fl.recipe); "perturbations_no_head"
         replaces "perturbations" when no exact head trains.
@@ -54,6 +57,7 @@ class Method:
     guard: bool = False
     pacing: bool = True
     deals_layers: bool = False
+    deal: str = "blocks"
     flower: bool = True
     defaults: dict = field(default_factory=dict)
 
@@ -78,7 +82,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("spry", "SPRY as released: LoRA layers dealt to the round's clients, forward-gradient AdamW local "
            "steps, weight uploads", client.train_spry, "weights", "weights", lambda K: 1 + K, download="weights",
            dist="gaussian",
-           pacing=False, deals_layers=True, flower=False,
+           pacing=False, deals_layers=True, deal="round_robin", flower=False,
            defaults=dict(optimizer="fedyogi", lr=0.01, perturbations=1, local_lr=1e-3)),
     Method("backprop", "LoRA FedAvg with autograd: local SGD steps, full-adapter uploads", client.train_backprop,
            "weights", "weights", lambda K: 3, download="weights", perturbs=False, pacing=False, flower=False,

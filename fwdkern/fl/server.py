@@ -110,6 +110,8 @@ class Server:
         seed: run seed (every round seed derives from it).
         perturbations_per_client: K per client per attempt.
         groups: SPRY split, a list of lists of tensor names (None: every client perturbs all).
+        contiguous_groups: deal each client a run of consecutive groups (a block of layers) rather than
+            every C-th group (fwdkern.fl.splitting.split_groups).
         shared: names every client perturbs (e.g. a classifier head).
         pacing: VariancePacing or None.
         candidates: discriminative sampling: draw candidates x K indices, keep the
@@ -128,6 +130,7 @@ class Server:
 
     def __init__(self, params: dict, param_ids: dict, optimizer, *, seed: int = 0, perturbations_per_client: int = 1,
                  dist: str = "rademacher", groups: Optional[Sequence[Sequence[str]]] = None, shared: Sequence[str] = (),
+                 contiguous_groups: bool = False,
                  pacing: Optional[VariancePacing] = None, candidates: int = 1, robust_factor: float = 10.0,
                  head: Sequence[str] = (), head_directions: int = 0, max_samples: int = 0, replay_window: int = 1000,
                  smoothing: float = 0.9, head_optimizer=None, client_state: bool = True,
@@ -149,6 +152,7 @@ class Server:
         self.head = [n for n in params if n in set(head)] if head_directions else []
         self.M = int(head_directions) if self.head else 0
         self.groups = [list(g) for g in groups] if groups else None
+        self.contiguous_groups = contiguous_groups
         self.shared = [n for n in shared if n not in self.head]
         self.pacing = pacing
         self.candidates = max(1, int(candidates))
@@ -212,7 +216,7 @@ class Server:
         if self.groups:
             gids = [[self.param_ids[n] for n in g if n not in self.head] for g in self.groups]
             assign = split_groups([g for g in gids if g], list(clients), self.round + self.attempt,
-                                  shared=[self.param_ids[n] for n in self.shared])
+                                  shared=[self.param_ids[n] for n in self.shared], contiguous=self.contiguous_groups)
         else:
             assign = {c: all_ids for c in clients}
         self.plans = {}

