@@ -95,11 +95,15 @@ SUITES = {
                   methods=_classification_methods(), sweep_rounds=20, seeds=[0, 1],
                   final_rounds={"default": 40, "head_only": 40, "fwdkern": 40, "backprop": 40,
                                 "backprop_fedadam": 40}),
-    # Word order: a task where the frozen encoder's features are not enough (fwdkern.fl.data).
-    "fl_word_order": dict(common=dict(MINILM, data="rt_word_order", max_length=48, max_test=1000), metric="accuracy",
-                          methods=_classification_methods(), sweep_rounds=20, seeds=[0, 1],
-                          final_rounds={"default": 80, "head_only": 80, "fwdkern": 80, "backprop": 80,
-                                        "backprop_fedadam": 80}),
+    # Word order: a task where the frozen encoder's features are not enough (fwdkern.fl.data). Scaled to
+    # the CPU: the default (head only), head-only tuned, the body beside the head, backprop FedAvg and
+    # FedAdam; 40 client rounds.
+    "fl_word_order": dict(common=dict(MINILM, data="rt_word_order", max_length=48, max_test=1000, eval_every=10),
+                          metric="accuracy", sweep_rounds=20, seeds=[0, 1],
+                          methods={k: v for k, v in _classification_methods().items()
+                                   if k in ("default", "head_only", "fwdkern", "backprop", "backprop_fedadam")},
+                          final_rounds={"default": 40, "head_only": 40, "fwdkern": 40, "backprop": 40,
+                                        "backprop_fedadam": 40}),
     # Causal-LM prompt classification: the LM head's label-word rows as the classifier head
     # (fwdkern.nn.verbalizer). Scaled to fit the CPU: 5 clients per round, sweep 10 client rounds.
     "fl_smollm2_prompt": dict(common=dict(model="smollm2-135m", data="bbc_news", task="prompt", max_length=64,

@@ -33,9 +33,10 @@ POOLINGS = ("auto", "hf", "mean", "cls", "max")
 
 @dataclass
 class RunConfig:
-    model: str = _opt("all-minilm-l6-v2", "bundled model name (all-minilm-l6-v2, smollm2-135m) or a local Hugging "
-                      "Face model folder")
-    data: str = _opt("bbc_news", "bundled data set (bbc_news, rotten_tomatoes) or a .csv / .jsonl / .txt file path")
+    model: str = _opt("all-minilm-l6-v2", "bundled model name (all-minilm-l6-v2, smollm2-135m, gemma3-270m) or a "
+                      "local Hugging Face model folder")
+    data: str = _opt("bbc_news", "bundled data set (bbc_news, rotten_tomatoes, rt_word_order, guardian_headlines, "
+                                 "debates_2016) or a .csv / .jsonl / .txt file path")
     text_column: str = _opt("text", "column of --data holding the text (CSV/JSONL)")
     label_column: Optional[str] = _opt("label", "column of --data holding the label; 'none' for plain text (causal LM)")
     out: str = _opt("runs/demo", "output folder: metrics.jsonl, summary.json, checkpoint, curves.png; rerun the "
