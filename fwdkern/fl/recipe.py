@@ -9,8 +9,13 @@ tuned settings there, not independent checks):
   through the body) and its update travels as seeded projections; the body's perturbations default
   to 0 when the model has such a head, because a K = 16 body estimate's cosine with the true
   gradient is about sqrt(K / (K + d)) -- noise at LoRA sizes -- while the head holds nearly all of
-  the gradient's energy (bench/results/profile_minilm_bbc.json, profile_smollm2_prompt.json).
-  Without a head (causal LM) the body is all there is: K = 16 with FedAdam.
+  the gradient's energy (bench/results/profile_minilm_bbc.json, profile_smollm2_prompt.json); turned
+  on beside the head it has not paid for its client CPU on the bundled data (bench/results/
+  demo_cpu_2026-12-06/body_k16_fedadam/, fl_word_order/, fl_word_order_explore/).
+  Without a head (causal LM) the body is all there is: K = 16 with FedAdam (fewer tangents, a
+  larger lr, layer blocks and a smaller adapter all did worse: bench/results/fl_causal_lm_explore/).
+* guard on wherever the body trains by forward gradients (fwdkern.fl.guard): a step the next
+  round's clients measure as raising their loss is not taken.
 * head_lr 8: scale-free (divided by the features' mean squared norm), the best or tied-best of the
   head-lr sweeps on BBC News, Rotten Tomatoes and SmolLM2 prompt classification
   (bench/results/fl_{bbc,rt,smollm2}_cpu/).
