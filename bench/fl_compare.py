@@ -396,6 +396,9 @@ def targets(suite_name: str, summary: list, marks) -> list:
                 out.append((f"loss_drop_ratio_at_{k}", drop_d / drop_b if drop_b else float("nan"),
                             f"held-out loss drop at {k} client rounds: default {drop_d:.3f} = "
                             f"{drop_d / drop_b:.0%} of tuned backprop's {drop_b:.3f}" if drop_b else ""))
+        mz = _mezo_at_equal_passes(summary, metric, initial["mean"])
+        if mz:
+            out.append(mz)
         cd, cb = (_value(summary, m, "cpu_s_per_client_round") for m in ("default", "backprop"))
         if cd and cb:
             out.append(("cpu_ratio_to_backprop", cd["mean"] / cb["mean"],
@@ -407,6 +410,32 @@ def targets(suite_name: str, summary: list, marks) -> list:
             out.append((f"{m}_bytes", down["mean"], f"{m}: {up['mean']:.0f} B up, {down['mean']:.0f} B down per client "
                                                     "per round (mean)"))
     return out
+
+
+def _passes(summary, method, rnd) -> float:
+    """Forward passes per client up to client round `rnd` (the per-round means over seeds)."""
+    return sum(float(r["mean"]) for r in summary if r["method"] == method and r["metric"] ==
+               "forward_passes_per_client" and r["client_round"] != "" and 0 < int(r["client_round"]) <= rnd)
+
+
+def _mezo_at_equal_passes(summary, metric, initial):
+    """The default's held-out loss drop against tuned MeZO's at equal forward passes per client: MeZO at its
+    last evaluation, the default at its last evaluation within the same forward-pass budget."""
+    evals = lambda m: sorted(int(r["client_round"]) for r in summary if r["method"] == m and r["metric"] == metric
+                             and r["client_round"] not in ("", "0", 0))
+    if not evals("mezo") or not evals("default"):
+        return None
+    rm = evals("mezo")[-1]
+    budget = _passes(summary, "mezo", rm)
+    fits = [r for r in evals("default") if _passes(summary, "default", r) <= budget]
+    if not fits or not budget:
+        return None
+    rd = fits[-1]
+    dm = initial - _at(summary, "mezo", metric, rm)["mean"]
+    dd = initial - _at(summary, "default", metric, rd)["mean"]
+    return ("drop_vs_mezo_at_equal_passes", dd / dm if dm > 0 else float("inf"),
+            f"held-out loss drop at equal forward passes ({budget:.0f} per client): default {dd:.3f} (round {rd}) vs "
+            f"tuned MeZO {dm:.3f} (round {rm})" + (f" = {dd / dm:.1f}x" if dm > 0 else " (MeZO did not lower it)"))
 
 
 def markdown(suite: Suite, summary: list, methods, grids) -> str:

@@ -91,6 +91,13 @@ def test_targets_from_the_summary_rows():
           row("backprop", "cpu_s_per_client_round", "", 2.0)]
     t = {k: v for k, v, _ in _fl.targets("fl_causal_lm", lm, [12])}
     assert abs(t["loss_drop_ratio_at_12"] - 0.2 / 0.25) < 1e-9 and abs(t["cpu_ratio_to_backprop"] - 3.0) < 1e-12
+    # MeZO at equal forward passes: 12 rounds x 8 = 96 passes; the default (17 per round) fits 4 rounds (68),
+    # not 8 (136), so its round-4 drop (0.05) is set against MeZO's round-12 drop (0.01)
+    lm += [row("mezo", "eval_loss", 12, 3.99), row("default", "eval_loss", 4, 3.95), row("default", "eval_loss", 8, 3.9)]
+    lm += [row("mezo", "forward_passes_per_client", r, 8) for r in range(1, 13)]
+    lm += [row("default", "forward_passes_per_client", r, 17) for r in range(1, 13)]
+    t = {k: v for k, v, _ in _fl.targets("fl_causal_lm", lm, [12])}
+    assert abs(t["drop_vs_mezo_at_equal_passes"] - 0.05 / 0.01) < 1e-6
 
 
 def test_collect_labels_runs_by_folder_and_setting_by_what_differs(tmp_path, monkeypatch):
