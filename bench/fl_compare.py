@@ -318,14 +318,16 @@ class Suite:
                 d = self.sweep_dir(m, s)
                 if _summary(d) is not None:
                     rows += results.run_rows(self.name, "sweep", m, _tag(s), 0, d, self.per_round)
+        with_rows = set()
         for label, base, setting, seed, rounds, out in self.final_runs(methods):
             if _summary(out) is not None:
+                with_rows.add(label)
                 extra = {}
                 if label in mem and mem[label].get("peak_rss_growth_bytes") is not None:
                     extra["client_peak_mib"] = mem[label]["peak_rss_growth_bytes"] / 2**20
                 rows += results.run_rows(self.name, "final", label, _tag(setting), seed, out, self.per_round, extra)
-        for name, m in mem.items():
-            if name not in methods and m.get("peak_rss_growth_bytes") is not None:
+        for name, m in mem.items():  # memory of a method without final runs too (a memory-only suite)
+            if name not in with_rows and m.get("peak_rss_growth_bytes") is not None:
                 rows.append(dict(suite=self.name, phase="extra", method=name, setting=_tag(m.get("setting", {})),
                                  seed=0, client_round="", metric="client_peak_mib",
                                  value=m["peak_rss_growth_bytes"] / 2**20))
@@ -440,14 +442,17 @@ def _mezo_at_equal_passes(summary, metric, initial):
 
 def markdown(suite: Suite, summary: list, methods, grids) -> str:
     metric = suite.metric
-    marks = sorted({int(r["client_round"]) for r in summary if r["metric"] == metric and r["client_round"] not in
-                    ("", 0, "0") and int(r["client_round"]) % 10 == 0} | {suite.d["sweep_rounds"]})
+    evaluated = {int(r["client_round"]) for r in summary if r["metric"] == metric and r["client_round"] not in
+                 ("", 0, "0")}
+    # every evaluated round when there are few (a short causal-LM run), else every tenth and the sweep's end
+    marks = sorted(evaluated if len(evaluated) <= 6 else
+                   {k for k in evaluated if k % 10 == 0} | {suite.d["sweep_rounds"]})
     name = {"accuracy": "test accuracy", "eval_loss": "held-out token loss"}[metric]
     lines = [f"# {suite.name}", "", f"{name.capitalize()} (mean over seeds ± half the spread) at client rounds, chosen on "
              "the validation split; client cost per round; bytes per participating client per round "
              f"(`python bench/results.py show {suite.name} method=M metric=X client_round=N` prints any cell's row).", ""]
-    head = "| method | setting | " + " | ".join(f"@{k}" for k in marks) + \
-        " | CPU s / client round | up B | down B (mean / p95 / first) | client peak MiB |"
+    head = "| " + " | ".join(["method", "setting"] + [f"@{k}" for k in marks] + [
+        "CPU s / client round", "up B", "down B (mean / p95 / first)", "client peak MiB"]) + " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     labels = [m for m in methods] + [n for n in suite.d.get("also", {}) if n not in methods] + ["inference"]
     for m in labels:
@@ -464,7 +469,7 @@ def markdown(suite: Suite, summary: list, methods, grids) -> str:
         down_s = "-" if dm is None else "%.0f / %.0f / %s" % (dm["mean"], dp["mean"] if dp else float("nan"),
                                                             "%.0f" % df["mean"] if df else "-")
         mib_s = "-" if mib is None else "%.1f" % mib["mean"]
-        lines.append(f"| {m} | {setting} | " + " | ".join(evals) + f" | {_cell(cpu, 2)} | {up_s} | {down_s} | {mib_s} |")
+        lines.append("| " + " | ".join([m, setting] + evals + [_cell(cpu, 2), up_s, down_s, mib_s]) + " |")
     lines += ["", "Grids swept (seed 0, validation-selected; * = the pick):", ""]
     for m in methods:
         if grids.get(m):
