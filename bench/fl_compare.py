@@ -423,13 +423,13 @@ def _passes(summary, method, rnd) -> float:
 def _mezo_at_equal_passes(summary, metric, initial):
     """The default's held-out loss drop against tuned MeZO's at equal forward passes per client: MeZO at its
     last evaluation, the default at its last evaluation within the same forward-pass budget."""
-    evals = lambda m: sorted(int(r["client_round"]) for r in summary if r["method"] == m and r["metric"] == metric
-                             and r["client_round"] not in ("", "0", 0))
-    if not evals("mezo") or not evals("default"):
+    mezo, default = (sorted(int(r["client_round"]) for r in summary if r["method"] == m and r["metric"] == metric
+                            and r["client_round"] not in ("", "0", 0)) for m in ("mezo", "default"))
+    if not mezo or not default:
         return None
-    rm = evals("mezo")[-1]
+    rm = mezo[-1]
     budget = _passes(summary, "mezo", rm)
-    fits = [r for r in evals("default") if _passes(summary, "default", r) <= budget]
+    fits = [r for r in default if _passes(summary, "default", r) <= budget]
     if not fits or not budget:
         return None
     rd = fits[-1]

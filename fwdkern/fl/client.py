@@ -112,9 +112,10 @@ def train_backprop(task, client: int, plan: RoundPlan, probe=None) -> WeightUplo
         with _checkpointing(task.model, task.cfg.checkpointing):
             out = task.model(**batch)
             grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
-        clip = task.cfg.local_clip
-        norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
-        scale = clip / norm if clip and norm > clip else 1.0
+        clip, scale = task.cfg.local_clip, 1.0
+        if clip:  # (0: off -- no norm to compute)
+            norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+            scale = clip / norm if norm > clip else 1.0
         with torch.no_grad():
             for p, g in zip(params.values(), grads):
                 p.requires_grad_(False)

@@ -397,13 +397,36 @@ class Server:
         else:
             ok = False
         if not ok:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(saved[n])
-            for (o, _), st in zip(groups, states):
-                o.load_state_dict(st)
+            self._restore(saved, [o for o, _ in groups], states)
             return None
         return frozenset(n for n, p in self.params.items() if not torch.equal(saved[n], p))
+
+    def _restore(self, saved: dict, optimizers, states):
+        """Put back the tensors and optimizer states a step was about to change."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(saved[n])
+        for o, st in zip(optimizers, states):
+            o.load_state_dict(st)
+
+    def _rolled_back(self, res: RoundResult) -> RoundResult:
+        """Close a round whose step was rolled back (it would have left a weight or state non-finite)."""
+        res.reason = "the step would make weights or optimizer state non-finite"
+        self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
+        self._close_round()
+        return res
+
+    def _remember(self, grads: dict):
+        """What later rounds draw on: the accepted jvps' magnitudes (robust bounds) and, with
+        discriminative sampling, the smoothed direction it ranks candidates against (not the raw one)."""
+        for u in self.accepted:
+            self.jvp_history.extend(abs(j) for j in u.jvps)
+        self.jvp_history = self.jvp_history[-4096:]
+        if self.candidates > 1:
+            a = self.smoothing
+            prev = self.prev_grad
+            self.prev_grad = {n: g.clone() if prev is None else prev[n].mul(a).add_(g, alpha=1 - a)
+                              for n, g in grads.items()}
 
     def _close_round(self):
         self.round += 1
@@ -441,19 +464,9 @@ class Server:
         t = (self.optimizer.t, self.head_optimizer.t)
         changed = self._step(grads)
         if changed is None:
-            res.reason = "the step would make weights or optimizer state non-finite"
-            self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
-            self._close_round()
-            return res
-        for u in self.accepted:
-            self.jvp_history.extend(abs(j) for j in u.jvps)
-        self.jvp_history = self.jvp_history[-4096:]
+            return self._rolled_back(res)
+        self._remember(grads)
         self._record(Step(self.model_version, t, self._term_groups(batches)), changed)
-        if self.candidates > 1:  # the direction discriminative sampling ranks against: smoothed, not raw
-            a = self.smoothing
-            prev = self.prev_grad
-            self.prev_grad = {n: g.clone() if prev is None else prev[n].mul(a).add_(g, alpha=1 - a)
-                              for n, g in grads.items()}
         self.schedule.append(count)
         self.model_version += 1
         self._close_round()
@@ -493,15 +506,8 @@ class Server:
             body_step = commit["step"]
         ok = ok and all(bool(torch.isfinite(p).all()) for p in self.params.values()) and self.head_optimizer.finite()
         if not ok:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(saved[n])
-            self.optimizer.load_state_dict(states[0])
-            self.head_optimizer.load_state_dict(states[1])
-            res.reason = "the step would make weights or optimizer state non-finite"
-            self.reject(None, f"round {self.round}: step rolled back (non-finite result)")
-            self._close_round()
-            return res
+            self._restore(saved, (self.optimizer, self.head_optimizer), states)
+            return self._rolled_back(res)
         changed = frozenset(n for n, p in self.params.items() if not torch.equal(saved[n], p))
         if head_grads or body_step is not None:
             head_groups = tuple(g for g in (TermGroup(g.seed, g.ks, g.coeffs, tuple(p for p in g.pids if p in head_ids))
@@ -526,14 +532,7 @@ class Server:
             if all(bool(torch.isfinite(p).all()) for p in params.values()) and opt.finite():
                 self.pending = {"params": params, "state": opt.state_dict(),
                                 "step": Step(self.model_version, (t, None), body_groups, (self.guard.scale, 1.0))}
-        for u in self.accepted:
-            self.jvp_history.extend(abs(j) for j in u.jvps)
-        self.jvp_history = self.jvp_history[-4096:]
-        if self.candidates > 1:
-            a = self.smoothing
-            prev = self.prev_grad
-            self.prev_grad = {n: g.clone() if prev is None else prev[n].mul(a).add_(g, alpha=1 - a)
-                              for n, g in grads.items()}
+        self._remember(grads)
         self._close_round()
         return res
 

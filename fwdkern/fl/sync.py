@@ -89,15 +89,22 @@ class Replica:
         opt = copy.deepcopy(self.opts[0])
         body = [n for n in self.params if n not in self.head]
         out = {n: self.params[n].detach().clone() for n in body}
-        grads = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in out.items()}
+        grads = self._estimate(step, body, dist)
+        opt.t = step.t[0]
+        opt.step(out, grads, lr_scale=step.scale[0])
+        return out
+
+    def _estimate(self, step, names, dist: str) -> dict:
+        """The step's gradient estimate of the tensors `names` (float32), rebuilt from its seeded terms
+        with the same seeded_axpy_ calls in the same order as the server."""
+        grads = {n: torch.zeros(self.params[n].shape, dtype=torch.float32, device=self.params[n].device)
+                 for n in names}
         for g in step.groups:
             for pid in g.pids:
                 n = self._name(pid)
                 if n in grads:
                     seeded_axpy_(grads[n], g.seed, pid, list(g.ks), list(g.coeffs), dist)
-        opt.t = step.t[0]
-        opt.step(out, grads, lr_scale=step.scale[0])
-        return out
+        return grads
 
     def state_dict(self) -> dict:
         """The client's version, step rule and optimizer state (its tensors are `params`)."""
@@ -135,13 +142,7 @@ class Replica:
         if roll and self.opts is None:
             raise SyncError("download rolls tensors forward but no step rule is known")
         for step in msg.steps:
-            grads = {n: torch.zeros(self.params[n].shape, dtype=torch.float32, device=self.params[n].device)
-                     for n in roll}
-            for g in step.groups:
-                for pid in g.pids:
-                    n = self._name(pid)
-                    if n in grads:
-                        seeded_axpy_(grads[n], g.seed, pid, list(g.ks), list(g.coeffs), msg.dist)
+            grads = self._estimate(step, roll, msg.dist)
             for opt, t, scale in zip(self.opts, step.t, step.scale):
                 mine = {n: g for n, g in grads.items() if self._opt(n) is opt}
                 if mine and t is not None:  # (None: that optimizer did not step)
