@@ -78,12 +78,13 @@ def test_client_round(benchmark, sim, provider):
 # (random weights from its config: the timing does not depend on the values), one 4 x 64-token window
 # batch, LoRA r=8 on q/v of the blocks `LM_LAYERS` (the recipe's causal-LM placement):
 #   inference   one forward of the batch (the reference a client pays anyway)
-#   backprop    forward + backward of LoRA FedAvg's local step
+#   backprop    forward + backward of LoRA FedAvg's local step; _bf16: under torch.autocast(bfloat16)
 #   fwdkern     the client step fwdkern.fl.client.seeded_answer runs: K tangents through the
-#               LoRA-adapted blocks (none below the lowest one) plus the guard's probe forward
+#               LoRA-adapted blocks (none below the lowest one) plus the guard's probe forward;
+#               _bf16: the tangents' GEMMs in bf16 (--tangent-precision bf16)
 LM_BATCH, LM_T = 4, 64
 LM_LAYERS = None  # all blocks
-LM_PROVIDERS = ["inference", "backprop", "fwdkern_k4", "fwdkern_k16"]
+LM_PROVIDERS = ["inference", "backprop", "backprop_bf16", "fwdkern_k4", "fwdkern_k16", "fwdkern_k16_bf16"]
 
 
 def _lm_client(device, layers=None):
@@ -113,20 +114,25 @@ def _lm_step(provider, model, batch, plan_of):
         def step():
             with torch.no_grad():
                 return model(**batch).loss
-    elif provider == "backprop":
+    elif provider.startswith("backprop"):
+        dev = batch["input_ids"].device.type
+        autocast = provider.endswith("_bf16")
+
         def step():
             for p in params:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
                 g = torch.autograd.grad(model(**batch).loss, params)
             for p in params:
                 p.requires_grad_(False)
             return g
     else:
-        plan = plan_of(int(provider.rsplit("_k", 1)[1]))
+        K, _, precision = provider.split("_k", 1)[1].partition("_")
+        plan = plan_of(int(K))
 
         def step():
-            return seeded_answer(model, [batch], plan, estimator="jvp", probe=nullcontext)
+            return seeded_answer(model, [batch], plan, estimator="jvp", probe=nullcontext,
+                                 tangent_precision=precision or "fp32")
     return step
 
 

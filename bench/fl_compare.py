@@ -72,6 +72,8 @@ def _classification_methods(mezo_K=4):
 def _lm_methods():
     return {
         "default": (dict(), {}),
+        # the default with its tangents' GEMMs in fp32 (where the default picks bf16)
+        "default_fp32": (dict(tangent_precision="fp32"), {}),
         "fwdkern": (dict(method="fwdkern", perturbations=16, optimizer="fedadam", guard="on"), {"lr": [0.003, 0.01]}),
         "backprop": (dict(method="backprop", optimizer="sgd", lr=1.0, local_batches=1), {"local_lr": [0.25, 1.0, 4.0]}),
         "backprop_fedadam": (dict(method="backprop", optimizer="fedadam", local_batches=1, local_lr=1.0),
@@ -122,7 +124,7 @@ SUITES = {
                                      eval_every=4, samples=0),
                          metric="eval_loss", sweep_rounds=12, seeds=[0, 1],
                          methods={k: v for k, v in _lm_methods().items()
-                                  if k in ("default", "backprop", "backprop_fedadam", "mezo")},
+                                  if k in ("default", "default_fp32", "backprop", "backprop_fedadam", "mezo")},
                          final_rounds={}, also=dict(backprop_ckpt=("backprop", dict(checkpointing=True)))),
     # Gemma-3-270M with an int4 base: the client-memory column of the causal-LM comparison (its learning
     # runs do not fit the CPU); the recipe's settings, one client round per method.

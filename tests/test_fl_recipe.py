@@ -47,3 +47,18 @@ def test_explicit_settings_survive_the_recipe():
     assert (got.perturbations, got.optimizer, got.lr, got.guard) == (16, "sgd", 0.01, "off")
     # the body on beside the head: the guard comes with it unless turned off
     assert resolve(RunConfig(model="all-minilm-l6-v2", data="bbc_news", perturbations=16), 1780, True).guard == "on"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_tangent_precision_auto_is_bf16_only_where_the_hardware_multiplies_bf16(fast, monkeypatch):
+    """auto -> bf16 tangent GEMMs on a device with bf16 matrix units, fp32 elsewhere; an explicit
+    choice is kept either way."""
+    from fwdkern.fl import recipe
+
+    monkeypatch.setattr(recipe, "fast_bf16", lambda device="cpu": fast)
+    cfg = RunConfig(model="smollm2-135m", data="bbc_news", task="causal_lm", label_column="none")
+    assert resolve(cfg, 1780, False).tangent_precision == ("bf16" if fast else "fp32")
+    for explicit in ("fp32", "bf16"):
+        cfg = RunConfig(model="smollm2-135m", data="bbc_news", task="causal_lm", label_column="none",
+                        tangent_precision=explicit)
+        assert resolve(cfg, 1780, False).tangent_precision == explicit

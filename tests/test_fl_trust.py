@@ -361,3 +361,16 @@ def test_block_indices_are_accepted_and_checked():
     assert RunConfig(layers=[-1]).validate().layers == [-1]  # what `--layers -1` gives
     with pytest.raises(ConfigError, match="--layers"):
         RunConfig(layers=["x"]).validate()
+
+
+def test_a_run_saved_before_tangent_precision_resumes_where_it_computed_the_same():
+    # Saved runs predating --tangent-precision computed tangents in fp32: a body run resumes under
+    # fp32 and is refused (naming the setting) under bf16; runs without tangents (head only, backprop)
+    # never read it.
+    body = {k: v for k, v in RunConfig(perturbations=16).to_json().items() if k != "tangent_precision"}
+    assert RunConfig(perturbations=16, tangent_precision="fp32").resume_differences(body) == []
+    assert RunConfig(perturbations=16, tangent_precision="bf16").resume_differences(body) == ["tangent_precision"]
+    head = {k: v for k, v in RunConfig(perturbations=0).to_json().items() if k != "tangent_precision"}
+    assert RunConfig(perturbations=0, tangent_precision="bf16").resume_differences(head) == []
+    bp = {k: v for k, v in RunConfig(method="backprop").to_json().items() if k != "tangent_precision"}
+    assert RunConfig(method="backprop", tangent_precision="bf16").resume_differences(bp) == []

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from ..dual import Dual, make_dual, primal, tangent, track_modules
+from ..dual import (Dual, make_dual, primal, tangent, tangent_linear, tangent_matmul_dtype, tangent_matmuls,
+                    track_modules)
 from ..nn.lora import LoRALinear
 from ..nn.peft_layers import BottleneckAdapter
 from ..ops import perturbation, seeded_axpy_
@@ -94,7 +95,14 @@ def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents):
         if xt is None and not perturb and Wt is None and bt is None:
             return plain_forward(mod, x)
         xp = primal(x)
-        y, yt = mod.forward_dual(xp, xt, seed, ks, dist=dist, perturb=perturb)
+        if xt is not None and tangent_matmul_dtype(xt) is not None and not mod.quantized:
+            # ẋ_k (W + s·BA)ᵀ in the asked dtype beside the op's seeded low-rank terms (exact split:
+            # the op with no input tangent returns s·(x dA_kᵀ)Bᵀ + s·(xAᵀ)dB_kᵀ + db_k).
+            y, yt = mod.forward_dual(xp, None, seed, ks, dist=dist, perturb=perturb)
+            W, _, A, B = mod._operands(xp, "forward_dual")
+            yt = yt + tangent_linear(xt, torch.addmm(W, B, A, alpha=mod.scaling)).to(yt.dtype)
+        else:
+            y, yt = mod.forward_dual(xp, xt, seed, ks, dist=dist, perturb=perturb)
         if Wt is not None:  # a trainable (tied) base weight: + x dW_k^T
             yt = yt + torch.einsum("...i,koi->k...o", xp.to(Wt.dtype), Wt).to(yt.dtype)
         if bt is not None:
@@ -125,7 +133,8 @@ def _unpack(batch):
 
 
 def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rademacher", loss: str = "auto",
-        params=None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        params=None, label_smoothing: float = 0.0,
+        tangent_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Primal loss and ``jvps[k] = ∇L · v(seed, ·, ks[k])`` in one dual forward.
 
     Args:
@@ -140,6 +149,9 @@ def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rade
         params: None (all trainable tensors) or an iterable of names / param ids to perturb (others get zero
             tangent; SPRY-style splitting).
         label_smoothing: for classification.
+        tangent_dtype: None (the tangents' products in their own dtype: exact) or torch.bfloat16 / float16:
+            the tangents' GEMMs with the frozen weights run in it (:func:`fwdkern.dual.tangent_matmuls`);
+            the loss and every primal stay in the model's dtype.
     Returns:
         (loss: float32 scalar, jvps: float32 [K]).
     """
@@ -155,7 +167,8 @@ def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rade
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), track_modules(model), _dual_mode(model, seed, ks, dist, selected):
+        with torch.no_grad(), track_modules(model), tangent_matmuls(tangent_dtype), \
+                _dual_mode(model, seed, ks, dist, selected):
             if kind == "classification":
                 L, jv = cls_loss(logits_of(model(**inputs)), labels, label_smoothing)
             else:

@@ -43,14 +43,18 @@ class WeightUpload:
         return 4 * sum(t.numel() for t in self.tensors.values())
 
 
+TANGENT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", eps: float = 1e-3, head=None,
-                  wire: str = "fp32", probe=None) -> bytes:
+                  wire: str = "fp32", probe=None, tangent_precision: str = "fp32") -> bytes:
     """The wire record (``Update.to_bytes(wire)``) answering `plan` on `batches`.
 
     estimator "jvp": one exact directional derivative per planned k (fwdkern.jvp); "finite_difference":
     the central difference (L(θ+εv) − L(θ−εv)) / 2ε. Values are averaged over samples. `head` (an
     :class:`fwdkern.fl.head.ExactHead`) answers the plan's head block from the features captured at
-    its input during the same forward passes. `probe`: when the plan asks for it, a context manager in
+    its input during the same forward passes. `tangent_precision` ("fp32" | "bf16"): the dtype of the
+    tangents' GEMMs with the frozen weights (fwdkern.dual.tangent_matmuls). `probe`: when the plan asks for it, a context manager in
     which the model holds the guard's proposed body step (fwdkern.fl.guard); the client's loss on the
     same batches with it is reported as ``extra["probe_loss"]`` (one more forward per batch)."""
     jv = np.zeros(len(plan.ks))
@@ -65,7 +69,8 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
             j = np.zeros(0)
         elif estimator == "jvp":
             with capture or contextlib.nullcontext():
-                l, j = jvp(model, batch, plan.seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
+                l, j = jvp(model, batch, plan.seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids),
+                           tangent_dtype=TANGENT_DTYPES[tangent_precision])
         elif estimator == "finite_difference":
             lp, lm = perturbed_loss(model, batch, plan.seed, list(plan.ks), eps, dist=plan.dist,
                                     params=list(plan.param_ids))
@@ -92,7 +97,7 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
 def answer_jvp(task, client: int, plan: RoundPlan, probe=None) -> bytes:
     """fwdkern: exact forward gradients through the planned tensors, and the exact head's projections."""
     return seeded_answer(task.model, task.client_batches(client, plan.round), plan, estimator="jvp", head=task.head,
-                         wire=task.cfg.wire, probe=probe)
+                         wire=task.cfg.wire, probe=probe, tangent_precision=task.cfg.tangent_precision)
 
 
 def answer_finite_difference(task, client: int, plan: RoundPlan, probe=None) -> bytes:
@@ -137,7 +142,8 @@ def train_spry(task, client: int, plan: RoundPlan, probe=None) -> WeightUpload:
     n_c, loss_tot = 0, 0.0
     for step, batch in enumerate(task.client_batches(client, plan.round)):
         seed = derive_seed(plan.seed, step, 11)
-        loss, jv = jvp(task.model, batch, seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids))
+        loss, jv = jvp(task.model, batch, seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids),
+                       tangent_dtype=TANGENT_DTYPES[task.cfg.tangent_precision])
         coeffs = (jv.double() / len(plan.ks)).tolist()
         for n, p in zip(names, tensors):
             g = torch.zeros_like(p, dtype=torch.float32)

@@ -87,6 +87,10 @@ class RunConfig:
                       "proposal's lr (auto: on whenever the body trains by forward gradients)", ("auto", "on", "off"))
     guard_tolerance: float = _opt(0.0, "body guard: the relative rise of the clients' mean loss a body step may cause "
                                   "and still be taken")
+    tangent_precision: str = _opt("auto", "dtype of the tangents' matrix products with the frozen weights (the "
+                                  "loss and every weight stay fp32): fp32 (exact), bf16, or auto (bf16 where the "
+                                  "device multiplies bf16 in hardware: AMX / AVX512-BF16 CPUs, CUDA GPUs that "
+                                  "support it)", ("auto", "fp32", "bf16"))
     split: bool = _opt(False, "deal the LoRA layers out to the round's clients (SPRY's split): with fwdkern each "
                               "client perturbs one block of consecutive layers, so its tangents start there")
     eps: float = _opt(1e-3, "finite-difference step of mezo / fwdllm")
@@ -226,9 +230,11 @@ class RunConfig:
                 "out"}
         if self.decay != "constant":  # the schedule's length is --rounds
             free.discard("rounds")
-        # A field the saved run does not name (it predates the field) had the field's default.
+        # A field the saved run does not name (it predates the field) had the field's default, or the
+        # value that fwdkern computed with before the field existed.
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(RunConfig)}
+        defaults.update(PREDATED)
         keys = sorted(set(mine) | set(saved))
         if mine.get("method") == saved.get("method"):
             free |= self.unread_fields()
@@ -238,8 +244,14 @@ class RunConfig:
         """Fields this config's method never reads: a change of their default between releases must
         not block resuming (or reusing) a run of another method."""
         row = METHODS.get(self.method)
-        return set() if row is None or row.exact_head else set(EXACT_HEAD_FIELDS)
+        if row is None:
+            return set()
+        return (set() if row.exact_head else set(EXACT_HEAD_FIELDS)) | (
+            set() if row.tangents and self.perturbations != 0 else {"tangent_precision"})
 
+
+# Settings a saved run may predate, with the value the fwdkern that wrote it computed with.
+PREDATED = {"tangent_precision": "fp32"}
 
 EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration", "head_centering")
 

@@ -40,6 +40,7 @@ class Method:
         consecutive layers, so its tangent work starts at its block) or "round_robin" (every C-th layer,
         SPRY as released).
     flower: the Flower ServerApp / ClientApp carry it (seed-and-scalar rounds only).
+    tangents: its client carries exact tangents (fwdkern.jvp), so ``--tangent-precision`` applies.
     defaults: the recipe's value for each setting left unset (fwdkern.fl.recipe); "perturbations_no_head"
         replaces "perturbations" when no exact head trains.
     """
@@ -59,6 +60,7 @@ class Method:
     deals_layers: bool = False
     deal: str = "blocks"
     flower: bool = True
+    tangents: bool = False
     defaults: dict = field(default_factory=dict)
 
     def forward_passes(self, K: int, batches: int) -> int:
@@ -71,6 +73,7 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fwdkern", "exact jvp (fwdkern.jvp) through the body + the head trained exactly on each client; seeds "
            "and scalars up", client.answer_jvp, "seeded", "scalars", lambda K: 1 + K, exact_head=True, guard=True,
+           tangents=True,
            defaults=dict(optimizer="fedadam", lr=0.01, perturbations=0, perturbations_no_head=16, local_lr=None)),
     Method("mezo", "zeroth order (MeZO / FedKSeed): (L(θ+εv) − L(θ−εv)) / 2ε per perturbation; seeds and scalars "
            "up", client.answer_finite_difference, "seeded", "scalars", lambda K: 2 * K,
@@ -82,7 +85,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("spry", "SPRY as released: LoRA layers dealt to the round's clients, forward-gradient AdamW local "
            "steps, weight uploads", client.train_spry, "weights", "weights", lambda K: 1 + K, download="weights",
            dist="gaussian",
-           pacing=False, deals_layers=True, deal="round_robin", flower=False,
+           pacing=False, deals_layers=True, deal="round_robin", flower=False, tangents=True,
            defaults=dict(optimizer="fedyogi", lr=0.01, perturbations=1, local_lr=1e-3)),
     Method("backprop", "LoRA FedAvg with autograd: local SGD steps, full-adapter uploads", client.train_backprop,
            "weights", "weights", lambda K: 3, download="weights", perturbs=False, pacing=False, flower=False,

@@ -16,6 +16,9 @@ tuned settings there, not independent checks):
   larger lr, layer blocks and a smaller adapter all did worse: bench/results/fl_causal_lm_explore/).
 * guard on wherever the body trains by forward gradients (fwdkern.fl.guard): a step the next
   round's clients measure as raising their loss is not taken.
+* tangent_precision bf16 wherever tangents run on a device with bf16 matrix units: the tangents'
+  GEMMs with the frozen weights in bf16, the loss and weights in fp32 (fwdkern.dual.tangent_matmuls;
+  client step time: bench/results/fl_client_lm_cpu_2026-12-06.json; learning: bench/results/fl_causal_lm/).
 * head_lr 8: scale-free (divided by the features' mean squared norm), the best or tied-best of the
   head-lr sweeps on BBC News, Rotten Tomatoes and SmolLM2 prompt classification
   (bench/results/fl_{bbc,rt,smollm2}_cpu/).
@@ -43,7 +46,7 @@ def local_batches_for(n_train: int, clients: int, batch_size: int) -> int:
     return int(min(4, max(1, math.ceil(n_train / max(1, clients) / batch_size))))
 
 
-def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool) -> RunConfig:
+def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool, device: str = "cpu") -> RunConfig:
     """`cfg` with every unset setting filled in from its method's row (a new RunConfig; explicit settings
     are kept)."""
     d = dataclasses.asdict(cfg)
@@ -62,4 +65,19 @@ def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool) -> RunConfig:
         d["local_lr"] = m["local_lr"]
     if d["guard"] == "auto":  # the guard wherever the body trains by forward gradients (and pacing is off)
         d["guard"] = "on" if (method(cfg.method).guard and d["perturbations"] and d["pacing"] == "off") else "off"
+    if d["tangent_precision"] == "auto":  # bf16 tangent GEMMs where tangents run and the hardware has bf16 units
+        tangents = method(cfg.method).tangents and d["perturbations"]
+        d["tangent_precision"] = "bf16" if (tangents and fast_bf16(device)) else "fp32"
     return RunConfig(**d)
+
+
+def fast_bf16(device: str = "cpu") -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware (AMX or AVX512-BF16 on a CPU; a CUDA GPU
+    that supports bf16): there the tangents' GEMMs run in bf16 by default."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)

@@ -143,7 +143,7 @@ def load_task(cfg, log=print) -> ClientTask:
     lm = lm_data(cfg, tok, split, task)  # bad data is refused here, before the model loads
     model, tok = load_model(cfg, data, task, tok)
     head_at = find_head(cfg, model, task, method_row(cfg.method))
-    resolved = resolve(cfg, len(split[0]), head_at is not None)
+    resolved = resolve(cfg, len(split[0]), head_at is not None, next(model.parameters()).device.type)
     what = f"{len(data)} examples" if lm[0] is None else (
         f"{len(data)} documents, {sum(map(len, lm[0].windows))} training windows of <= {cfg.max_length} tokens")
     log(f"model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), data {data.name} "
