@@ -91,9 +91,11 @@ def _lm_client(device, layers=None):
     import transformers
 
     from fwdkern.fl.protocol import RoundPlan
+    from fwdkern.fl.task import keep_freed_memory
 
     from .bench_engine import smollm2_config
 
+    keep_freed_memory()  # what a federated client process does (fwdkern.fl.task.load_task)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(smollm2_config()).to(device).eval()
     fwdkern.patch(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"], layers=layers)
