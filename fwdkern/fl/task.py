@@ -131,9 +131,8 @@ def keep_freed_memory() -> bool:
 
     A client's step allocates and frees the same activation- and tangent-sized buffers every layer of
     every round; glibc serves blocks above its mmap threshold with fresh mappings, so each of them is
-    page-faulted and zeroed again. On the causal-LM client step that is about a fifth of the process
-    CPU time, all of it in the kernel (bench/results/fl_client_lm_cpu_2026-12-06.json). Peak memory is
-    unchanged: the same blocks are live at the peak either way."""
+    page-faulted and zeroed again, in kernel time (getrusage's ru_stime on the causal-LM client step
+    of bench/bench_fl.py). The freed blocks stay counted in the process's RSS."""
     import ctypes
     import ctypes.util
 
