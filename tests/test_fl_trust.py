@@ -364,13 +364,19 @@ def test_block_indices_are_accepted_and_checked():
 
 
 def test_a_run_saved_before_tangent_precision_resumes_where_it_computed_the_same():
-    # Saved runs predating --tangent-precision computed tangents in fp32: a body run resumes under
-    # fp32 and is refused (naming the setting) under bf16; runs without tangents (head only, backprop)
-    # never read it.
-    body = {k: v for k, v in RunConfig(perturbations=16).to_json().items() if k != "tangent_precision"}
+    # Saved runs predating --tangent-precision (run-state layout 2) computed tangents in fp32: migrated,
+    # a body run resumes under fp32 and is refused (naming the setting) under bf16; runs without
+    # tangents (head only, backprop) never read it.
+    from fwdkern.fl.runstate import migrate
+
+    def saved(**kw):
+        cfg = {k: v for k, v in RunConfig(**kw).to_json().items() if k != "tangent_precision"}
+        return migrate({"layout": 2, "config": cfg}, "run", log=lambda *a: None)["config"]
+
+    body = saved(perturbations=16)
     assert RunConfig(perturbations=16, tangent_precision="fp32").resume_differences(body) == []
     assert RunConfig(perturbations=16, tangent_precision="bf16").resume_differences(body) == ["tangent_precision"]
-    head = {k: v for k, v in RunConfig(perturbations=0).to_json().items() if k != "tangent_precision"}
+    head = saved(perturbations=0)
     assert RunConfig(perturbations=0, tangent_precision="bf16").resume_differences(head) == []
-    bp = {k: v for k, v in RunConfig(method="backprop").to_json().items() if k != "tangent_precision"}
+    bp = saved(method="backprop")
     assert RunConfig(method="backprop", tangent_precision="bf16").resume_differences(bp) == []

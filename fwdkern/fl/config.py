@@ -230,11 +230,10 @@ class RunConfig:
                 "out"}
         if self.decay != "constant":  # the schedule's length is --rounds
             free.discard("rounds")
-        # A field the saved run does not name (it predates the field) had the field's default, or the
-        # value that fwdkern computed with before the field existed.
+        # A field the saved run does not name had the field's default (a run saved before the field
+        # existed names it once migrated: fwdkern.fl.runstate.PREDATES).
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(RunConfig)}
-        defaults.update(PREDATED)
         keys = sorted(set(mine) | set(saved))
         if mine.get("method") == saved.get("method"):
             free |= self.unread_fields()
@@ -249,9 +248,6 @@ class RunConfig:
         return (set() if row.exact_head else set(EXACT_HEAD_FIELDS)) | (
             set() if row.tangents and self.perturbations != 0 else {"tangent_precision"})
 
-
-# Settings a saved run may predate, with the value the fwdkern that wrote it computed with.
-PREDATED = {"tangent_precision": "fp32"}
 
 EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration", "head_centering")
 

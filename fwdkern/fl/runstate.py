@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 
-LAYOUT = 2
+LAYOUT = 3
 
-# Settings a layout-1 run may predate: the value that reproduces what the fwdkern that wrote it
-# computed (not today's default), so a migrated run resumes with its own meaning or is refused
-# with the difference named.
-LAYOUT1_LEGACY = {"head": "perturb", "head_calibration": 0.0, "pooling": "hf", "wire": "json"}
+# Settings a run saved in layout N may predate (they came with layout N + 1): the value that
+# reproduces what the fwdkern that wrote it computed (not today's default), so a migrated run
+# resumes with its own meaning or is refused with the difference named.
+PREDATES = {1: {"head": "perturb", "head_calibration": 0.0, "pooling": "hf", "wire": "json"},
+            2: {"tangent_precision": "fp32"}}
 
 # Files of older fwdkern runs that this fwdkern never loads (pickles run code when loaded).
 FOREIGN = ("checkpoint.pt",)
@@ -35,11 +36,11 @@ def migrate(state: dict, where: str, log=print) -> dict:
     if layout > LAYOUT:
         raise LayoutError(f"{where} was written by a newer fwdkern (run-state layout {layout}; this one reads up to "
                           f"{LAYOUT}): upgrade fwdkern to resume it, or use another --out")
-    if layout == 1:
+    if layout < LAYOUT:
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-        filled = {k: v for k, v in LAYOUT1_LEGACY.items() if k not in saved}
-        state = {**state, "config": {**saved, **filled}, "layout": 2}
-        log(f"{where}: migrated a run saved by an older fwdkern (run-state layout 1 -> {LAYOUT})"
+        filled = {k: v for n in range(layout, LAYOUT) for k, v in PREDATES[n].items() if k not in saved}
+        state = {**state, "config": {**saved, **filled}, "layout": LAYOUT}
+        log(f"{where}: migrated a run saved by an older fwdkern (run-state layout {layout} -> {LAYOUT})"
             + (f"; settings it predates take the values it ran with: "
                + ", ".join(f"{k}={v!r}" for k, v in filled.items()) if filled else ""))
     return state
