@@ -84,18 +84,26 @@ def peak_memory_subprocess(code: str) -> int | None:
     """Peak RSS growth (bytes) while running `code` once in a fresh interpreter (CPU).
 
     The kernel's peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs right
-    before the timed call, so import-time transients are not counted.
+    before the timed call, so import-time transients are not counted. After `code` has set up
+    (a federated client keeps freed blocks in its heap: fwdkern.fl.task.keep_freed_memory),
+    glibc is told to hand every freed block of 128 KiB or more back to the kernel, so the growth
+    is the call's working memory, not what the allocator kept from the warm-up call.
     """
     prog = (
-        "import torch, fwdkern\n"
+        "import ctypes, torch, fwdkern\n"
         "def rss():\n"
         "    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * 4096\n"
         "def hwm():\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith('VmHWM'): return int(line.split()[1]) * 1024\n"
+        "def release_freed():\n"
+        "    try: libc = ctypes.CDLL('libc.so.6')\n"
+        "    except OSError: return\n"
+        "    libc.mallopt(-3, 128 << 10); libc.mallopt(-1, 128 << 10); libc.mallopt(-2, 0); libc.malloc_trim(0)\n"
         f"{code}\n"  # defines setup() -> state and run(state)
+        "release_freed()\n"
         "state = setup(); run(state)\n"  # warm (lazy allocations, first-touch)
-        "state = setup(); base = rss()\n"
+        "state = setup(); release_freed(); base = rss()\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "run(state)\n"
         "print(hwm() - base)\n"
