@@ -53,6 +53,7 @@ _LORA_IMPL = {"cpu": "torch GEMMs + C++ shrink/expand kernels (csrc/cpu/lora_ops
               "triton": "fused Triton kernels (fwdkern/triton/lora.py)",
               "reference": "materialized perturbations (fwdkern/ops/reference_lora.py)"}
 _CHUNKED = "chunked pure-torch dual attention (fwdkern/ops/reference_attention.py)"
+_BLOCK = "one-block pure-torch dual attention, chunked past `chunk` keys (fwdkern/ops/reference_attention.py)"
 # Quantized frozen base (int8 per channel / int4 group-wise, fwdkern/ops/_qformat.py): what runs the
 # dense GEMM over the (1+K)·M stacked rows; the low-rank parts are those of the float ops.
 # The cpu backend dequantizes one layer at a time (row blocks for a large LM head) and runs torch's
@@ -89,10 +90,10 @@ IMPLEMENTED = {
                       "cuda": "CUDA seeded matmul (csrc/cuda/lora_ops.cu)"},
     "lora_linear_dual": _LORA_IMPL,
     "lora_linear_perturbed": {**_LORA_IMPL, "cpu": "torch GEMMs + C++ seeded matmul, fwdkern/ops/_compose.py"},
-    # No hand-written cpu/cuda attention kernel: those backends run the chunked torch path on
-    # their device (it is matmul-bound, torch's kernels do the work), so FWDKERN_BACKEND=cpu|cuda
-    # still runs whole models.
-    "dual_attention": {"cpu": _CHUNKED, "cuda": _CHUNKED, "reference": _CHUNKED,
+    # No hand-written cpu/cuda attention kernel: those backends run the torch path on their device
+    # (it is matmul-bound, torch's kernels do the work), so FWDKERN_BACKEND=cpu|cuda still runs
+    # whole models.
+    "dual_attention": {"cpu": _BLOCK, "cuda": _BLOCK, "reference": _CHUNKED,
                        "triton": "Triton flash-style kernel (fwdkern/triton/attention.py)"},
     "quant_linear_dual": _QUANT_DENSE,
     "quant_lora_linear_dual": _QUANT_LORA,

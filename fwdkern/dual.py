@@ -47,12 +47,12 @@ def tangent_matmuls(dtype: Optional[torch.dtype]):
     if dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"tangent_matmuls: dtype must be None, torch.bfloat16, torch.float16 or torch.float32, "
                          f"got {dtype!r}")
-    prev = getattr(_TANGENT_MM, "dtype", None)
-    _TANGENT_MM.dtype = dtype
+    prev = getattr(_TANGENT_MM, "dtype", None), getattr(_TANGENT_MM, "last_cast", None)
+    _TANGENT_MM.dtype, _TANGENT_MM.last_cast = dtype, None
     try:
         yield
     finally:
-        _TANGENT_MM.dtype = prev
+        _TANGENT_MM.dtype, _TANGENT_MM.last_cast = prev
 
 
 def tangent_matmul_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
@@ -62,11 +62,23 @@ def tangent_matmul_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def tangent_linear(xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``xt @ wᵀ`` for a stacked tangent and a primal weight, in :func:`tangent_matmuls`'s dtype."""
+    """``xt @ wᵀ`` for a stacked tangent and a primal weight, in :func:`tangent_matmuls`'s dtype
+    (a tangent already in that dtype takes the weight in it too and stays in it)."""
     dt = tangent_matmul_dtype(xt)
     if dt is None:
-        return _plain(F.linear, xt, w)
-    return _plain(F.linear, xt.to(dt), w.to(dt)).to(xt.dtype)
+        return _plain(F.linear, xt, w if w.dtype == xt.dtype else w.to(xt.dtype))
+    return _plain(F.linear, _cast_once(xt, dt), w.to(dt)).to(xt.dtype)
+
+
+def _cast_once(xt: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """`xt` in `dt`, reusing the last cast while the same unmodified tensor comes back (the q, k and
+    v projections of one input)."""
+    last = getattr(_TANGENT_MM, "last_cast", None)
+    if last is not None and last[0] is xt and last[1] == xt._version and last[2].dtype == dt:
+        return last[2]
+    xb = xt.to(dt)
+    _TANGENT_MM.last_cast = (xt, xt._version, xb)
+    return xb
 
 
 class NoTangentRule(RuntimeError):
@@ -804,7 +816,10 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     from .ops.attention import dual_attention
 
     o, ot = dual_attention(primal(query), primal(key), primal(value), tangent(query), tangent(key), tangent(value),
-                           attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+                           attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                           tangent_dtype=next((tangent_matmul_dtype(t) for t in (tangent(query), tangent(key),
+                                                                                   tangent(value)) if t is not None),
+                                              None))
     return make_dual(o, ot)
 
 

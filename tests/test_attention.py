@@ -46,12 +46,16 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,D,Hq,Hkv,causal,mask", CASES)
-def test_dual_attention_matches_forward_ad(T, D, Hq, Hkv, causal, mask):
+@pytest.mark.parametrize("backend,chunk", [("reference", 64), ("cpu", 64), ("cpu", 256)],
+                         ids=["chunked", "cpu_chunked_past_64", "cpu_one_block"])
+def test_dual_attention_matches_forward_ad(T, D, Hq, Hkv, causal, mask, backend, chunk):
+    # Both torch paths against forward AD: the reference's online-softmax chunks, and the cpu
+    # backend's one-block form (every key at once when Tk <= chunk, chunked past it).
     B, K = 2, 3
     prims, tans = _inputs(B, Hq, Hkv, T, T, D, K, seed=T * D + Hq)
     am = _padding_mask(B, T, T, mask) if mask else None
     ref_o, ref_t = _ref_jvp(prims, tans, attn_mask=am, is_causal=causal)
-    o, ot = dual_attention(*prims, *tans, attn_mask=am, is_causal=causal, chunk=64)
+    o, ot = dual_attention(*prims, *tans, attn_mask=am, is_causal=causal, chunk=chunk, backend=backend)
     torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ot, ref_t, rtol=1e-4, atol=1e-4)
     # Primal also equals torch's own SDPA (GQA via enable_gqa).
@@ -59,15 +63,16 @@ def test_dual_attention_matches_forward_ad(T, D, Hq, Hkv, causal, mask):
     torch.testing.assert_close(o, sd, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 2)])
-def test_dual_attention_partial_tangents(which):
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 2), (1, 2)])
+@pytest.mark.parametrize("chunk", [8, 64], ids=["chunked", "one_block"])
+def test_dual_attention_partial_tangents(which, chunk):
     # Absent tangents (None) are zero: e.g. LoRA on q,v of the first layer leaves k without a tangent.
     B, Hq, Hkv, T, D, K = 1, 4, 2, 17, 32, 2
     prims, tans = _inputs(B, Hq, Hkv, T, T, D, K, seed=7)
     tans_used = tuple(t if i in which else None for i, t in enumerate(tans))
     tans_zero = tuple(t if i in which else torch.zeros_like(t) for i, t in enumerate(tans))
     ref_o, ref_t = _ref_jvp(prims, tans_zero, is_causal=True)
-    o, ot = dual_attention(*prims, *tans_used, is_causal=True, chunk=8)
+    o, ot = dual_attention(*prims, *tans_used, is_causal=True, chunk=chunk)
     torch.testing.assert_close(ot, ref_t, rtol=1e-4, atol=1e-4)
     o2, none = dual_attention(*prims, None, None, None, is_causal=True)
     assert none is None
@@ -96,6 +101,26 @@ def test_cross_lengths_and_bf16():
     ob, otb = dual_attention(*(p.bfloat16() for p in prims), *(t.bfloat16() for t in tans))
     assert ob.dtype == torch.bfloat16 and otb.dtype == torch.bfloat16
     torch.testing.assert_close(otb.float(), ref_t, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_tangent_products(causal):
+    # tangent_dtype=bf16: fp32 inputs, the tangents' four products on bf16 operands. The primal is
+    # bit-identical to the fp32 call; the tangents stay within bf16 rounding of the exact ones
+    # (bf16 keeps 8 bits: 0.4 % per operand, so 1 % on average and 2 % of the largest value at
+    # worst) and differ from them by far more than fp32 rounding (the bf16 products ran); the
+    # reference backend ignores the setting.
+    prims, tans = _inputs(2, 9, 3, 33, 33, 64, 4, seed=5)
+    ref_o, ref_t = _ref_jvp(prims, tans, is_causal=causal)
+    o32, t32 = dual_attention(*prims, *tans, is_causal=causal)
+    o, t = dual_attention(*prims, *tans, is_causal=causal, tangent_dtype=torch.bfloat16)
+    assert torch.equal(o, o32) and t.dtype == torch.float32
+    err = (t - ref_t).abs()
+    assert err.mean() < 1e-2 * ref_t.abs().mean() and err.max() < 2e-2 * ref_t.abs().max()
+    assert (t32 - ref_t).abs().max() < err.max() / 10
+    _, tr = dual_attention(*prims, *tans, is_causal=causal, tangent_dtype=torch.bfloat16, backend="reference")
+    _, tr32 = dual_attention(*prims, *tans, is_causal=causal, backend="reference")
+    assert torch.equal(tr, tr32)
 
 
 def test_sdpa_on_dual_tensors_dispatches_to_dual_attention():
@@ -169,7 +194,9 @@ def test_opcheck(backend, masked):
     prims, tans = tuple(t.to(dev) for t in prims), tuple(t.to(dev) for t in tans)
     mask = _padding_mask(1, 5, 5, "bool").to(dev) if masked else None
     torch.library.opcheck(torch.ops.fwdkern.dual_attention.default,
-                          (*prims, tans[0], None, tans[2], mask, not masked, 0.25, 2, backend))
+                          (*prims, tans[0], None, tans[2], mask, not masked, 0.25, 2, None, backend))
+    torch.library.opcheck(torch.ops.fwdkern.dual_attention.default,
+                          (*prims, None, tans[1], tans[2], mask, not masked, 0.25, 8, torch.bfloat16, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -201,6 +228,7 @@ def test_bad_inputs_raise():
         (TypeError, "chunk", lambda: dual_attention(q, k, v, None, None, None, chunk=2.5)),
         (ValueError, "chunk", lambda: dual_attention(q, k, v, None, None, None, chunk=0)),
         (ValueError, "backend", lambda: dual_attention(q, k, v, None, None, None, backend="flash")),
+        (ValueError, "tangent_dtype", lambda: dual_attention(q, k, v, None, None, None, tangent_dtype=torch.int8)),
     ]
     for exc, match, call in bad:
         with pytest.raises(exc, match=match):

@@ -113,9 +113,12 @@ def _attention_inputs():
 def test_dual_attention_follows_the_backend_rules(monkeypatch):
     q, k, v, qt = _attention_inputs()
     o_ref, t_ref = dual_attention(q, k, v, qt, None, None, backend="reference")
-    for b in ("torch", "cpu", None):  # "torch": the old name of the chunked path
+    o, t = dual_attention(q, k, v, qt, None, None, backend="torch")  # "torch": the old name of the chunked path
+    assert torch.equal(o, o_ref) and torch.equal(t, t_ref)
+    for b in ("cpu", None):  # the cpu backend's one-block path: the same values up to fp32 rounding
         o, t = dual_attention(q, k, v, qt, None, None, backend=b)
-        assert torch.equal(o, o_ref) and torch.equal(t, t_ref)
+        torch.testing.assert_close(o, o_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(t, t_ref, rtol=1e-6, atol=1e-6)
     monkeypatch.setenv("FWDKERN_BACKEND", "cuda")
     with pytest.raises(fwdkern.BackendUnavailable, match="cuda"):
         dual_attention(q, k, v, qt, None, None)

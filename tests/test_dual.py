@@ -63,3 +63,25 @@ def test_dual_inplace_on_view_and_into_plain_raise():
         d[0].add_(1.0)
     with pytest.raises(NoTangentRule, match="plain tensor"):
         _x(3, 4).add_(d)
+
+
+def test_tangent_linear_reuses_a_cast_only_while_its_tensor_is_unchanged():
+    """Under tangent_matmuls(bf16) the q, k and v projections of one tangent share its bf16 copy; a
+    tangent modified in place (its version moves) or a new tensor is cast again, so a stale copy is
+    never read. Outside the context nothing is kept."""
+    from fwdkern.dual import tangent_linear, tangent_matmuls
+
+    g = torch.Generator().manual_seed(0)
+    xt, w = torch.randn(3, 5, 16, generator=g), torch.randn(8, 16, generator=g)
+    exact = xt @ w.t()
+    with tangent_matmuls(torch.bfloat16):
+        a = tangent_linear(xt, w)
+        assert a.dtype == torch.float32 and (a - exact).abs().max() < 5e-2 * exact.abs().max()
+        assert torch.equal(tangent_linear(xt, w), a)
+        xt.mul_(2)
+        torch.testing.assert_close(tangent_linear(xt, w), 2 * a)
+        other = xt.clone().neg_()
+        torch.testing.assert_close(tangent_linear(other, w), -2 * a)
+    from fwdkern import dual
+    assert getattr(dual._TANGENT_MM, "last_cast", None) is None
+    assert torch.equal(tangent_linear(xt, w), xt @ w.t())  # fp32 outside

@@ -415,3 +415,66 @@ def test_other_architectures(name):
     _, jv = fwdkern.jvp(model, batch, 3, [0, 1, 2])
     _, ref = _reference(model, fam, batch, 3, [0, 1, 2])
     _check(jv, ref)
+
+
+def _gemma3():
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        max_position_embeddings=64, sliding_window=16)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("tangent_dtype", [None, torch.bfloat16])
+def test_fused_mlp_and_rms_norm_rules_equal_the_op_by_op_rules(family, tangent_dtype, monkeypatch):
+    """The module-level rules (gated MLP: three tangent GEMMs and two passes; RMSNorm: weight or
+    1 + weight) compute the same directional derivatives as the op-by-op rules they replace: to fp32
+    rounding with exact tangents, within bf16 rounding under bf16 tangent GEMMs. Both families' MLP
+    and norm modules are found (the rules ran), and the loss is untouched."""
+    from fwdkern.engine import forward as fwd
+
+    model = fwdkern.patch(_gemma3() if family == "gemma3" else _model(family))
+    _randomize(model)
+    batch = _batch("llama")
+    assert sum(fwd.is_gated_mlp(m) for m in model.modules()) == 2
+    assert sum(fwd.rms_norm_form(m) is not None for m in model.modules()) >= 5  # 2 per layer + final
+    ks = list(range(6))
+    L, jv = fwdkern.jvp(model, batch, 4, ks, tangent_dtype=tangent_dtype)
+    monkeypatch.setattr(fwd, "is_gated_mlp", lambda m: False)
+    monkeypatch.setattr(fwd, "rms_norm_form", lambda m: None)
+    L0, jv0 = fwdkern.jvp(model, batch, 4, ks, tangent_dtype=tangent_dtype)
+    assert torch.equal(L, L0)
+    tol = 1e-5 if tangent_dtype is None else 2e-2
+    assert (jv - jv0).abs().max() <= tol * jv0.abs().max(), (jv, jv0)
+    if tangent_dtype is None:
+        _, ref = _reference(model, "llama", batch, 4, ks)
+        _check(jv, ref)
+
+
+def test_fused_rules_leave_patched_or_rewritten_modules_to_the_op_by_op_rules():
+    """A gated MLP whose projections carry LoRA, or a subclass with its own forward, is not fused (its
+    function may differ from the expression the rule computes); a norm with another forward neither."""
+    from fwdkern.engine import forward as fwd
+
+    model = fwdkern.patch(_model("llama"), target_modules=["gate_proj", "q_proj"])
+    assert not any(fwd.is_gated_mlp(m) for m in model.modules())
+
+    class Scaled(type(model.model.layers[0].mlp)):
+        def forward(self, x):
+            return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    class Shifted(type(model.model.norm)):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) + 1
+
+    plain = _model("llama")
+    mlp, norm = plain.model.layers[0].mlp, plain.model.norm
+    assert fwd.is_gated_mlp(mlp) and fwd.rms_norm_form(norm) is not None
+    mlp.__class__, norm.__class__ = Scaled, Shifted
+    assert not fwd.is_gated_mlp(mlp) and fwd.rms_norm_form(norm) is None
+    patched = fwdkern.patch(plain)
+    _randomize(patched)
+    _, jv = fwdkern.jvp(patched, _batch("llama"), 2, [0, 1, 2])
+    _, ref = _reference(patched, "llama", _batch("llama"), 2, [0, 1, 2])
+    _check(jv, ref)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Iterable, Optional
 
@@ -57,6 +59,9 @@ def _dual_mode(model, seed, ks, dist, selected):
         (m.base_layer.bias,) if m.train_bias else ()) if p is not None}
     lora_params |= {id(p) for m in adapters for p in (m.adapter_down.weight, m.adapter_down.bias,
                                                        m.adapter_up.weight, m.adapter_up.bias)}
+    mlps = [m for m in model.modules() if is_gated_mlp(m)]
+    norms = [(m, rms_norm_form(m)) for m in model.modules()]
+    norms = [(m, form) for m, form in norms if form is not None]
     slots = aliases(model)
     try:
         for name, pid, p in trainable(model):
@@ -77,9 +82,13 @@ def _dual_mode(model, seed, ks, dist, selected):
                                              base_tangents.get(mod, {}))
         for mod in adapters:
             mod.forward = _make_adapter_dual_forward(mod, seed, ks_list, dist, selected)
+        for mod in mlps:
+            mod.forward = _make_gated_mlp_dual_forward(mod)
+        for mod, form in norms:
+            mod.forward = _make_rms_norm_dual_forward(mod, form)
         yield
     finally:
-        for mod in lora + adapters:
+        for mod in lora + adapters + mlps + [m for m, _ in norms]:
             mod.__dict__.pop("forward", None)
         for owner, leaf, orig in reversed(swapped):
             delattr(owner, leaf)
@@ -108,6 +117,118 @@ def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents):
         if bt is not None:
             yt = yt + bt.view(bt.shape[0], *([1] * (yt.dim() - 2)), bt.shape[-1]).to(yt.dtype)
         return make_dual(y, yt)
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_body(cls) -> tuple:
+    """The statements of ``cls.forward`` (comments and blank lines dropped), or () without source."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ()
+    return tuple(ln.strip() for ln in src.splitlines()[1:] if ln.strip() and not ln.strip().startswith("#"))
+
+
+# RMSNorm modules whose forward is one of these bodies, by the scale they apply to x·rsqrt(mean x² + eps)
+# (Llama, Mistral, Qwen2, SmolLM, ...: weight; Gemma 3: 1 + weight).
+_RMS_NORM_FORMS = {
+    ("input_dtype = hidden_states.dtype", "hidden_states = hidden_states.to(torch.float32)",
+     "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+     "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+     "return self.weight * hidden_states.to(input_dtype)"): ("weight", "variance_epsilon"),
+    ("output = self._norm(x.float())", "output = output * (1.0 + self.weight.float())",
+     "return output.type_as(x)"): ("one_plus_weight", "eps"),
+}
+_GEMMA_NORM = ("return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)",)
+
+
+def rms_norm_form(mod: nn.Module) -> Optional[tuple]:
+    """(scale form, eps attribute) of an RMSNorm module the fused rule below covers, else None."""
+    form = _RMS_NORM_FORMS.get(_forward_body(type(mod)))
+    if form is None or not isinstance(getattr(mod, form[1], None), float) or \
+            not isinstance(getattr(mod, "weight", None), torch.Tensor) or mod.weight.dim() != 1:
+        return None
+    if form[0] == "one_plus_weight":
+        norm = getattr(type(mod), "_norm", None)
+        try:
+            ok = norm is not None and tuple(ln.strip() for ln in inspect.getsource(norm).splitlines()[1:]
+                                            if ln.strip()) == _GEMMA_NORM
+        except (OSError, TypeError):
+            ok = False
+        if not ok:
+            return None
+    return form
+
+
+def _make_rms_norm_dual_forward(mod: nn.Module, form: tuple):
+    """RMSNorm's dual in two passes over the K tangents plus one batched dot: with r = rsqrt(mean x² + eps)
+    and scale c, ẏ = c·r·ẋ − (c·r³/d)·x·⟨x, ẋ⟩ (op by op: seven passes). The primal is the module's
+    own forward; a perturbed (Dual) weight keeps the op-by-op rules."""
+    plain_forward = type(mod).forward
+    kind, eps_name = form
+
+    def forward(x):
+        xt = tangent(x)
+        if xt is None or isinstance(mod.weight, Dual):
+            return plain_forward(mod, x)
+        xp = primal(x)
+        y = plain_forward(mod, xp)
+        x32 = xp.float()
+        d = x32.shape[-1]
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + getattr(mod, eps_name))
+        c = mod.weight.float() + 1.0 if kind == "one_plus_weight" else mod.weight.float()
+        cr = c * r
+        xd = torch.matmul(xt.float().reshape(xt.shape[0], -1, d).transpose(0, 1),
+                          x32.reshape(-1, d, 1)).transpose(0, 1).reshape(*xt.shape[:-1], 1)  # ⟨x, ẋ_k⟩
+        yt = (xt * cr).addcmul_(xd, x32 * (cr * r.square() / -d))
+        return make_dual(y, yt.to(xt.dtype))
+    return forward
+
+
+# The gated feed-forward block of LLaMA-family models (Llama, Mistral, Qwen, Gemma, SmolLM, ...):
+# its forward is exactly this expression, so the fused rule below computes the same function.
+_GATED_MLP_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+_GATED_MLP_CLASSES: dict = {}
+
+
+def is_gated_mlp(mod: nn.Module) -> bool:
+    """True for a module whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with
+    plain nn.Linear projections (a patched or quantized projection keeps the op-by-op rules)."""
+    cls = type(mod)
+    if cls not in _GATED_MLP_CLASSES:
+        _GATED_MLP_CLASSES[cls] = _forward_body(cls) in ((f"down_proj = {_GATED_MLP_SOURCE}", "return down_proj"),
+                                                         (f"return {_GATED_MLP_SOURCE}",))
+    return (_GATED_MLP_CLASSES[cls] and callable(getattr(mod, "act_fn", None))
+            and all(type(getattr(mod, n, None)) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _make_gated_mlp_dual_forward(mod: nn.Module):
+    """The gated MLP's dual in three tangent GEMMs and two passes over the [K, .., intermediate]
+    tangents: ḣ = ġ ⊙ (act'(g) ⊙ u) + u̇ ⊙ act(g), with act' from forward AD on the primal. Op by
+    op the same function costs four passes plus a cast on each side of every GEMM. Under
+    :func:`tangent_matmuls` (bf16) the tangents stay in that dtype from the input's cast to the
+    down projection's output (the elementwise passes read and write half the bytes); the primal
+    is computed as the module computes it."""
+    plain_forward = type(mod).forward
+    lins = (mod.gate_proj, mod.up_proj, mod.down_proj)
+
+    def forward(x):
+        xt = tangent(x)
+        if xt is None or any(isinstance(t, Dual) for lin in lins for t in (lin.weight, lin.bias)):
+            return plain_forward(mod, x)
+        xp = primal(x)
+        g, u = mod.gate_proj(xp), mod.up_proj(xp)
+        try:
+            a, da = torch.func.jvp(mod.act_fn, (g,), (torch.ones_like(g),))
+        except (NotImplementedError, RuntimeError):  # no forward-AD formula: the op-by-op rules name it
+            return plain_forward(mod, x)
+        y = mod.down_proj(a * u)
+        dt = tangent_matmul_dtype(xt) or xt.dtype
+        xb = xt.to(dt)
+        h = tangent_linear(xb, mod.gate_proj.weight)
+        h.mul_((da * u).to(h.dtype)).addcmul_(tangent_linear(xb, mod.up_proj.weight), a.to(h.dtype))
+        return make_dual(y, tangent_linear(h, mod.down_proj.weight).to(y.dtype))
     return forward
 
 

@@ -89,7 +89,9 @@ def lm_head_grad(h: torch.Tensor, head: nn.Module, y: torch.Tensor, chunk: Optio
     bad = y[(y < 0) | (y >= V)]
     if bad.numel():
         raise ValueError(f"labels: token id {int(bad[0])} is outside the vocabulary [0, {V})")
-    chunk = chunk or max(1024, min(V, (1 << 24) // max(N, 1)))
+    # 2M logits (8 MiB in fp32) a block: the block and its exp are the largest temporaries of a
+    # causal-LM step, so a client's peak stays near the body's (one [N, V] block would dwarf it)
+    chunk = chunk or max(1024, min(V, (1 << 21) // max(N, 1)))
     if rows is not None:  # the dequantized chunk is a temporary too: at most 4M elements of it
         chunk = min(chunk, max(1024, (1 << 22) // max(d, 1)))
     hf = h.float()

@@ -11,7 +11,7 @@ import torch
 from .. import backends
 from . import _compose
 from ._validate import DIST_CODE, DTYPE_CODE, as2d, dims2d
-from .reference_attention import chunked_dual_attention
+from .reference_attention import block_dual_attention
 
 F32 = torch.float32
 
@@ -87,7 +87,7 @@ def lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps
                                    seeded_mm, perturbation)
 
 
-backends.register("dual_attention", "cpu")(chunked_dual_attention)
+backends.register("dual_attention", "cpu")(block_dual_attention)
 
 
 # ----------------------------------------------------------------------------- quantized base

@@ -12,7 +12,7 @@ from .. import backends
 from . import _compose
 from ._qformat import dequantize_reference
 from ._validate import DIST_CODE, DTYPE_CODE, as2d, dims2d
-from .reference_attention import chunked_dual_attention
+from .reference_attention import block_dual_attention
 
 F32 = torch.float32
 # csrc/cuda/lora_ops.cu launches one grid z-slice per perturbation (at most 65535).
@@ -89,7 +89,7 @@ def lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps
                                        seeded_mm, perturbation)
 
 
-backends.register("dual_attention", "cuda")(chunked_dual_attention)
+backends.register("dual_attention", "cuda")(block_dual_attention)
 
 
 # ----------------------------------------------------------------------------- quantized base

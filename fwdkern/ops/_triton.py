@@ -56,7 +56,7 @@ def lora_perturbed(x, weight, bias, lora_A, lora_B, scaling, seed, pids, ks, eps
 
 
 @backends.register("dual_attention", "triton")
-def dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk):
+def dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk, tangent_dtype):
     return tri_attention.dual_attention_triton(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale)
 
 

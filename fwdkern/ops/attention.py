@@ -6,7 +6,8 @@
 calls the custom op ``fwdkern::dual_attention`` (with a fake kernel, so it traces under
 torch.compile). The ``reference`` backend is the chunked pure-torch path of
 fwdkern/ops/reference_attention.py (``backend="torch"`` is an alias of it); the ``cpu`` and
-``cuda`` backends run the same path on their device. Tests compare every backend with eager
+``cuda`` backends run its one-block form on their device (every key at once when they fit one
+chunk, the tangents batched into the products' rows). Tests compare every backend with eager
 :func:`reference_attention` under ``torch.func.jvp``.
 
 Semantics follow ``torch.nn.functional.scaled_dot_product_attention``: bool masks
@@ -31,13 +32,14 @@ __all__ = ["dual_attention", "reference_attention"]
 @torch.library.custom_op("fwdkern::dual_attention", mutates_args=())
 def _dual_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optional[torch.Tensor],
                        k_t: Optional[torch.Tensor], v_t: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
-                       is_causal: bool, scale: float, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       is_causal: bool, scale: float, chunk: int, tangent_dtype: Optional[torch.dtype],
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return backends.implementation("dual_attention", backend)(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale,
-                                                              chunk)
+                                                              chunk, tangent_dtype)
 
 
 @_dual_attention_op.register_fake
-def _(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk, backend):
+def _(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk, tangent_dtype, backend):
     K = next((t.shape[0] for t in (q_t, k_t, v_t) if t is not None), 0)
     shape = (*q.shape[:-1], v.shape[-1])
     return q.new_empty(shape), q.new_empty((K, *shape))
@@ -90,7 +92,8 @@ def _check(q, k, v, q_t, k_t, v_t, attn_mask, is_causal) -> int:
 def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optional[torch.Tensor],
                    k_t: Optional[torch.Tensor], v_t: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor] = None,
                    is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
-                   chunk: int = 256, backend: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   chunk: int = 256, backend: Optional[str] = None,
+                   tangent_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Dual attention: returns (O, dO).
 
     backend: None/"auto", "cpu", "cuda", "triton" (fwdkern/triton/attention.py; CUDA, or CPU under
@@ -105,7 +108,12 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optio
         attn_mask: bool (True = keep) or additive float, broadcastable to [B, Hq, Tq, Tk].
         is_causal: key j is visible from query i iff j <= i. scale: default 1/sqrt(D).
         enable_gqa: accepted for signature parity; GQA is inferred from Hq != Hkv.
-        chunk: keys per step of the chunked path (memory/speed trade-off).
+        chunk: keys per step of the chunked path (memory/speed trade-off); the cpu and cuda backends
+            take every key in one block when Tk <= chunk.
+        tangent_dtype: None, torch.float32, torch.bfloat16 or torch.float16: the dtype of the operands
+            of the products that carry tangents in the cpu and cuda backends (accumulation and every
+            sum stay fp32; the primal is untouched). The reference and triton backends compute in
+            fp32 whatever it says.
     Returns:
         O [B, Hq, Tq, Dv] in q's dtype; dO [K, B, Hq, Tq, Dv] or None when K == 0 (every tangent None).
         Accumulation is fp32.
@@ -113,7 +121,10 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optio
     K = _check(q, k, v, q_t, k_t, v_t, attn_mask, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scalar(scale, "scale")
     chunk = check_int(chunk, "chunk", 1, None, "a positive int")
+    if tangent_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"tangent_dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {tangent_dtype!r}")
     fits = q.dim() == 4 and v.shape[-1] == q.shape[-1]
     b = backends.resolve("dual_attention", q.device, backend, dtype=q.dtype, fits=fits)
-    o, ot = _dual_attention_op(q, k, v, q_t, k_t, v_t, attn_mask, bool(is_causal), scale, chunk, b)
+    o, ot = _dual_attention_op(q, k, v, q_t, k_t, v_t, attn_mask, bool(is_causal), scale, chunk, tangent_dtype, b)
     return o, (ot if K else None)

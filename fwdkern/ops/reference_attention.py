@@ -41,12 +41,21 @@ def _mask5(mask: Optional[torch.Tensor], Hkv: int, G: int) -> Optional[torch.Ten
     return m.reshape(m.shape[0], Hkv, G, m.shape[2], m.shape[3])
 
 
+def _packed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` contiguous in `dtype`, in at most one copy (a strided cast copies once)."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
 @backends.register("dual_attention", "reference")
-def chunked_dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal: bool, scale: float, chunk: int):
+def chunked_dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal: bool, scale: float, chunk: int,
+                           tangent_dtype: Optional[torch.dtype] = None):
     """(O [..., Hq, Tq, Dv] in q's dtype, dO [K, ..., Hq, Tq, Dv]); K = 0 when every tangent is None.
 
-    Inputs as validated by :func:`fwdkern.ops.attention.dual_attention`; fp32 accumulation; rows
-    with every key masked give 0 (output and tangent)."""
+    Inputs as validated by :func:`fwdkern.ops.attention.dual_attention`; fp32 throughout (the
+    reference: `tangent_dtype` is accepted and not used); rows with every key masked give 0
+    (output and tangent)."""
     lead = q.shape[:-3]
     Hq, Tq, D = q.shape[-3:]
     Hkv, Tk, Dv = k.shape[-3], k.shape[-2], v.shape[-1]
@@ -120,6 +129,91 @@ def chunked_dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal: bool, s
     if A3 is not None:
         d3 = A3 * inv_l
         do = d3 if do is None else do + d3
+    return o_ret, do.reshape(K, *out_shape).to(dt)
+
+
+def block_dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal: bool, scale: float, chunk: int,
+                         tangent_dtype: Optional[torch.dtype] = None):
+    """:func:`chunked_dual_attention` with every key in one block when ``Tk <= chunk`` (else the
+    chunked path): no online rescaling, the softmax's scale folded into P, and the K tangents
+    batched into the matrix products' rows instead of broadcast batch dims, so torch runs a few
+    large products and a few passes over the [K, .., Tq, Tk] scores. `tangent_dtype` (bf16/fp16):
+    the four products that carry tangents take their operands in it (the matrix units' rate);
+    sums, softmax and the primal stay fp32. The ``cpu`` and ``cuda`` backends run it; the tests
+    compare it with the chunked path and with eager attention."""
+    Tk = k.shape[-2]
+    if Tk > chunk:
+        return chunked_dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal, scale, chunk)
+    lead = q.shape[:-3]
+    Hq, Tq, D = q.shape[-3:]
+    Hkv, Dv = k.shape[-3], v.shape[-1]
+    G = Hq // Hkv
+    B = int(math.prod(lead)) if lead else 1
+    M = G * Tq  # a key/value head's query rows: its G query heads stacked
+    dt = q.dtype
+    tans = [t for t in (q_t, k_t, v_t) if t is not None]
+    K = tans[0].shape[0] if tans else 0
+    f32 = torch.float32
+    mm = f32 if tangent_dtype in (None, f32) else tangent_dtype  # operands of the tangents' products
+    q4 = q.reshape(B, Hkv, M, D).to(f32)
+    k4 = k.reshape(B, Hkv, Tk, D).to(f32)
+    v4 = v.reshape(B, Hkv, Tk, Dv).to(f32)
+    mask = attn_mask
+    if mask is not None and lead and mask.dim() > 4:
+        mask = mask.reshape(-1, *mask.shape[-3:])
+    m5 = _mask5(mask, Hkv, G)
+
+    s = torch.matmul(q4, k4.transpose(-1, -2)).mul_(scale).view(B, Hkv, G, Tq, Tk)
+    if m5 is not None:
+        s = s + m5
+    if is_causal:
+        above = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu_(1)
+        s = s.masked_fill(above, float("-inf"))
+    mx = s.amax(-1, keepdim=True)
+    mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    p = torch.exp(s - mx)
+    l = p.sum(-1, keepdim=True)
+    p = p.div_(torch.where(l == 0, torch.ones_like(l), l)).view(B, Hkv, M, Tk)  # rows with every key masked: 0
+    o = torch.matmul(p, v4)  # [B, Hkv, M, Dv]
+    out_shape = (*lead, Hq, Tq, Dv)
+    o_ret = o.reshape(out_shape).to(dt)
+    if K == 0:
+        return o_ret, q.new_empty((0, *out_shape))
+    # The tangents' products, each a single batched product over the K tangents with the two
+    # terms side by side in the contraction: dS_k = [dQ_k | Q]·[K | dK_k]ᵀ and
+    # dO_k = [P⊙dS_k | P]·[V ; dV_k] (minus rowsum(P⊙dS_k)·O). Operands are in `mm`, written
+    # straight from the strided tangents in one cast copy each; the [K, .., Tq, Tk] scores stay in
+    # `mm` (mixed-dtype passes run at a fraction of same-dtype ones); row sums and the output's
+    # correction are fp32.
+    dev = q.device
+    do = None
+    nq, nk, nv = (t is not None for t in (q_t, k_t, v_t))
+    if nq or nk:
+        cq = D * (nq + nk)
+        a = torch.empty((K, B, Hkv, M, cq), dtype=mm, device=dev)
+        b = torch.empty((K, B, Hkv, Tk, cq), dtype=mm, device=dev)
+        c = 0
+        if nq:
+            a[..., :D].view(K, B, Hq, Tq, D).copy_(q_t.reshape(K, B, Hq, Tq, D))
+            b[..., :D].copy_(k4.expand(K, B, Hkv, Tk, D))
+            c = D
+        if nk:
+            a[..., c:].copy_(q4.expand(K, B, Hkv, M, D))
+            b[..., c:].copy_(k_t.reshape(K, B, Hkv, Tk, D))
+        ps = (p * scale).to(mm)
+        cv = Tk * (1 + nv)
+        a2 = torch.empty((K, B, Hkv, M, cv), dtype=mm, device=dev)
+        pds = torch.mul(torch.matmul(a, b.transpose(-1, -2)), ps, out=a2[..., :Tk])  # P ⊙ dS
+        del a, b
+        rs = pds.sum(-1, keepdim=True, dtype=f32)
+        b2 = torch.empty((K, B, Hkv, cv, Dv), dtype=mm, device=dev)
+        b2[..., :Tk, :].copy_(v4.expand(K, B, Hkv, Tk, Dv))
+        if nv:
+            a2[..., Tk:].copy_(p.expand(K, B, Hkv, M, Tk))
+            b2[..., Tk:, :].copy_(v_t.reshape(K, B, Hkv, Tk, Dv))
+        do = torch.matmul(a2, b2).to(f32).addcmul_(rs, o, value=-1.0)
+    else:  # only dV: P·dV_k
+        do = torch.matmul(p.to(mm), _packed(v_t.reshape(K, B, Hkv, Tk, Dv), mm)).to(f32)
     return o_ret, do.reshape(K, *out_shape).to(dt)
 
 
