@@ -16,7 +16,7 @@ __all__ = ["perturbation", "seeded_axpy_", "seeded_dot", "BackendUnavailable", "
 __all__ += ["lora_linear_dual", "lora_linear_perturbed", "seeded_matmul", "LoRALinear", "nn"]
 
 from . import dual  # noqa: F401,E402
-from .engine import (default_targets, jvp, load_adapter, patch, perturbed_loss, save_adapter,  # noqa: F401,E402
-                     trainable)
+from .engine import (batch_loss, default_targets, jvp, load_adapter, patch, perturbed_loss,  # noqa: F401,E402
+                     save_adapter, trainable)
 
-__all__ += ["patch", "trainable", "jvp", "perturbed_loss", "save_adapter", "load_adapter", "default_targets", "dual"]
+__all__ += ["patch", "trainable", "jvp", "perturbed_loss", "batch_loss", "save_adapter", "load_adapter", "default_targets", "dual"]

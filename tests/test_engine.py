@@ -478,3 +478,25 @@ def test_fused_rules_leave_patched_or_rewritten_modules_to_the_op_by_op_rules():
     _, jv = fwdkern.jvp(patched, _batch("llama"), 2, [0, 1, 2])
     _, ref = _reference(patched, "llama", _batch("llama"), 2, [0, 1, 2])
     _check(jv, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_batch_loss_is_the_loss_jvp_reports(family):
+    """batch_loss (the guard's probe) computes jvp's loss from a plain forward: equal to it and to the
+    HF model's own loss within fp32 rounding, for a causal LM (vocabulary blocks, no tokens × vocab
+    logits) and a classifier; training mode untouched."""
+    model = fwdkern.patch(_model(family))
+    _randomize(model)
+    batch = _batch(family)
+    L, _ = fwdkern.jvp(model, batch, 3, [0, 1])
+    lb = fwdkern.batch_loss(model, batch)
+    hf_batch = dict(batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)) \
+        if family == "llama" else batch
+    with torch.no_grad():
+        hf = model(**hf_batch).loss
+    assert lb.dtype == torch.float32 and not model.training
+    torch.testing.assert_close(lb, L, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lb, hf, rtol=1e-5, atol=1e-6)
+    if family == "bert":
+        with pytest.raises(ValueError, match="labels"):
+            fwdkern.batch_loss(model, {k: v for k, v in batch.items() if k != "labels"})

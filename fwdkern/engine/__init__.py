@@ -6,7 +6,8 @@
   (:mod:`.patching`).
 * :func:`jvp` runs one dual forward: the primal loss and ``∇L·v_k`` for K seeded
   perturbations ``v_k = v(seed, param_id, ks[k])`` of the trainable tensors (:mod:`.forward`).
-* :func:`perturbed_loss` gives ``L(θ ± εv_k)`` (FwdLLM perturbed inference).
+* :func:`perturbed_loss` gives ``L(θ ± εv_k)`` (FwdLLM perturbed inference); :func:`batch_loss` the
+  loss :func:`jvp` reports, from one plain forward.
 * :func:`save_adapter` / :func:`load_adapter` use peft's on-disk format (:mod:`.peft_io`).
 
 Mechanism: :mod:`fwdkern.dual` (a Dual tensor through unmodified model code). LoRALinear
@@ -16,10 +17,10 @@ For causal LM the LM head gets no tangent: ``∂L/∂h`` (h = final hidden state
 once from the primal in vocabulary chunks and the loss tangent is ``⟨∂L/∂h, ḣ_k⟩`` (:mod:`.losses`).
 """
 from .config import FwdkernConfig  # noqa: F401
-from .forward import capture_input, jvp, perturbed_loss  # noqa: F401
+from .forward import batch_loss, capture_input, jvp, perturbed_loss  # noqa: F401
 from .patching import (DEFAULT_TARGET_OVERRIDES, default_targets, dequantize_base, patch, quantize_base,  # noqa: F401
                        trainable)
 from .peft_io import load_adapter, save_adapter  # noqa: F401
 
-__all__ = ["patch", "trainable", "jvp", "perturbed_loss", "save_adapter", "load_adapter", "default_targets",
+__all__ = ["patch", "trainable", "jvp", "perturbed_loss", "batch_loss", "save_adapter", "load_adapter", "default_targets",
            "FwdkernConfig", "DEFAULT_TARGET_OVERRIDES", "quantize_base", "dequantize_base"]

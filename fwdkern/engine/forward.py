@@ -18,7 +18,7 @@ from ..ops import perturbation, seeded_axpy_
 from .losses import causal_loss, cls_loss, logits_of, loss_kind, primal_loss
 from .patching import aliases, selected_ids, trainable
 
-__all__ = ["jvp", "perturbed_loss", "capture_input"]
+__all__ = ["jvp", "perturbed_loss", "batch_loss", "capture_input"]
 
 
 class capture_input:
@@ -251,6 +251,18 @@ def _unpack(batch):
                         f"labels optional), got {type(batch).__name__}")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return inputs, batch.get("labels")
+
+
+def batch_loss(model: nn.Module, batch, loss: str = "auto", label_smoothing: float = 0.0) -> torch.Tensor:
+    """The loss :func:`jvp` reports for `batch`, from one plain forward (no tangents, no grad; the
+    model's training mode is left as it is). A causal LM's loss walks the vocabulary in blocks, so
+    the tokens × vocab logits an HF forward with labels returns never exist. Arguments as :func:`jvp`."""
+    kind = loss_kind(model, loss)
+    inputs, labels = _unpack(batch)
+    if kind == "classification" and labels is None:
+        raise ValueError("batch: classification needs labels")
+    with torch.no_grad():
+        return primal_loss(model, kind, inputs, labels, label_smoothing).float()
 
 
 def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rademacher", loss: str = "auto",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .._seed import derive_seed
-from ..engine import capture_input, jvp, perturbed_loss
+from ..engine import batch_loss, capture_input, jvp, perturbed_loss
 from ..ops import seeded_axpy_
 from .protocol import RoundPlan, Update
 
@@ -89,7 +89,8 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
     extra = {}
     if plan.probe and probe is not None:
         with torch.no_grad(), probe():
-            extra["probe_loss"] = sum(float(model(**b).loss) * int(b["input_ids"].shape[0]) for b in batches) / n
+            # the loss jvp reported above, computed the same way (a causal LM's never holds tokens × vocab)
+            extra["probe_loss"] = sum(float(batch_loss(model, b)) * int(b["input_ids"].shape[0]) for b in batches) / n
     return Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
                   loss / n, extra=extra, head=head_vals).to_bytes(wire)
 
