@@ -66,7 +66,7 @@ def tangent_linear(xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     (a tangent already in that dtype takes the weight in it too and stays in it)."""
     dt = tangent_matmul_dtype(xt)
     if dt is None:
-        return _plain(F.linear, xt, w if w.dtype == xt.dtype else w.to(xt.dtype))
+        return _plain(F.linear, xt, w.to(xt.dtype))
     return _plain(F.linear, _cast_once(xt, dt), w.to(dt)).to(xt.dtype)
 
 

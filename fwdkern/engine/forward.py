@@ -121,10 +121,11 @@ def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_body(cls) -> tuple:
-    """The statements of ``cls.forward`` (comments and blank lines dropped), or () without source."""
+def _body(fn) -> tuple:
+    """The stripped lines of function `fn` after its ``def`` (comments and blank lines dropped), or ()
+    without source. Cached: the rules below look every module's class up on each jvp call."""
     try:
-        src = inspect.getsource(cls.forward)
+        src = inspect.getsource(fn)
     except (OSError, TypeError):
         return ()
     return tuple(ln.strip() for ln in src.splitlines()[1:] if ln.strip() and not ln.strip().startswith("#"))
@@ -145,19 +146,12 @@ _GEMMA_NORM = ("return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.ep
 
 def rms_norm_form(mod: nn.Module) -> Optional[tuple]:
     """(scale form, eps attribute) of an RMSNorm module the fused rule below covers, else None."""
-    form = _RMS_NORM_FORMS.get(_forward_body(type(mod)))
+    form = _RMS_NORM_FORMS.get(_body(type(mod).forward))
     if form is None or not isinstance(getattr(mod, form[1], None), float) or \
             not isinstance(getattr(mod, "weight", None), torch.Tensor) or mod.weight.dim() != 1:
         return None
-    if form[0] == "one_plus_weight":
-        norm = getattr(type(mod), "_norm", None)
-        try:
-            ok = norm is not None and tuple(ln.strip() for ln in inspect.getsource(norm).splitlines()[1:]
-                                            if ln.strip()) == _GEMMA_NORM
-        except (OSError, TypeError):
-            ok = False
-        if not ok:
-            return None
+    if form[0] == "one_plus_weight" and _body(getattr(type(mod), "_norm", None)) != _GEMMA_NORM:
+        return None
     return form
 
 
@@ -189,17 +183,13 @@ def _make_rms_norm_dual_forward(mod: nn.Module, form: tuple):
 # The gated feed-forward block of LLaMA-family models (Llama, Mistral, Qwen, Gemma, SmolLM, ...):
 # its forward is exactly this expression, so the fused rule below computes the same function.
 _GATED_MLP_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
-_GATED_MLP_CLASSES: dict = {}
+_GATED_MLP_BODIES = ((f"down_proj = {_GATED_MLP_SOURCE}", "return down_proj"), (f"return {_GATED_MLP_SOURCE}",))
 
 
 def is_gated_mlp(mod: nn.Module) -> bool:
     """True for a module whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with
     plain nn.Linear projections (a patched or quantized projection keeps the op-by-op rules)."""
-    cls = type(mod)
-    if cls not in _GATED_MLP_CLASSES:
-        _GATED_MLP_CLASSES[cls] = _forward_body(cls) in ((f"down_proj = {_GATED_MLP_SOURCE}", "return down_proj"),
-                                                         (f"return {_GATED_MLP_SOURCE}",))
-    return (_GATED_MLP_CLASSES[cls] and callable(getattr(mod, "act_fn", None))
+    return (_body(type(mod).forward) in _GATED_MLP_BODIES and callable(getattr(mod, "act_fn", None))
             and all(type(getattr(mod, n, None)) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj")))
 
 

@@ -18,7 +18,8 @@ tuned settings there, not independent checks):
   round's clients measure as raising their loss is not taken.
 * tangent_precision bf16 wherever tangents run on a device with bf16 matrix units: the tangents'
   GEMMs with the frozen weights in bf16, the loss and weights in fp32 (fwdkern.dual.tangent_matmuls;
-  bench/results/fl_causal_lm/: the same held-out loss as fp32 tangents at about half the client CPU).
+  bench/results/fl_causal_lm/: the same held-out loss as fp32 tangents at less client CPU; the client
+  step alone: bench/results/fl_client_lm_cpu_2026-12-06.json).
 * head_lr 8: scale-free (divided by the features' mean squared norm), the best or tied-best of the
   head-lr sweeps on BBC News, Rotten Tomatoes and SmolLM2 prompt classification
   (bench/results/fl_{bbc,rt,smollm2}_cpu/).

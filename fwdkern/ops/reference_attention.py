@@ -186,7 +186,6 @@ def block_dual_attention(q, k, v, q_t, k_t, v_t, attn_mask, is_causal: bool, sca
     # `mm` (mixed-dtype passes run at a fraction of same-dtype ones); row sums and the output's
     # correction are fp32.
     dev = q.device
-    do = None
     nq, nk, nv = (t is not None for t in (q_t, k_t, v_t))
     if nq or nk:
         cq = D * (nq + nk)
