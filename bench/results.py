@@ -23,14 +23,15 @@ extra_info), for any other JSON result one row per value (its key path). A filte
 column exactly, or as a prefix when it ends in '*'.
 
 `collect` turns run folders of `fwdkern train` (metrics.jsonl + summary.json) into a suite's runs.csv and
-summary.csv: each run's label is its folder name, its setting the config values that differ between the
-runs, its seed the config's; --commit names the code a run's provenance lacks (a run from a working tree).
+summary.csv: each run's label is its folder name (its parent's for a seedN folder), its setting the config
+values that differ between the runs, its seed the config's; --commit names the code a run's provenance lacks (a run from a working tree).
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -167,6 +168,14 @@ def show(target: str, filters: dict, runs: bool = False) -> list:
     return hits
 
 
+def _label(run_dir: str) -> str:
+    """A run folder's label: its name, or its parent's for a seedN folder (fl_compare's METHOD/seedN
+    layout: the seeds of one label are summarized together)."""
+    d = os.path.normpath(run_dir)
+    name = os.path.basename(d)
+    return os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", name) else name
+
+
 def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = None) -> list:
     """runs.csv / summary.csv of bench/results/<suite>/ from run folders (see the module's docstring)."""
     configs = {}
@@ -180,8 +189,7 @@ def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = No
     rows = []
     for d, c in configs.items():
         setting = "_".join(f"{k}={c[k]}".replace(" ", "") for k in varying if c.get(k) is not None) or "default"
-        got = run_rows(suite, phase, os.path.basename(os.path.normpath(d)), setting, c.get("seed", 0), d,
-                       c.get("clients_per_round") or 1)
+        got = run_rows(suite, phase, _label(d), setting, c.get("seed", 0), d, c.get("clients_per_round") or 1)
         for r in got:
             r["commit"] = r["commit"] or commit
         rows += got

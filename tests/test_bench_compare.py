@@ -121,3 +121,22 @@ def test_collect_labels_runs_by_folder_and_setting_by_what_differs(tmp_path, mon
     assert abs(cpu["value"] - 10.0 / 4 / 5) < 1e-12
     hits = _results.show("explore", {"method": "b", "metric": "accuracy", "client_round": "4"})
     assert len(hits) == 1 and float(hits[0]["mean"]) == 0.8
+
+
+def test_collect_summarizes_seed_folders_under_their_parent(tmp_path, monkeypatch):
+    # fl_compare's METHOD/seedN layout: both seeds carry the label METHOD and are summarized together.
+    monkeypatch.setattr(_results, "RESULTS", str(tmp_path / "results"))
+    dirs = []
+    for seed in (0, 1):
+        d = str(tmp_path / "k48" / f"seed{seed}")
+        _write_run(d, {4: {"accuracy": 0.5 + seed / 10}}, {"accuracy": 0.5 + seed / 10})
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        s["config"] = {"perturbations": 48, "seed": seed, "clients_per_round": 5, "out": d}
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(s, f)
+        dirs.append(d)
+    rows = _results.collect("explore", dirs)
+    assert {r["method"] for r in rows} == {"k48"} and {r["seed"] for r in rows} == {0, 1}
+    hits = _results.show("explore", {"method": "k48", "metric": "accuracy", "client_round": "4"})
+    assert len(hits) == 1 and hits[0]["n"] == "2" and abs(float(hits[0]["mean"]) - 0.55) < 1e-9

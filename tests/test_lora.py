@@ -606,6 +606,23 @@ def test_lora_linear_merge_unmerge_and_errors():
         LoRALinear(4, 4, r=0)
 
 
+def test_effective_weight_is_the_dense_weight_the_layer_applies():
+    """effective_weight() = W + s·BA: x @ it.T (+ bias) is the layer's output, before and after merge,
+    in the asked dtype; detached (no autograd graph back to A or B)."""
+    torch.manual_seed(4)
+    layer = LoRALinear(17, 7, r=3, alpha=6)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 17)
+    W = layer.effective_weight()
+    assert W.shape == (7, 17) and W.dtype == torch.float32 and not W.requires_grad
+    torch.testing.assert_close(F.linear(x, W, layer.base_layer.bias), layer(x), rtol=1e-5, atol=1e-5)
+    ref = layer.base_layer.weight.detach().double() + 2.0 * layer.lora_B.weight.double() @ layer.lora_A.weight.double()
+    torch.testing.assert_close(layer.effective_weight(torch.float64), ref, rtol=1e-12, atol=1e-12)
+    assert layer.effective_weight(torch.bfloat16).dtype == torch.bfloat16
+    layer.merge()
+    torch.testing.assert_close(layer.effective_weight(), W, rtol=1e-6, atol=1e-6)
+
+
 def test_lora_linear_low_precision_base():
     torch.manual_seed(3)
     base = torch.nn.Linear(32, 16).to(torch.bfloat16)

@@ -339,6 +339,9 @@ def test_lora_linear_on_quantized_base():
     torch.testing.assert_close((yp - ym) / 0.02, ref_t, rtol=1e-3, atol=1e-3 * float(ref_t.abs().max()))
     with pytest.raises(RuntimeError, match="quantized"):
         lora.merge()
+    # the dense weight of a quantized base: the dequantized W + s·BA
+    dense = Wd + lora.scaling * lora.lora_B.weight.detach() @ lora.lora_A.weight.detach()
+    _assert_close32(lora.effective_weight(), dense.to(F64), "effective_weight")
 
 
 def test_embedding_tied_head_and_scale():

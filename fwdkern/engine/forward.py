@@ -108,8 +108,7 @@ def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents):
             # ẋ_k (W + s·BA)ᵀ in the asked dtype beside the op's seeded low-rank terms (exact split:
             # the op with no input tangent returns s·(x dA_kᵀ)Bᵀ + s·(xAᵀ)dB_kᵀ + db_k).
             y, yt = mod.forward_dual(xp, None, seed, ks, dist=dist, perturb=perturb)
-            W, _, A, B = mod._operands(xp, "forward_dual")
-            yt = yt + tangent_linear(xt, torch.addmm(W, B, A, alpha=mod.scaling)).to(yt.dtype)
+            yt = yt + tangent_linear(xt, mod.effective_weight(xp.dtype)).to(yt.dtype)
         else:
             y, yt = mod.forward_dual(xp, xt, seed, ks, dist=dist, perturb=perturb)
         if Wt is not None:  # a trainable (tied) base weight: + x dW_k^T

@@ -197,6 +197,18 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ seeded forwards
 
+    def effective_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight this layer applies, ``W + scaling * B @ A`` [out, in], detached, in `dtype`
+        (default: the adapter's dtype): a quantized base is dequantized, a merged adapter is already in
+        W. For products the seeded ops do not cover, e.g. an input tangent through the whole layer."""
+        dt = dtype or self.lora_A.weight.dtype
+        W = self.frozen_weight()
+        W = W.dequantize(dt) if self.quantized else W.to(dt)
+        if self.merged:
+            return W
+        return torch.addmm(W, self.lora_B.weight.detach().to(dt), self.lora_A.weight.detach().to(dt),
+                           alpha=self.scaling)
+
     def _operands(self, x: torch.Tensor, op: str):
         if self.merged:
             raise RuntimeError(f"{op}: the adapter is merged into base_layer.weight; call unmerge() first")
