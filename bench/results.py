@@ -24,7 +24,8 @@ column exactly, or as a prefix when it ends in '*'.
 
 `collect` turns run folders of `fwdkern train` (metrics.jsonl + summary.json) into a suite's runs.csv and
 summary.csv: each run's label is its folder name (its parent's for a seedN folder), its setting the config
-values that differ between the runs, its seed the config's; --commit names the code a run's provenance lacks (a run from a working tree).
+values that differ between the runs, its seed the config's; --commit names the code a run's provenance
+lacks (a run from a working tree).
 """
 from __future__ import annotations
 
