@@ -13,7 +13,9 @@ tuned settings there, not independent checks):
   on beside the head it has not paid for its client CPU on the bundled data (bench/results/
   demo_cpu_2026-12-06/body_k16_fedadam/, fl_word_order/, fl_word_order_explore/).
   Without a head (causal LM) the body is all there is: K = 16 with FedAdam (fewer tangents, a
-  larger lr, layer blocks and a smaller adapter all did worse: bench/results/fl_causal_lm_explore/).
+  larger lr, layer blocks and a smaller adapter all did worse: bench/results/fl_causal_lm_explore/;
+  more tangents learn more per round at about proportional client CPU, and K = 16 is the largest
+  within 3x backprop's: bench/results/fl_causal_lm_tangents/).
 * guard on wherever the body trains by forward gradients (fwdkern.fl.guard): a step the next
   round's clients measure as raising their loss is not taken.
 * tangent_precision bf16 wherever tangents run on a device with bf16 matrix units: the tangents'
