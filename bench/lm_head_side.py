@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import environment  # noqa: E402
 
 GRIDS = {"lora": [0.25, 1.0], "bias": [1.0, 3.0, 10.0, 100.0, 1000.0], "norm": [0.03, 0.1, 0.3, 1.0],
-         "hidden": [0.03, 0.1, 0.3], "head_lora": [1.0, 10.0, 100.0]}
+         "hidden": [0.03, 0.1, 0.3], "head_lora": [0.1, 0.3, 1.0, 10.0, 100.0]}
 OUT = os.path.join(HERE, "results", "fl_causal_lm_explore", "head_side.json")
 
 
