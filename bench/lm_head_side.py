@@ -34,9 +34,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from bench.common import environment  # noqa: E402
+from bench.common import causal_lm_loss, environment  # noqa: E402
 
 GRIDS = {"lora": [0.25, 1.0], "bias": [1.0, 3.0, 10.0, 100.0, 1000.0], "norm": [0.03, 0.1, 0.3, 1.0],
          "hidden": [0.03, 0.1, 0.3], "head_lora": [0.1, 0.3, 1.0, 10.0, 100.0]}
@@ -87,8 +86,7 @@ def run(task, variant: str, lr: float, rounds: int = 12, clip: float = 1.0) -> d
             logits = logits + (h @ trained["A"].T) @ trained["B"].T
         if variant == "bias":
             logits = logits + trained["bias"]
-        labels = batch["labels"]
-        return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return causal_lm_loss(logits, batch["labels"])
 
     def heldout(validation: bool) -> float:
         wins = task.heldout_windows(validation=validation)
