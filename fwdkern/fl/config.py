@@ -44,7 +44,8 @@ class RunConfig:
     method: str = _opt("fwdkern", "client computation: " + "; ".join(f"{m.name} ({m.summary})"
                                                                       for m in METHODS.values()), METHOD_NAMES)
     clients: int = _opt(100, "number of simulated clients")
-    clients_per_round: int = _opt(10, "clients sampled per round")
+    clients_per_round: int = _opt(10, "clients sampled per round (forward gradients learn more per round with "
+                                           "more: a round's estimate pools K x clients directions)")
     rounds: int = _opt(30, "server optimizer steps to run (a pacing retry is a client round but not a step)")
     max_client_rounds: int = _opt(0, "stop after this many client rounds, pacing retries included (0: no limit)")
     seed: int = _opt(0, "run seed: data split, partitions, client sampling and every perturbation derive from it")

@@ -15,7 +15,10 @@ tuned settings there, not independent checks):
   Without a head (causal LM) the body is all there is: K = 16 with FedAdam (fewer tangents, a
   larger lr, layer blocks and a smaller adapter all did worse: bench/results/fl_causal_lm_explore/;
   more tangents learn more per round at about proportional client CPU, and K = 16 is the largest
-  within 3x backprop's: bench/results/fl_causal_lm_tangents/).
+  within 3x backprop's: bench/results/fl_causal_lm_tangents/; tangents confined to the value
+  projections' B, where 94 % of the gradient is, learn no more: bench/results/fl_causal_lm_explore/
+  tangent_subsets.json; more clients per round do, at the same work per client:
+  bench/results/fl_causal_lm_clients/).
 * guard on wherever the body trains by forward gradients (fwdkern.fl.guard): a step the next
   round's clients measure as raising their loss is not taken.
 * tangent_precision bf16 wherever tangents run on a device with bf16 matrix units: the tangents'
