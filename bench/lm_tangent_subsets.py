@@ -1,0 +1,179 @@
+"""Where the causal-LM suite's gradient lives, and whether tangents confined there learn more per round.
+
+A central simulation of the default's rounds on bench/fl_compare.py's fl_causal_lm setting (SmolLM2-135M,
+BBC News documents dealt to 20 clients, 5 per round, one 4 x 64-token batch each, 12 rounds, LoRA r 8 on
+q/v, 64 held-out windows and a validation split): each client's directional derivatives are g . v for its
+exact autograd gradient g (what an exact jvp computes, without its cost), along K Rademacher tangents v
+drawn only on the chosen tensors; the server averages (1/K) sum_j (g . v_j) v_j over the round's clients
+and steps with FedAdam (the recipe's betas and tau) or SGD. Clients and tangents are drawn by this
+script's own generators (seed 0), not the simulation's.
+
+    HF_HUB_OFFLINE=1 python bench/lm_tangent_subsets.py [--variants all vB ...] [--merge]
+
+Tangent placements (what is perturbed and trained): all -- every LoRA tensor (the default); B -- the
+B matrices (LoRA-FA: A stays at its random init); vB -- the value projections' B only. `energy` first
+records each tensor's share of the round-1 mean gradient's squared norm (5 clients), which is where the
+placements come from. Output: bench/results/fl_causal_lm_explore/tangent_subsets.json, one row per
+(placement, optimizer, K, lr) with the held-out and validation loss every 4 rounds; the best row of each
+(placement, optimizer, K) by the validation drop is in best_by_validation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import causal_lm_loss, environment  # noqa: E402
+from bench.lm_head_side import load  # noqa: E402
+
+PLACEMENTS = {"all": lambda n: True, "B": lambda n: "lora_B" in n,
+              "vB": lambda n: "lora_B" in n and "v_proj" in n}
+# (placement, optimizer, K) -> lrs. The K 16 grids reach past their validation-best points on both sides;
+# B (LoRA-FA) runs at the lr that is best for all and for vB. K 64 and 256: more directions per round.
+GRIDS = {("all", "fedadam", 16): [0.003, 0.01, 0.03], ("vB", "fedadam", 16): [0.003, 0.01, 0.03],
+         ("B", "fedadam", 16): [0.01], ("all", "sgd", 16): [0.01, 0.03, 0.1, 0.3], ("vB", "sgd", 16): [0.1, 0.3, 1.0],
+         ("all", "fedadam", 64): [0.003, 0.01, 0.03],
+         ("all", "fedadam", 256): [0.003, 0.01, 0.03]}
+OUT = os.path.join(HERE, "results", "fl_causal_lm_explore", "tangent_subsets.json")
+
+
+class Sim:
+    def __init__(self, task):
+        self.task, self.model = task, task.model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.names = list(task.params)
+        self.P = [task.params[n] for n in self.names]
+        for p in self.P:
+            p.requires_grad_(True)
+        self.start = [p.detach().clone() for p in self.P]
+
+    def loss(self, b):
+        out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        return causal_lm_loss(out.logits, b["labels"])
+
+    def grad(self, client: int, rnd: int) -> list:
+        return [g.detach() for g in torch.autograd.grad(self.loss(self.task.client_batches(client, rnd)[0]), self.P)]
+
+    def heldout(self, validation: bool) -> float:
+        wins = self.task.heldout_windows(validation=validation)
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(wins), 16):
+                b = self.task.lm.batch(wins[i:i + 16])
+                k = int((b["labels"][:, 1:] != -100).sum())
+                tot += float(self.loss(b)) * k
+                n += k
+        return tot / n
+
+    def energy(self) -> dict:
+        """Each tensor's share of the round-1 mean gradient's squared norm, and each placement's."""
+        cs = range(self.task.cfg.clients_per_round)
+        gs = [self.grad(c, 1) for c in cs]
+        g = [sum(x[i] for x in gs) / len(gs) for i in range(len(self.P))]
+        tot = sum(float((x ** 2).sum()) for x in g)
+        share = {n: float((x ** 2).sum()) / tot for n, x in zip(self.names, g)}
+        d = sum(p.numel() for p in self.P)
+        flat, _ = torch.cat([x.flatten() for x in g]).pow(2).sort(descending=True)
+        cum = flat.cumsum(0) / flat.sum()
+        return {"tensors": share,
+                "placements": {k: {"energy": sum(s for n, s in share.items() if f(n)),
+                                   "values": sum(p.numel() for n, p in zip(self.names, self.P) if f(n)),
+                                   "share_of_values": sum(p.numel() for n, p in zip(self.names, self.P) if f(n)) / d}
+                               for k, f in PLACEMENTS.items()},
+                "top_coordinates": {str(q): float(cum[int(q * len(flat))]) for q in (0.001, 0.01, 0.05, 0.1)}}
+
+    def run(self, placement: str, opt_name: str, lr: float, K: int = 16, rounds: int = 12, seed: int = 0) -> dict:
+        from fwdkern.fl.optim import SGD, FedAdam
+
+        task, P, names = self.task, self.P, self.names
+        mask = [PLACEMENTS[placement](n) for n in names]
+        opt = FedAdam(lr) if opt_name == "fedadam" else SGD(lr)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(1000 + seed)
+        cpr = task.cfg.clients_per_round
+        curve = [(0, self.heldout(False), self.heldout(True))]
+        cpu = time.process_time()
+        sel = [i for i, m in enumerate(mask) if m]
+        for rnd in range(1, rounds + 1):
+            est = torch.zeros(sum(P[i].numel() for i in sel))
+            for c in rng.choice(task.cfg.clients, size=cpr, replace=False):
+                g = self.grad(int(c), rnd)
+                g = torch.cat([g[i].flatten() for i in sel])
+                for j in range(0, K, 16):  # 16 tangents at a time: V holds them as rows
+                    V = torch.randint(0, 2, (min(16, K - j), g.numel()), generator=gen).float().mul_(2).sub_(1)
+                    est.add_(V.T @ (V @ g), alpha=1.0 / (K * cpr))
+            parts = est.split([P[i].numel() for i in sel])
+            with torch.no_grad():
+                opt.step({names[i]: P[i] for i in sel}, {names[i]: x.view_as(P[i]) for i, x in zip(sel, parts)})
+            if rnd % 4 == 0:
+                curve.append((rnd, self.heldout(False), self.heldout(True)))
+        cpu = time.process_time() - cpu
+        with torch.no_grad():  # leave the model as loaded for the next row
+            for p, s in zip(P, self.start):
+                p.copy_(s)
+        return {"placement": placement, "optimizer": opt_name, "lr": lr, "K": K,
+                "values": sum(p.numel() for p, m in zip(P, mask) if m),
+                "curve": [{"round": r, "eval_loss": t, "val_eval_loss": v} for r, t, v in curve],
+                "drop_at_12": curve[0][1] - curve[-1][1], "val_drop_at_12": curve[0][2] - curve[-1][2],
+                "cpu_s": cpu, "load": os.getloadavg()[0]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="placement:optimizer:K grids to run (default: every grid), e.g. vB:sgd:16")
+    ap.add_argument("--lrs", type=float, nargs="+", help="learning rates to run instead of each grid")
+    ap.add_argument("--no-energy", action="store_true", help="keep the energy table --out already holds")
+    ap.add_argument("--merge", action="store_true", help="add the rows to --out's")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args(argv)
+    known = {f"{a}:{b}:{c}": (a, b, c) for a, b, c in GRIDS}
+    for v in args.variants or []:
+        if v not in known:
+            ap.error(f"--variants: unknown {v} (known: {', '.join(known)})")
+    keys = [known[v] for v in args.variants] if args.variants else list(GRIDS)
+    sim = Sim(load(args.threads))
+    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+    old = {}
+    if (args.merge or args.no_energy) and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+    rows = old.get("rows", []) if args.merge else []
+    energy = old.get("energy") if args.no_energy else sim.energy()
+    for k in keys:
+        for lr in args.lrs or GRIDS[k]:
+            row = sim.run(k[0], k[1], lr, K=k[2])
+            row.update(commit=commit, date=environment()["date"])
+            print(json.dumps({x: row[x] for x in ("placement", "optimizer", "K", "lr", "drop_at_12", "val_drop_at_12")}),
+                  flush=True)
+            rows.append(row)
+    best = {}
+    for r in rows:
+        key = f"{r['placement']}:{r['optimizer']}:{r['K']}"
+        if r["val_drop_at_12"] == r["val_drop_at_12"] and r["val_drop_at_12"] > best.get(key, {}).get(
+                "val_drop_at_12", -float("inf")):
+            best[key] = r
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"environment": environment(), "script": "bench/lm_tangent_subsets.py", "energy": energy,
+                   "best_by_validation": {k: {x: r[x] for x in ("lr", "values", "drop_at_12", "val_drop_at_12")}
+                                          for k, r in best.items()},
+                   "rows": rows}, f, indent=1)
+    print(json.dumps({k: (r["lr"], round(r["drop_at_12"], 4)) for k, r in best.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
