@@ -31,6 +31,25 @@ def causal_lm_loss(logits, labels):
                            ignore_index=-100)
 
 
+def git_commit(where: str) -> str | None:
+    """The short commit of the checkout holding `where` (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def best_by_validation(rows: list, key) -> dict:
+    """{key(row): the row with the largest finite "val_drop_at_12"} of a grid's rows."""
+    best = {}
+    for r in rows:
+        k, v = key(r), r["val_drop_at_12"]
+        if v == v and v > best.get(k, {}).get("val_drop_at_12", -float("inf")):
+            best[k] = r
+    return best
+
+
 def time_gpu(benchmark, fn, rounds: int, warmup: int):
     """(median seconds, peak extra bytes) of `fn` on the GPU, synchronized after every call."""
 

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -529,11 +528,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if "FWDKERN_COMMIT" not in os.environ:  # provenance of every run (a snapshot tree has no .git)
-        try:
-            os.environ["FWDKERN_COMMIT"] = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
-                                                          capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
+        from bench.common import git_commit
+
+        os.environ["FWDKERN_COMMIT"] = git_commit(HERE) or ""
     suite = Suite(args.suite)
     methods = args.methods or list(suite.d["methods"])
     os.makedirs(suite.runs, exist_ok=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import causal_lm_loss, environment  # noqa: E402
+from bench.common import best_by_validation, causal_lm_loss, environment, git_commit  # noqa: E402
 
 GRIDS = {"lora": [0.25, 1.0], "bias": [1.0, 3.0, 10.0, 100.0, 1000.0], "norm": [0.03, 0.1, 0.3, 1.0],
          "hidden": [0.03, 0.1, 0.3], "head_lora": [0.1, 0.3, 1.0, 10.0, 100.0]}
@@ -136,8 +135,7 @@ def main(argv=None):
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
     task = load(args.threads)
-    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = git_commit(HERE)
     rows = []
     if args.merge and os.path.exists(args.out):
         with open(args.out) as f:
@@ -150,11 +148,7 @@ def main(argv=None):
                   flush=True)
             rows.append(row)
     rows.sort(key=lambda r: (list(GRIDS).index(r["variant"]), r["lr"]))
-    best = {}
-    for r in rows:
-        if r["val_drop_at_12"] == r["val_drop_at_12"] and r["val_drop_at_12"] > best.get(r["variant"], {}).get(
-                "val_drop_at_12", -float("inf")):
-            best[r["variant"]] = r
+    best = best_by_validation(rows, lambda r: r["variant"])
     summary = {v: {"lr": r["lr"], "drop_at_12": r["drop_at_12"], "trained_values": r["trained_values"],
                    "share_of_lora": r["drop_at_12"] / best["lora"]["drop_at_12"] if "lora" in best else None}
                for v, r in best.items()}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import causal_lm_loss, environment  # noqa: E402
+from bench.common import best_by_validation, causal_lm_loss, environment, git_commit  # noqa: E402
 from bench.lm_head_side import load  # noqa: E402
 
 PLACEMENTS = {"all": lambda n: True, "B": lambda n: "lora_B" in n,
@@ -66,15 +65,9 @@ class Sim:
         return [g.detach() for g in torch.autograd.grad(self.loss(self.task.client_batches(client, rnd)[0]), self.P)]
 
     def heldout(self, validation: bool) -> float:
-        wins = self.task.heldout_windows(validation=validation)
-        tot, n = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(wins), 16):
-                b = self.task.lm.batch(wins[i:i + 16])
-                k = int((b["labels"][:, 1:] != -100).sum())
-                tot += float(self.loss(b)) * k
-                n += k
-        return tot / n
+        from fwdkern.fl.evaluation import heldout_loss
+
+        return heldout_loss(self.task, validation=validation)["eval_loss"]
 
     def energy(self) -> dict:
         """Each tensor's share of the round-1 mean gradient's squared norm, and each placement's."""
@@ -86,11 +79,12 @@ class Sim:
         d = sum(p.numel() for p in self.P)
         flat, _ = torch.cat([x.flatten() for x in g]).pow(2).sort(descending=True)
         cum = flat.cumsum(0) / flat.sum()
-        return {"tensors": share,
-                "placements": {k: {"energy": sum(s for n, s in share.items() if f(n)),
-                                   "values": sum(p.numel() for n, p in zip(self.names, self.P) if f(n)),
-                                   "share_of_values": sum(p.numel() for n, p in zip(self.names, self.P) if f(n)) / d}
-                               for k, f in PLACEMENTS.items()},
+        placements = {}
+        for k, f in PLACEMENTS.items():
+            values = sum(p.numel() for n, p in zip(self.names, self.P) if f(n))
+            placements[k] = {"energy": sum(s for n, s in share.items() if f(n)), "values": values,
+                             "share_of_values": values / d}
+        return {"tensors": share, "placements": placements,
                 "top_coordinates": {str(q): float(cum[int(q * len(flat))]) for q in (0.001, 0.01, 0.05, 0.1)}}
 
     def run(self, placement: str, opt_name: str, lr: float, K: int = 16, rounds: int = 12, seed: int = 0) -> dict:
@@ -145,8 +139,7 @@ def main(argv=None):
             ap.error(f"--variants: unknown {v} (known: {', '.join(known)})")
     keys = [known[v] for v in args.variants] if args.variants else list(GRIDS)
     sim = Sim(load(args.threads))
-    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = git_commit(HERE)
     old = {}
     if (args.merge or args.no_energy) and os.path.exists(args.out):
         with open(args.out) as f:
@@ -160,12 +153,7 @@ def main(argv=None):
             print(json.dumps({x: row[x] for x in ("placement", "optimizer", "K", "lr", "drop_at_12", "val_drop_at_12")}),
                   flush=True)
             rows.append(row)
-    best = {}
-    for r in rows:
-        key = f"{r['placement']}:{r['optimizer']}:{r['K']}"
-        if r["val_drop_at_12"] == r["val_drop_at_12"] and r["val_drop_at_12"] > best.get(key, {}).get(
-                "val_drop_at_12", -float("inf")):
-            best[key] = r
+    best = best_by_validation(rows, lambda r: f"{r['placement']}:{r['optimizer']}:{r['K']}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"environment": environment(), "script": "bench/lm_tangent_subsets.py", "energy": energy,
