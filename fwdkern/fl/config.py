@@ -78,7 +78,8 @@ class RunConfig:
     warmup: int = _opt(0, "learning-rate warm-up steps")
     decay: str = _opt("constant", "learning-rate decay over --rounds", ("constant", "linear", "cosine"))
     perturbations: Optional[int] = _opt(None, "perturbations (tangents) of the body per client per round (0: only "
-                                        "an exact head trains; default: per method)", type=int)
+                                        "an exact head trains; default: per method -- fwdkern on a causal LM: 16 per "
+                                        "sample of a batch, at most 128)", type=int)
     pacing: str = _opt("off", "variance pacing: off, auto (noise-to-signal ratio above 1 asks for more "
                        "perturbations) or a FwdLLM variance threshold; fwdllm defaults to FwdLLM's 0.1")
     max_pacing_attempts: int = _opt(4, "client rounds one step may take under pacing")
@@ -92,6 +93,12 @@ class RunConfig:
                                   "loss and every weight stay fp32): fp32 (exact), bf16, or auto (bf16 where the "
                                   "device multiplies bf16 in hardware: AMX / AVX512-BF16 CPUs, CUDA GPUs that "
                                   "support it)", ("auto", "fp32", "bf16"))
+    tangent_scope: str = _opt("auto", "what each body tangent's derivative is of: batch (the client's whole batch) or "
+                              "sample (--perturbations are shared out among the batch's samples, each derivative of "
+                              "its own sample's share of the loss: a tangent costs about a forward of what it runs "
+                              "through, so B times the tangents at the same client compute); auto: sample where "
+                              "the body trains by forward gradients with no exact head (a causal LM)",
+                              ("auto", "batch", "sample"))
     split: bool = _opt(False, "deal the LoRA layers out to the round's clients (SPRY's split): with fwdkern each "
                               "client perturbs one block of consecutive layers, so its tangents start there")
     eps: float = _opt(1e-3, "finite-difference step of mezo / fwdllm")
@@ -247,7 +254,8 @@ class RunConfig:
         if row is None:
             return set()
         return (set() if row.exact_head else set(EXACT_HEAD_FIELDS)) | (
-            set() if row.tangents and self.perturbations != 0 else {"tangent_precision"})
+            set() if row.tangents and self.perturbations != 0 else {"tangent_precision"}) | (
+            set() if row.server_step == "seeded" and self.perturbations != 0 else {"tangent_scope"})
 
 
 EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration", "head_centering")

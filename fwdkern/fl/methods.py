@@ -42,7 +42,8 @@ class Method:
     flower: the Flower ServerApp / ClientApp carry it (seed-and-scalar rounds only).
     tangents: its client carries exact tangents (fwdkern.jvp), so ``--tangent-precision`` applies.
     defaults: the recipe's value for each setting left unset (fwdkern.fl.recipe); "perturbations_no_head"
-        replaces "perturbations" when no exact head trains.
+        replaces "perturbations" when no exact head trains; "tangent_scope_no_head" is the tangent scope then
+        (every other case: "batch"), with "perturbations_no_head" tangents per sample.
     """
 
     name: str
@@ -63,7 +64,12 @@ class Method:
     tangents: bool = False
     defaults: dict = field(default_factory=dict)
 
-    def forward_passes(self, K: int, batches: int) -> int:
+    def forward_passes(self, K: int, batches: int, per_sample_of: int = 0) -> int:
+        """Forward-pass equivalents of `batches` local batches at K tangents; `per_sample_of` (tangent scope
+        "sample", the batch size): the K tangents are shared out among that many samples, so a batch
+        costs what ceil(K / per_sample_of) tangents over the whole batch would."""
+        if per_sample_of > 1 and K:
+            K = -(-K // min(per_sample_of, K))
         return batches * self.passes_per_batch(K)
 
     def perturbation_dist(self, requested: str) -> str:
@@ -74,7 +80,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fwdkern", "exact jvp (fwdkern.jvp) through the body + the head trained exactly on each client; seeds "
            "and scalars up", client.answer_jvp, "seeded", "scalars", lambda K: 1 + K, exact_head=True, guard=True,
            tangents=True,
-           defaults=dict(optimizer="fedadam", lr=0.01, perturbations=0, perturbations_no_head=16, local_lr=None)),
+           defaults=dict(optimizer="fedadam", lr=0.01, perturbations=0, perturbations_no_head=16, local_lr=None,
+                         tangent_scope_no_head="sample")),
     Method("mezo", "zeroth order (MeZO / FedKSeed): (L(θ+εv) − L(θ−εv)) / 2ε per perturbation; seeds and scalars "
            "up", client.answer_finite_difference, "seeded", "scalars", lambda K: 2 * K,
            defaults=dict(optimizer="sgd", lr=0.01, perturbations=4, local_lr=None)),

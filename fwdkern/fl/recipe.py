@@ -43,6 +43,9 @@ import math
 from .config import RunConfig
 from .methods import method
 
+# Most tangents the recipe gives a client with per-sample tangents: 128 fp32 scalars keep an upload under 1 KB.
+MAX_SAMPLE_TANGENTS = 128
+
 # Server learning rates when the optimizer is given but the lr is not.
 OPTIMIZER_LR = {"sgd": 0.01, "fedadam": 0.01, "fedyogi": 0.01}
 
@@ -64,9 +67,13 @@ def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool, device: str = "c
         d["optimizer"] = m["optimizer"]
     if d["lr"] is None:
         d["lr"] = m["lr"] if not explicit_opt or d["optimizer"] == m["optimizer"] else OPTIMIZER_LR[d["optimizer"]]
+    no_head = not has_exact_head and "perturbations_no_head" in m
+    if d["tangent_scope"] == "auto":
+        d["tangent_scope"] = m.get("tangent_scope_no_head", "batch") if no_head else "batch"
     if d["perturbations"] is None:
-        d["perturbations"] = m["perturbations"] if (has_exact_head or "perturbations_no_head" not in m) \
-            else m["perturbations_no_head"]
+        d["perturbations"] = m["perturbations_no_head"] if no_head else m["perturbations"]
+        if no_head and d["tangent_scope"] == "sample":  # that many per sample, the upload under 1 KB
+            d["perturbations"] = min(MAX_SAMPLE_TANGENTS, d["perturbations"] * cfg.batch_size)
     if d["local_lr"] is None and m["local_lr"]:  # only methods with local steps use it
         d["local_lr"] = m["local_lr"]
     if d["guard"] == "auto":  # the guard wherever the body trains by forward gradients (and pacing is off)

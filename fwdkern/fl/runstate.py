@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 
-LAYOUT = 3
+LAYOUT = 4
 
 # Settings a run saved in layout N may predate (they came with layout N + 1): the value that
 # reproduces what the fwdkern that wrote it computed (not today's default), so a migrated run
 # resumes with its own meaning or is refused with the difference named.
 PREDATES = {1: {"head": "perturb", "head_calibration": 0.0, "pooling": "hf", "wire": "json"},
-            2: {"tangent_precision": "fp32"}}
+            2: {"tangent_precision": "fp32"},
+            3: {"tangent_scope": "batch"}}
 
 # Files of older fwdkern runs that this fwdkern never loads (pickles run code when loaded).
 FOREIGN = ("checkpoint.pt",)

@@ -243,7 +243,8 @@ class Simulation:
     def _forward_passes(self) -> int:
         """Client compute per round in forward-pass equivalents (see Method.passes_per_batch)."""
         probe = self.cfg.local_batches if self.server.pending is not None else 0  # the guard's probe forward
-        return self.method.forward_passes(self.server.K, self.cfg.local_batches) + probe
+        per_sample = self.cfg.batch_size if self.cfg.tangent_scope == "sample" else 0
+        return self.method.forward_passes(self.server.K, self.cfg.local_batches, per_sample) + probe
 
     def download_stats(self) -> dict:
         """Bytes a participating client received per round, over every (client, round) of the run: mean,

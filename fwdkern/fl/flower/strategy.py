@@ -170,7 +170,7 @@ class SeedStrategy(Strategy):
         return None
 
 
-def answer_plan(msg: Message, model, batches, state=None, wire: str = "fp32") -> Message:
+def answer_plan(msg: Message, model, batches, state=None, wire: str = "fp32", tangent_scope: str = "batch") -> Message:
     """Client side: apply the strategy's download to `model`'s trainable tensors, run one jvp per batch for
     the plan in `msg` (the client step of fwdkern.fl.client), and reply with the sample-averaged
     directional derivatives in the `wire` encoding.
@@ -178,7 +178,8 @@ def answer_plan(msg: Message, model, batches, state=None, wire: str = "fp32") ->
     `state`: the node's ``context.state``, where the client keeps its tensors, optimizer state and
     version between messages, so later downloads carry only seeds and scalars (without it every
     download must carry the whole trainable state: a partial one fails, and the strategy then sends
-    everything)."""
+    everything). `tangent_scope`: "sample" shares the plan's tangents out among each batch's samples
+    (fwdkern.fl.client.seeded_answer); the strategy's estimate is unbiased either way."""
     import fwdkern
 
     content = msg.content
@@ -191,7 +192,7 @@ def answer_plan(msg: Message, model, batches, state=None, wire: str = "fp32") ->
     replica.apply(download)
     if replica.version != plan.model_version:
         raise ValueError(f"the model is at version {replica.version}, the plan needs {plan.model_version}")
-    record = seeded_answer(model, list(batches), plan, estimator="jvp", wire=wire)
+    record = seeded_answer(model, list(batches), plan, estimator="jvp", wire=wire, tangent_scope=tangent_scope)
     if state is not None:
         replica_to_state(replica, state)
     return Message(update_to_content(record), reply_to=msg)
