@@ -84,7 +84,10 @@ def test_client_round(benchmark, sim, provider):
 #               _bf16: the tangents' GEMMs in bf16 (--tangent-precision bf16)
 LM_BATCH, LM_T = 4, 64
 LM_LAYERS = None  # all blocks
-LM_PROVIDERS = ["inference", "backprop", "backprop_bf16", "fwdkern_k4", "fwdkern_k16", "fwdkern_k16_bf16"]
+# fwdkern_kK[_bf16][_sample]: K tangents, their products in bf16, shared out among the batch's samples
+# (tangent scope "sample": the recipe's causal-LM client, 16 per sample of the batch of 4)
+LM_PROVIDERS = ["inference", "backprop", "backprop_bf16", "fwdkern_k4", "fwdkern_k16", "fwdkern_k16_bf16",
+                "fwdkern_k64_bf16_sample"]
 
 
 def _lm_client(device, layers=None):
@@ -129,12 +132,14 @@ def _lm_step(provider, model, batch, plan_of):
                 p.requires_grad_(False)
             return g
     else:
-        K, _, precision = provider.split("_k", 1)[1].partition("_")
+        K, *opts = provider.split("_k", 1)[1].split("_")
         plan = plan_of(int(K))
+        precision = "bf16" if "bf16" in opts else "fp32"
+        scope = "sample" if "sample" in opts else "batch"
 
         def step():
             return seeded_answer(model, [batch], plan, estimator="jvp", probe=nullcontext,
-                                 tangent_precision=precision or "fp32")
+                                 tangent_precision=precision, tangent_scope=scope)
     return step
 
 

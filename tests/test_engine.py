@@ -500,3 +500,61 @@ def test_batch_loss_is_the_loss_jvp_reports(family):
     if family == "bert":
         with pytest.raises(ValueError, match="labels"):
             fwdkern.batch_loss(model, {k: v for k, v in batch.items() if k != "labels"})
+
+
+def _share_reference(model, family, batch, seed, ks, samples, params):
+    """Per-sample tangents' closed form: jvps[i] = ∇(sample b's share of the loss) · v_{ks[i]}, b = i mod B."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = []
+    for i, k in enumerate(ks):
+        b = i % samples
+        model.zero_grad(set_to_none=True)
+        logits = model(**inputs).logits.float()
+        if family in CLS:
+            y = batch["labels"]
+            ce = F.cross_entropy(logits, y, ignore_index=-100, reduction="none")
+            share = ce[b] / (y != -100).sum()
+        else:
+            y = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+            ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), y.reshape(-1), ignore_index=-100,
+                                 reduction="none").view(y.shape)
+            share = ce[b].sum() / (y != -100).sum()
+        share.backward()
+        s = torch.zeros((), dtype=torch.float64)
+        for name, pid, p in fwdkern.trainable(model):
+            if name in params:
+                s += (p.grad.double() * fwdkern.perturbation(p.shape, seed, pid, k).double()).sum()
+        out.append(s)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("tangent_dtype", [None, torch.bfloat16])
+def test_per_sample_tangents_are_each_samples_share_of_the_loss_along_its_own_perturbations(family, tangent_dtype):
+    """jvp(per_sample=True): with B samples, ks[j*B + b] is sample b's j-th tangent and its value the
+    derivative of sample b's share of the (padded, unequal-length) batch loss: the closed form from
+    autograd, in one dual pass of len(ks) / B tangents; the loss is the batch's, exactly."""
+    model = fwdkern.patch(_model(family))
+    _randomize(model)
+    batch = _batch(family)
+    lora = [n for n, _, _ in fwdkern.trainable(model) if "lora_" in n]
+    ks = [4, 9, 1, 7, 3, 12]  # 2 tangents for each of the 3 samples
+    L, jv = fwdkern.jvp(model, batch, 11, ks, params=lora, per_sample=True, tangent_dtype=tangent_dtype)
+    L0, _ = fwdkern.jvp(model, batch, 11, ks[:1], params=lora)
+    ref = _share_reference(model, family, batch, 11, ks, 3, set(lora))
+    assert torch.equal(L, L0) and jv.shape == (6,)
+    if tangent_dtype is None:
+        _check(jv, ref)
+    else:  # bf16 rounding of the tangents' products, as in the whole-batch test above
+        assert (jv.double() - ref).abs().max() < 1e-2 * float(ref.abs().max()), (jv, ref)
+
+
+def test_per_sample_tangents_refuse_what_one_pass_cannot_do():
+    model = fwdkern.patch(_model("bert"))
+    batch = _batch("bert")
+    with pytest.raises(fwdkern.engine.PerSampleUnsupported, match="5 tangents do not divide among 3 samples"):
+        fwdkern.jvp(model, batch, 1, range(5), per_sample=True)
+    full = [n for n, _, _ in fwdkern.trainable(model) if "lora_" not in n]
+    assert full  # the classifier head: a full tensor, one perturbation per slot for the whole batch
+    with pytest.raises(fwdkern.engine.PerSampleUnsupported, match="outside a LoRA layer"):
+        fwdkern.jvp(model, batch, 1, range(6), per_sample=True)

@@ -179,3 +179,30 @@ def test_an_unknown_tangent_scope_is_refused():
     model = _llama()
     with pytest.raises(ValueError, match="tangent_scope: unknown 'token'"):
         seeded_answer(model, [_lm_batch(2)], _plan(model, [1]), tangent_scope="token")
+
+
+@pytest.mark.parametrize("tangent_precision", ["fp32", "bf16"])
+def test_the_one_pass_per_sample_answer_equals_one_pass_per_sample_group(tangent_precision, monkeypatch):
+    """Tangents dividing evenly take fwdkern.jvp's per_sample pass (each sample's own tangents in one
+    dual forward); it answers what running each sample alone answers."""
+    import fwdkern.fl.client as client
+    from fwdkern.engine import PerSampleUnsupported
+
+    model = _llama()
+    batch = _lm_batch(4)
+    ks = list(range(3, 19))
+    one_pass, loss = _values(model, [batch], ks, tangent_scope="sample", tangent_precision=tangent_precision)
+    calls = []
+
+    def per_group(*a, per_sample=False, **kw):
+        calls.append(per_sample)
+        if per_sample:
+            raise PerSampleUnsupported("forced")
+        return fwdkern.jvp(*a, **kw)
+
+    monkeypatch.setattr(client, "jvp", per_group)
+    grouped, loss_g = _values(model, [batch], ks, tangent_scope="sample", tangent_precision=tangent_precision)
+    assert calls == [True, False, False, False, False]
+    tol = 1e-5 if tangent_precision == "fp32" else 2e-2  # bf16: the tangents' products round differently
+    torch.testing.assert_close(one_pass, grouped, rtol=tol, atol=tol * float(grouped.abs().max()))
+    assert loss == pytest.approx(loss_g, rel=1e-6)

@@ -17,7 +17,7 @@ For causal LM the LM head gets no tangent: ``∂L/∂h`` (h = final hidden state
 once from the primal in vocabulary chunks and the loss tangent is ``⟨∂L/∂h, ḣ_k⟩`` (:mod:`.losses`).
 """
 from .config import FwdkernConfig  # noqa: F401
-from .forward import batch_loss, capture_input, jvp, loss_terms, perturbed_loss  # noqa: F401
+from .forward import PerSampleUnsupported, batch_loss, capture_input, jvp, loss_terms, perturbed_loss  # noqa: F401
 from .patching import (DEFAULT_TARGET_OVERRIDES, default_targets, dequantize_base, patch, quantize_base,  # noqa: F401
                        trainable)
 from .peft_io import load_adapter, save_adapter  # noqa: F401

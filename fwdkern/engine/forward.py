@@ -18,7 +18,7 @@ from ..ops import perturbation, seeded_axpy_
 from .losses import IGNORE, causal_loss, causal_targets, cls_loss, logits_of, loss_kind, primal_loss
 from .patching import aliases, selected_ids, trainable
 
-__all__ = ["jvp", "perturbed_loss", "batch_loss", "capture_input", "loss_terms"]
+__all__ = ["jvp", "perturbed_loss", "batch_loss", "capture_input", "loss_terms", "PerSampleUnsupported"]
 
 
 class capture_input:
@@ -41,15 +41,22 @@ class capture_input:
         return False
 
 
+class PerSampleUnsupported(ValueError):
+    """``jvp(per_sample=True)`` cannot run this model / batch / ks in one pass (raised before any compute)."""
+
+
 @contextlib.contextmanager
-def _dual_mode(model, seed, ks, dist, selected):
+def _dual_mode(model, seed, ks, dist, selected, samples: int = 0):
     """LoRALinear -> fused dual op; full trainable tensors -> Dual parameters with stacked perturbations.
 
     A full tensor held by several modules (tied weights) becomes one Dual in every slot, so each
     use contributes its tangent; where the slot is a LoRALinear's base weight or bias (frozen for
-    the fused op), the layer adds that tangent's term itself."""
+    the fused op), the layer adds that tangent's term itself. `samples` > 0 (per-sample tangents):
+    tangent slot j of sample b is perturbation ``ks[j * samples + b]``; only LoRA layers may be
+    perturbed then (a Dual parameter carries one perturbation per slot for the whole batch)."""
     ks_list = [int(k) for k in ks]
-    K = len(ks_list)
+    K = len(ks_list) // samples if samples else len(ks_list)
+    by_sample = [ks_list[b::samples] for b in range(samples)] if samples else None
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     base_of = {id(m.base_layer): m for m in lora}
     base_tangents: dict = {}  # LoRALinear -> {"weight"|"bias": [K, ...] tangent of a trainable base tensor}
@@ -67,6 +74,9 @@ def _dual_mode(model, seed, ks, dist, selected):
         for name, pid, p in trainable(model):
             if pid not in selected or id(p) in lora_params:
                 continue
+            if samples:
+                raise PerSampleUnsupported(f"per_sample: {name} is perturbed outside a LoRA layer (per-sample "
+                                           "tangents cover LoRA layers only)")
             t = torch.stack([perturbation(p.shape, seed, pid, k, dist, dtype=p.dtype, device=p.device)
                              for k in ks_list]) if K else p.new_zeros((0, *p.shape))
             d = Dual(p.detach(), t)
@@ -77,9 +87,12 @@ def _dual_mode(model, seed, ks, dist, selected):
                 orig = owner._parameters.pop(leaf)
                 setattr(owner, leaf, d)
                 swapped.append((owner, leaf, orig))
+        if samples and any(n in selected for m in adapters for n in m.param_ids.values()):
+            raise PerSampleUnsupported("per_sample: a bottleneck adapter is perturbed (per-sample tangents cover "
+                                       "LoRA layers only)")
         for mod in lora:
             mod.forward = _make_dual_forward(mod, seed, ks_list, dist, mod.perturbed(selected),
-                                             base_tangents.get(mod, {}))
+                                             base_tangents.get(mod, {}), by_sample)
         for mod in adapters:
             mod.forward = _make_adapter_dual_forward(mod, seed, ks_list, dist, selected)
         for mod in mlps:
@@ -95,15 +108,31 @@ def _dual_mode(model, seed, ks, dist, selected):
             owner._parameters[leaf] = orig
 
 
-def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents):
+def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents, by_sample=None):
     plain_forward = type(mod).forward
     Wt, bt = base_tangents.get("weight"), base_tangents.get("bias")
+
+    def per_sample(xp, xt):
+        """Sample b's rows with its own perturbations by_sample[b]; the input tangents' product with the
+        frozen weight batched over every sample when the tangent dtype asks for it."""
+        if xp.dim() < 2 or xp.shape[0] != len(by_sample):
+            raise ValueError(f"per_sample: a LoRA layer's input has shape {tuple(xp.shape)}, not [samples "
+                             f"({len(by_sample)}), ...]")
+        split = xt is not None and tangent_matmul_dtype(xt) is not None and not mod.quantized
+        parts = [mod.forward_dual(xp[b:b + 1], None if (xt is None or split) else xt[:, b:b + 1], seed, kb,
+                                  dist=dist, perturb=perturb) for b, kb in enumerate(by_sample)]
+        y, yt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], 1)
+        if split:
+            yt = yt + tangent_linear(xt, mod.effective_weight(xp.dtype)).to(yt.dtype)
+        return make_dual(y, yt)
 
     def forward(x):
         xt = tangent(x)
         if xt is None and not perturb and Wt is None and bt is None:
             return plain_forward(mod, x)
         xp = primal(x)
+        if by_sample is not None and perturb:
+            return per_sample(xp, xt)
         if xt is not None and tangent_matmul_dtype(xt) is not None and not mod.quantized:
             # ẋ_k (W + s·BA)ᵀ in the asked dtype beside the op's seeded low-rank terms (exact split:
             # the op with no input tangent returns s·(x dA_kᵀ)Bᵀ + s·(xAᵀ)dB_kᵀ + db_k).
@@ -269,7 +298,7 @@ def loss_terms(model: nn.Module, batch, loss: str = "auto") -> torch.Tensor:
 
 def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rademacher", loss: str = "auto",
         params=None, label_smoothing: float = 0.0,
-        tangent_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        tangent_dtype: Optional[torch.dtype] = None, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Primal loss and ``jvps[k] = ∇L · v(seed, ·, ks[k])`` in one dual forward.
 
     Args:
@@ -287,6 +316,11 @@ def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rade
         tangent_dtype: None (the tangents' products in their own dtype: exact) or torch.bfloat16 / float16:
             the tangents' GEMMs with the frozen weights run in it (:func:`fwdkern.dual.tangent_matmuls`);
             the loss and every primal stay in the model's dtype.
+        per_sample: each sample of the batch carries its own tangents: with B samples, ``ks[j * B + b]``
+            is sample b's j-th, and ``jvps[i]`` is the derivative of sample b's share of the loss
+            (its terms' sum / all terms, :func:`loss_terms`) along it. len(ks) / B tangents run through
+            the model (the cost of that many whole-batch tangents) for len(ks) derivatives. len(ks) must be
+            a multiple of B and only LoRA layers perturbed (else :class:`PerSampleUnsupported`).
     Returns:
         (loss: float32 scalar, jvps: float32 [K]).
     """
@@ -298,16 +332,23 @@ def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rade
         raise ValueError("ks: expected at least one perturbation index")
     if kind == "classification" and labels is None:
         raise ValueError("batch: classification needs labels")
+    samples = 0
+    if per_sample:
+        samples = int(inputs["input_ids"].shape[0])
+        if len(ks) % samples:
+            raise PerSampleUnsupported(f"per_sample: {len(ks)} tangents do not divide among {samples} samples")
     perturbed = {id(p) for _, pid, p in trainable(model) if pid in selected}  # before the Dual swap
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), track_modules(model), tangent_matmuls(tangent_dtype), \
-                _dual_mode(model, seed, ks, dist, selected):
+                _dual_mode(model, seed, ks, dist, selected, samples):
             if kind == "classification":
-                L, jv = cls_loss(logits_of(model(**inputs)), labels, label_smoothing)
+                L, jv = cls_loss(logits_of(model(**inputs)), labels, label_smoothing, per_sample=per_sample)
             else:
-                L, jv = causal_loss(model, inputs, labels, perturbed)
+                L, jv = causal_loss(model, inputs, labels, perturbed, per_sample=per_sample)
+            if jv is not None and per_sample:  # [K / B, B] -> ks' order
+                jv = jv.reshape(-1)
     finally:
         model.train(was_training)
     if jv is None:

@@ -50,13 +50,21 @@ def check_class_labels(labels: torch.Tensor, C: int):
         raise ValueError(f"labels: every label is {IGNORE} (nothing to learn from)")
 
 
-def cls_loss(logits, labels, label_smoothing):
-    """Mean CE (+ label smoothing, ignore_index -100) and its K tangents from a (possibly Dual) logits [B, C]."""
+def cls_loss(logits, labels, label_smoothing, per_sample: bool = False):
+    """Mean CE (+ label smoothing, ignore_index -100) and its K tangents from a (possibly Dual) logits [B, C];
+    per_sample: tangents [K, B] (each sample's share of the mean's derivative along its own tangents)."""
     z = primal(logits).float()
     zt = tangent(logits)
     C = z.shape[-1]
     check_class_labels(labels, C)
     keep = labels != IGNORE
+    if per_sample:
+        zk, yk = z[keep], labels[keep]
+        loss = F.cross_entropy(zk, yk, label_smoothing=label_smoothing)
+        g = torch.softmax(zk, -1) - (1 - label_smoothing) * F.one_hot(yk.long(), C).to(zk.dtype) - label_smoothing / C
+        G = z.new_zeros(z.shape)
+        G[keep] = g / zk.shape[0]
+        return loss, (torch.einsum("kbc,bc->kb", zt.float(), G) if zt is not None else None)
     if not bool(keep.all()):
         z, labels = z[keep], labels[keep]
         zt = zt[:, keep] if zt is not None else None
@@ -119,8 +127,9 @@ def lm_head_grad(h: torch.Tensor, head: nn.Module, y: torch.Tensor, chunk: Optio
     return loss_sum, grad
 
 
-def causal_loss(model, inputs, labels, perturbed: set):
-    """Primal loss and K tangents: body forward as dual, LM head without tangent."""
+def causal_loss(model, inputs, labels, perturbed: set, per_sample: bool = False):
+    """Primal loss and K tangents: body forward as dual, LM head without tangent. per_sample: tangents
+    [K, B] (each sample's share of the mean's derivative along its own tangents)."""
     out = model.base_model(**inputs, use_cache=False)  # a KV cache would keep (and re-cat) dual tensors
     h = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
     head = model.get_output_embeddings()
@@ -139,7 +148,11 @@ def causal_loss(model, inputs, labels, perturbed: set):
     loss_sum, g = lm_head_grad(hp[valid], head, y[valid])
     ht = tangent(h)
     jv = None
-    if ht is not None:
+    if ht is not None and per_sample:
+        G = g.new_zeros((*valid.shape, g.shape[-1]))
+        G[valid] = g
+        jv = torch.einsum("kbtd,btd->kb", ht[:, :, :-1].float(), G) / n
+    elif ht is not None:
         jv = torch.einsum("knd,nd->k", ht[:, :, :-1][:, valid].float(), g) / n
     return loss_sum / n, jv
 

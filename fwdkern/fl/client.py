@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .._seed import derive_seed
-from ..engine import batch_loss, capture_input, jvp, loss_terms, perturbed_loss
+from ..engine import PerSampleUnsupported, batch_loss, capture_input, jvp, loss_terms, perturbed_loss
 from ..ops import seeded_axpy_
 from .protocol import RoundPlan, Update
 
@@ -76,11 +76,13 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
     feats = []
     capture = capture_input(head.module) if (head is not None and plan.head_ks) else None
 
-    def directional(b, ks):
+    def directional(b, ks, per_sample=False):
         if estimator == "jvp":
             l, j = jvp(model, b, plan.seed, ks, dist=plan.dist, params=list(plan.param_ids),
-                       tangent_dtype=TANGENT_DTYPES[tangent_precision])
+                       tangent_dtype=TANGENT_DTYPES[tangent_precision], per_sample=per_sample)
             return float(l), np.asarray(torch.as_tensor(j, dtype=torch.float64))
+        if per_sample:
+            raise PerSampleUnsupported("per_sample: finite differences run one sample group at a time")
         lp, lm = perturbed_loss(model, b, plan.seed, ks, eps, dist=plan.dist, params=list(plan.param_ids))
         return float(((lp + lm) / 2).mean()), np.asarray(((lp - lm) / (2 * eps)).double())
 
@@ -130,12 +132,21 @@ def _per_sample(model, batch, ks, directional, capture):
     """(batch loss, scaled directional derivatives [len(ks)], captured features or None) for tangent
     scope "sample". Group g's derivatives are of its samples' share of the batch loss,
     (n_g / N) L_g, times len(ks) / K_g (its K_g tangents stand for all of them): the server's mean over
-    the tangents of value x v is then unbiased for the batch loss's gradient."""
+    the tangents of value x v is then unbiased for the batch loss's gradient. One sample per group and
+    the tangents dividing evenly: one dual pass with each sample's own tangents (fwdkern.jvp's
+    per_sample); otherwise, or where that pass does not apply, one pass per group."""
     terms = loss_terms(model, batch)
     bs = int(terms.shape[0])
     N = int(terms.sum())
     if N == 0:
         raise ValueError("labels: every target is -100 (nothing to predict)")
+    if len(ks) % bs == 0:
+        try:
+            with capture or contextlib.nullcontext():
+                l, j = directional(batch, ks, per_sample=True)
+            return l, j * bs, (capture.x if capture is not None else None)
+        except PerSampleUnsupported:
+            pass
     j = np.zeros(len(ks))
     loss, xs = 0.0, []
     for i0, i1, pos in sample_groups(bs, len(ks)):

@@ -19,6 +19,14 @@ tuned settings there, not independent checks):
   projections' B, where 94 % of the gradient is, learn no more: bench/results/fl_causal_lm_explore/
   tangent_subsets.json; more clients per round do, at the same work per client:
   bench/results/fl_causal_lm_clients/).
+* tangent_scope sample there, with 16 tangents per sample (at most 128, so an upload stays under
+  1 KB): each tangent's derivative is of one sample's share of the batch loss, so a client answers
+  B x 16 tangents at the client compute of 16 over the whole batch (a tangent costs about one forward
+  of what it runs through). The round pools B times the directional derivatives; each is of a
+  single sample's gradient (noisier than the batch's), which costs less than the extra directions
+  gain (bench/results/fl_causal_lm/: default against default_batch; the central simulation's
+  all:fedadam:16:seq in fl_causal_lm_explore/tangent_subsets.json). Classifiers and the
+  zeroth-order baselines keep the whole batch's derivative.
 * guard on wherever the body trains by forward gradients (fwdkern.fl.guard): a step the next
   round's clients measure as raising their loss is not taken.
 * tangent_precision bf16 wherever tangents run on a device with bf16 matrix units: the tangents'
