@@ -380,3 +380,22 @@ def test_a_run_saved_before_tangent_precision_resumes_where_it_computed_the_same
     assert RunConfig(perturbations=0, tangent_precision="bf16").resume_differences(head) == []
     bp = saved(method="backprop")
     assert RunConfig(method="backprop", tangent_precision="bf16").resume_differences(bp) == []
+
+
+def test_a_run_saved_before_tangent_scope_resumes_with_whole_batch_tangents():
+    # Saved runs predating --tangent-scope (run-state layout 3) answered every tangent on the whole batch:
+    # migrated, a body run resumes under "batch" and is refused (naming the setting) under "sample"; runs
+    # whose clients answer no tangents (head only, backprop) never read it.
+    from fwdkern.fl.runstate import migrate
+
+    def saved(**kw):
+        cfg = {k: v for k, v in RunConfig(**kw).to_json().items() if k != "tangent_scope"}
+        return migrate({"layout": 3, "config": cfg}, "run", log=lambda *a: None)["config"]
+
+    body = saved(perturbations=16)
+    assert body["tangent_scope"] == "batch"
+    assert RunConfig(perturbations=16, tangent_scope="batch").resume_differences(body) == []
+    assert RunConfig(perturbations=16, tangent_scope="sample").resume_differences(body) == ["tangent_scope"]
+    assert RunConfig(perturbations=0, tangent_scope="sample").resume_differences(saved(perturbations=0)) == []
+    bp = saved(method="backprop")
+    assert RunConfig(method="backprop", tangent_scope="sample").resume_differences(bp) == []
