@@ -12,8 +12,9 @@ tuned settings there, not independent checks):
   the gradient's energy (bench/results/profile_minilm_bbc.json, profile_smollm2_prompt.json); turned
   on beside the head it has not paid for its client CPU on the bundled data (bench/results/
   demo_cpu_2026-12-06/body_k16_fedadam/, fl_word_order/, fl_word_order_explore/).
-  Without a head (causal LM) the body is all there is: K = 16 with FedAdam (fewer tangents, a
-  larger lr, layer blocks and a smaller adapter all did worse: bench/results/fl_causal_lm_explore/;
+  Without a head (causal LM) the body is all there is: the compute of K = 16 whole-batch tangents
+  with FedAdam (fewer tangents, a larger lr, layer blocks and a smaller adapter all did worse:
+  bench/results/fl_causal_lm_explore/;
   more tangents learn more per round at about proportional client CPU, and K = 16 is the largest
   within 3x backprop's: bench/results/fl_causal_lm_tangents/; tangents confined to the value
   projections' B, where 94 % of the gradient is, learn no more: bench/results/fl_causal_lm_explore/
@@ -24,7 +25,8 @@ tuned settings there, not independent checks):
   B x 16 tangents at the client compute of 16 over the whole batch (a tangent costs about one forward
   of what it runs through). The round pools B times the directional derivatives; each is of a
   single sample's gradient (noisier than the batch's), which costs less than the extra directions
-  gain (bench/results/fl_causal_lm/: default against default_batch; the central simulation's
+  gain (bench/results/fl_causal_lm/: default against default_batch, at the same client CPU;
+  fl_causal_lm_clients/ at 20 clients a round; the central simulation's
   all:fedadam:16:seq in fl_causal_lm_explore/tangent_subsets.json). Classifiers and the
   zeroth-order baselines keep the whole batch's derivative.
 * guard on wherever the body trains by forward gradients (fwdkern.fl.guard): a step the next
