@@ -47,6 +47,10 @@ class ForwardGradientTrainer(Trainer):
         perturbations: K tangents per micro-batch (the estimate's cosine with the true gradient
             grows like sqrt(K / d) for d trainable values).
         dist: "rademacher" or "gaussian" perturbations.
+        tangent_scope: "batch" (each tangent's derivative is of the micro-batch's loss) or "sample"
+            (`perturbations` tangents for each sample, each the derivative of its own sample's share
+            of the loss: B times the directions at the same compute, one dual pass;
+            :func:`fwdkern.jvp`'s per_sample, LoRA layers only).
         loss: "auto" (from the model class), "classification" or "causal_lm".
         head: "exact" (classification: the classifier head -- a patched model's ``modules_to_save`` -- gets
             its exact gradient from its own input features, a backward through the head only; the body
@@ -56,13 +60,16 @@ class ForwardGradientTrainer(Trainer):
     """
 
     def __init__(self, *args, perturbations: int = 16, dist: str = "rademacher", loss: str = "auto",
-                 head: str = "auto", **kwargs):
+                 head: str = "auto", tangent_scope: str = "batch", **kwargs):
         super().__init__(*args, **kwargs)
         if isinstance(perturbations, bool) or not isinstance(perturbations, int) or perturbations < 1:
             raise ValueError(f"perturbations: expected a positive int, got {perturbations!r}")
         get_config(self.model)  # fails early, with the fix, on a model without adapters
         if head not in ("auto", "exact", "perturb"):
             raise ValueError(f"head: {head!r} is not one of auto, exact, perturb")
+        if tangent_scope not in ("batch", "sample"):
+            raise ValueError(f"tangent_scope: {tangent_scope!r} is not one of batch, sample")
+        self.tangent_scope = tangent_scope
         self.perturbations, self.dist, self.loss_kind = perturbations, dist, loss
         self._micro = 0
         self.head_path, self.head_names = None, []
@@ -78,15 +85,20 @@ class ForwardGradientTrainer(Trainer):
         seed = _seed(self.args.seed, step, self._micro)
         self._micro = (self._micro + 1) % accum
         K = self.perturbations
+        # "sample": K tangents for each of the B samples (ks[j * B + b] is sample b's j-th); each derivative
+        # is of its sample's share of the loss, so sum_k jv_k v_k / K is unbiased for the batch gradient
+        per_sample = self.tangent_scope == "sample"
+        ks = list(range(K * int(inputs["input_ids"].shape[0]) if per_sample else K))
         tr = trainable(model)
         head = set(self.head_names)
         body = [n for n, _, _ in tr if n not in head]
         if self.head_path is None:
-            loss, jv = jvp(model, inputs, seed, range(K), dist=self.dist, loss=self.loss_kind)
+            loss, jv = jvp(model, inputs, seed, ks, dist=self.dist, loss=self.loss_kind, per_sample=per_sample)
         else:
             with capture_input(model.get_submodule(self.head_path)) as cap:
                 if body:
-                    loss, jv = jvp(model, inputs, seed, range(K), dist=self.dist, loss=self.loss_kind, params=body)
+                    loss, jv = jvp(model, inputs, seed, ks, dist=self.dist, loss=self.loss_kind, params=body,
+                                   per_sample=per_sample)
                 else:
                     with torch.no_grad():
                         model.eval()
@@ -99,7 +111,7 @@ class ForwardGradientTrainer(Trainer):
                     continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                seeded_axpy_(p.grad, seed, pid, list(range(K)), coeffs, self.dist)
+                seeded_axpy_(p.grad, seed, pid, ks, coeffs, self.dist)
         return loss.detach() / accum
 
     def _head_grad(self, model, x, labels, accum):

@@ -558,3 +558,23 @@ def test_per_sample_tangents_refuse_what_one_pass_cannot_do():
     assert full  # the classifier head: a full tensor, one perturbation per slot for the whole batch
     with pytest.raises(fwdkern.engine.PerSampleUnsupported, match="outside a LoRA layer"):
         fwdkern.jvp(model, batch, 1, range(6), per_sample=True)
+
+
+def test_per_sample_tangents_fall_back_where_a_lora_layer_sees_flattened_tokens(monkeypatch):
+    """A LoRA layer whose input is not [samples, ...] (tokens flattened before it) cannot carry each
+    sample's tangents: PerSampleUnsupported (so a client runs one pass per sample instead), and the
+    layer's dual forward is taken off again."""
+    model = fwdkern.patch(_model("llama"))
+    batch = _batch("llama")
+    lora = next(m for m in model.modules() if isinstance(m, fwdkern.LoRALinear))
+    orig = lora.forward_dual
+
+    def flattening_call(x):  # what a module that flattens tokens before its projection passes on
+        return lora.forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+    owner = next(m for m in model.modules() if getattr(m, "q_proj", None) is lora)
+    monkeypatch.setattr(owner, "q_proj", type("Flat", (torch.nn.Module,), {"forward": lambda s, x: flattening_call(x)})())
+    owner.add_module("_lora_keep", lora)
+    with pytest.raises(fwdkern.engine.PerSampleUnsupported, match="not \\[samples \\(3\\)"):
+        fwdkern.jvp(model, batch, 3, range(6), per_sample=True)
+    assert lora.forward_dual == orig and "forward" not in lora.__dict__

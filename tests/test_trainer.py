@@ -146,3 +146,49 @@ def test_unpatched_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not patched"):
         ForwardGradientTrainer(model=transformers.BertForSequenceClassification(cfg), args=_args(tmp_path),
                                train_dataset=_cls_data())
+
+
+def test_per_sample_tangents_write_the_closed_form_estimate(tmp_path):
+    """tangent_scope="sample": K tangents for each sample (ks[j*B + b] is sample b's j-th), each derivative
+    of its sample's share of the loss; the gradient written is sum_b (1/K) sum_j (∇share_b · v) v, from
+    autograd per sample and the materialized perturbations (padded samples of unequal length)."""
+    import torch.nn.functional as F
+
+    from fwdkern.trainer import _seed
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = fwdkern.patch(transformers.LlamaForCausalLM(cfg).eval(), r=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, _, p in fwdkern.trainable(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ids = torch.randint(3, 32, (3, 10), generator=g)
+    am = torch.ones(3, 10, dtype=torch.long)
+    am[1, 7:], am[2, 4:] = 0, 0
+    labels = ids.masked_fill(am == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    K, B = 2, 3
+    tr = ForwardGradientTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_DS([]),
+                                perturbations=K, tangent_scope="sample")
+    tr.training_step(model, batch)
+    got = {n: p.grad.double().clone() for n, _, p in fwdkern.trainable(model)}
+    seed = _seed(0, 0, 0)
+    want = {n: torch.zeros_like(v) for n, v in got.items()}
+    for b in range(B):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=am).logits.float()
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, 32), labels[:, 1:].reshape(-1), ignore_index=-100,
+                             reduction="none").view(3, 9)
+        (ce[b].sum() / (labels[:, 1:] != -100).sum()).backward()
+        for j in range(K):
+            k = j * B + b
+            vs = {n: fwdkern.perturbation(p.shape, seed, pid, k).double() for n, pid, p in fwdkern.trainable(model)}
+            d = sum((p.grad.double() * vs[n]).sum() for n, _, p in fwdkern.trainable(model))
+            for n in want:
+                want[n] += d * vs[n] / K
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5 * float(want[n].abs().max()))
+    with pytest.raises(ValueError, match="tangent_scope"):
+        ForwardGradientTrainer(model=model, args=_args(tmp_path), train_dataset=_DS([]), tangent_scope="token")

@@ -115,9 +115,9 @@ def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents, 
     def per_sample(xp, xt):
         """Sample b's rows with its own perturbations by_sample[b]; the input tangents' product with the
         frozen weight batched over every sample when the tangent dtype asks for it."""
-        if xp.dim() < 2 or xp.shape[0] != len(by_sample):
-            raise ValueError(f"per_sample: a LoRA layer's input has shape {tuple(xp.shape)}, not [samples "
-                             f"({len(by_sample)}), ...]")
+        if xp.dim() < 2 or xp.shape[0] != len(by_sample):  # e.g. tokens flattened before the layer
+            raise PerSampleUnsupported(f"per_sample: a LoRA layer's input has shape {tuple(xp.shape)}, not "
+                                       f"[samples ({len(by_sample)}), ...]")
         split = xt is not None and tangent_matmul_dtype(xt) is not None and not mod.quantized
         parts = [mod.forward_dual(xp[b:b + 1], None if (xt is None or split) else xt[:, b:b + 1], seed, kb,
                                   dist=dist, perturb=perturb) for b, kb in enumerate(by_sample)]
@@ -334,7 +334,10 @@ def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rade
         raise ValueError("batch: classification needs labels")
     samples = 0
     if per_sample:
-        samples = int(inputs["input_ids"].shape[0])
+        first = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if not isinstance(first, torch.Tensor) or first.dim() < 2:
+            raise PerSampleUnsupported("per_sample: the batch needs input_ids or inputs_embeds [samples, ...]")
+        samples = int(first.shape[0])
         if len(ks) % samples:
             raise PerSampleUnsupported(f"per_sample: {len(ks)} tangents do not divide among {samples} samples")
     perturbed = {id(p) for _, pid, p in trainable(model) if pid in selected}  # before the Dual swap
