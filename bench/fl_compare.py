@@ -301,7 +301,10 @@ class Suite:
                     f"sim = build(RunConfig(**json.loads({json.dumps(json.dumps(kw))})), log=lambda *a: None)\n"
                     "def setup():\n    return sim.server.plan_round(['client3'])\n"
                     "def run(plans):\n" + run)
-            res[name] = {"peak_rss_growth_bytes": peak_memory_subprocess(code), "setting": setting}
+            from fwdkern.fl.metrics import provenance
+
+            res[name] = {"peak_rss_growth_bytes": peak_memory_subprocess(code), "setting": setting,
+                         "config": kw, "provenance": provenance()}
             print(f"[memory] {name}: {res[name]}", flush=True)
         os.makedirs(self.runs, exist_ok=True)
         path = os.path.join(self.runs, "memory.json")
@@ -338,9 +341,12 @@ class Suite:
                 rows += results.run_rows(self.name, "final", label, _tag(setting), seed, out, self.per_round, extra)
         for name, m in mem.items():  # memory of a method without final runs too (a memory-only suite)
             if name not in with_rows and m.get("peak_rss_growth_bytes") is not None:
+                prov = m.get("provenance", {})
                 rows.append(dict(suite=self.name, phase="extra", method=name, setting=_tag(m.get("setting", {})),
                                  seed=0, client_round="", metric="client_peak_mib",
-                                 value=m["peak_rss_growth_bytes"] / 2**20))
+                                 value=m["peak_rss_growth_bytes"] / 2**20, commit=prov.get("commit"),
+                                 torch=prov.get("torch"), device=prov.get("device"), threads=prov.get("threads"),
+                                 date=prov.get("date"), load=prov.get("load")))
         results.write(rows, self.results)
         summary = results.summarize(rows)
         text = markdown(self, summary, methods, grids)

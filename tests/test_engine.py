@@ -502,7 +502,7 @@ def test_batch_loss_is_the_loss_jvp_reports(family):
             fwdkern.batch_loss(model, {k: v for k, v in batch.items() if k != "labels"})
 
 
-def _share_reference(model, family, batch, seed, ks, samples, params):
+def _share_reference(model, family, batch, seed, ks, samples, params, label_smoothing=0.0):
     """Per-sample tangents' closed form: jvps[i] = ∇(sample b's share of the loss) · v_{ks[i]}, b = i mod B."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = []
@@ -512,7 +512,7 @@ def _share_reference(model, family, batch, seed, ks, samples, params):
         logits = model(**inputs).logits.float()
         if family in CLS:
             y = batch["labels"]
-            ce = F.cross_entropy(logits, y, ignore_index=-100, reduction="none")
+            ce = F.cross_entropy(logits, y, ignore_index=-100, reduction="none", label_smoothing=label_smoothing)
             share = ce[b] / (y != -100).sum()
         else:
             y = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
@@ -530,14 +530,21 @@ def _share_reference(model, family, batch, seed, ks, samples, params):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("tangent_dtype", [None, torch.bfloat16])
-def test_per_sample_tangents_are_each_samples_share_of_the_loss_along_its_own_perturbations(family, tangent_dtype):
+@pytest.mark.parametrize("which", ["every_lora", "first_block"])
+def test_per_sample_tangents_are_each_samples_share_of_the_loss_along_its_own_perturbations(family, tangent_dtype,
+                                                                                           which):
     """jvp(per_sample=True): with B samples, ks[j*B + b] is sample b's j-th tangent and its value the
     derivative of sample b's share of the (padded, unequal-length) batch loss: the closed form from
-    autograd, in one dual pass of len(ks) / B tangents; the loss is the batch's, exactly."""
+    autograd, in one dual pass of len(ks) / B tangents; the loss is the batch's, exactly. first_block:
+    only the first block's LoRA tensors are perturbed (a --split client), so the LoRA layers above carry
+    the tangents without perturbing them."""
     model = fwdkern.patch(_model(family))
     _randomize(model)
     batch = _batch(family)
     lora = [n for n, _, _ in fwdkern.trainable(model) if "lora_" in n]
+    if which == "first_block":
+        lora = [n for n in lora if ".0." in n]
+        assert lora and len(lora) < len([n for n, _, _ in fwdkern.trainable(model) if "lora_" in n])
     ks = [4, 9, 1, 7, 3, 12]  # 2 tangents for each of the 3 samples
     L, jv = fwdkern.jvp(model, batch, 11, ks, params=lora, per_sample=True, tangent_dtype=tangent_dtype)
     L0, _ = fwdkern.jvp(model, batch, 11, ks[:1], params=lora)
@@ -547,6 +554,22 @@ def test_per_sample_tangents_are_each_samples_share_of_the_loss_along_its_own_pe
         _check(jv, ref)
     else:  # bf16 rounding of the tangents' products, as in the whole-batch test above
         assert (jv.double() - ref).abs().max() < 1e-2 * float(ref.abs().max()), (jv, ref)
+
+
+def test_per_sample_classifier_tangents_with_ignored_labels_and_label_smoothing():
+    """The classifier loss's per-sample branch: a sample labelled -100 contributes 0 (its tangents read 0)
+    and the others' shares are over the labelled count, with label smoothing, as autograd has them."""
+    model = fwdkern.patch(_model("bert"))
+    _randomize(model)
+    batch = dict(_batch("bert"), labels=torch.tensor([2, -100, 1]))
+    lora = [n for n, _, _ in fwdkern.trainable(model) if "lora_" in n]
+    ks = [5, 6, 7, 8, 9, 10]
+    L, jv = fwdkern.jvp(model, batch, 4, ks, params=lora, per_sample=True, label_smoothing=0.1)
+    ref = _share_reference(model, "bert", batch, 4, ks, 3, set(lora), label_smoothing=0.1)
+    _check(jv, ref)
+    assert jv[[1, 4]].abs().max() == 0 and jv[[0, 2, 3, 5]].abs().min() > 0
+    L_batch, _ = fwdkern.jvp(model, batch, 4, ks[:1], params=lora, label_smoothing=0.1)
+    assert torch.equal(L, L_batch)
 
 
 def test_per_sample_tangents_refuse_what_one_pass_cannot_do():
@@ -575,6 +598,6 @@ def test_per_sample_tangents_fall_back_where_a_lora_layer_sees_flattened_tokens(
     owner = next(m for m in model.modules() if getattr(m, "q_proj", None) is lora)
     monkeypatch.setattr(owner, "q_proj", type("Flat", (torch.nn.Module,), {"forward": lambda s, x: flattening_call(x)})())
     owner.add_module("_lora_keep", lora)
-    with pytest.raises(fwdkern.engine.PerSampleUnsupported, match="not \\[samples \\(3\\)"):
+    with pytest.raises(fwdkern.engine.PerSampleUnsupported, match=r"not \[samples, tokens \(3, 9\)"):
         fwdkern.jvp(model, batch, 3, range(6), per_sample=True)
     assert lora.forward_dual == orig and "forward" not in lora.__dict__

@@ -163,6 +163,29 @@ def test_per_sample_answers_average_over_batches_like_the_batch_scope():
     assert torch.equal(_values(model, [b2], ks, tangent_scope="sample")[0], v2)
 
 
+def test_a_split_clients_per_sample_answer_is_the_closed_form():
+    """A client perturbing one block (--split: the plan lists only its tensors) answers in one pass; the
+    LoRA layers above carry the tangents without perturbing them."""
+    model = _llama()
+    batch = _lm_batch(2)
+    block = tuple(pid for n, pid, _ in fwdkern.trainable(model) if ".layers.0." in n)
+    names = {n for n, pid, _ in fwdkern.trainable(model) if pid in block}
+    ks = [7, 8, 9, 10]
+    plan = RoundPlan("c0", 1, 0, SEED, tuple(ks), block)
+    got = torch.tensor(Update.from_bytes(seeded_answer(model, [batch], plan, wire="json", tangent_scope="sample")).jvps,
+                       dtype=torch.float64)
+    want = torch.zeros(len(ks), dtype=torch.float64)
+    for p_, k in enumerate(ks):
+        b = p_ % 2
+        model.zero_grad(set_to_none=True)
+        ce, valid = _token_losses(model, batch)
+        (ce[b].sum() / valid.sum()).backward()
+        d = sum((p.grad.double() * fwdkern.perturbation(p.shape, SEED, pid, k).double()).sum()
+                for n, pid, p in fwdkern.trainable(model) if n in names)
+        want[p_] = d * 2  # len(ks) / K_g
+    _close(got, want)
+
+
 def test_sample_groups_deal_every_tangent_once_to_consecutive_samples():
     for bs in (1, 2, 3, 4, 7, 8):
         for K in (1, 2, 3, 5, 8, 16, 64):
@@ -191,16 +214,19 @@ def test_the_one_pass_per_sample_answer_equals_one_pass_per_sample_group(tangent
     model = _llama()
     batch = _lm_batch(4)
     ks = list(range(3, 19))
-    one_pass, loss = _values(model, [batch], ks, tangent_scope="sample", tangent_precision=tangent_precision)
-    calls = []
+    calls, force = [], []
 
-    def per_group(*a, per_sample=False, **kw):
+    def spy(*a, per_sample=False, **kw):
         calls.append(per_sample)
-        if per_sample:
+        if per_sample and force:
             raise PerSampleUnsupported("forced")
-        return fwdkern.jvp(*a, **kw)
+        return fwdkern.jvp(*a, per_sample=per_sample, **kw)
 
-    monkeypatch.setattr(client, "jvp", per_group)
+    monkeypatch.setattr(client, "jvp", spy)
+    one_pass, loss = _values(model, [batch], ks, tangent_scope="sample", tangent_precision=tangent_precision)
+    assert calls == [True]  # answered by the one pass
+    calls.clear()
+    force.append(True)
     grouped, loss_g = _values(model, [batch], ks, tangent_scope="sample", tangent_precision=tangent_precision)
     assert calls == [True, False, False, False, False]
     tol = 1e-5 if tangent_precision == "fp32" else 2e-2  # bf16: the tangents' products round differently

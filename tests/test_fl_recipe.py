@@ -43,10 +43,11 @@ def test_default_recipe_choices_are_pinned(model, data, task, has_head, n_train,
     assert {k: getattr(got, k) for k in want} == want
 
 
-@pytest.mark.parametrize("batch_size,want", [(1, 16), (4, 64), (8, 128), (32, 128)])
+@pytest.mark.parametrize("batch_size,want", [(1, 16), (3, 48), (4, 64), (8, 128), (9, 126), (32, 128), (200, 200)])
 def test_a_causal_lm_gets_16_per_sample_tangents_up_to_128(batch_size, want):
     """Per-sample tangents (bench/results/fl_causal_lm/): 16 a sample at a client compute of 16 tangents
-    over the whole batch, capped so the upload stays under 1 KB; an explicit scope or count is kept."""
+    over the whole batch, capped so the upload stays under 1 KB, always a multiple of the batch (one pass
+    carries them; one a sample past the cap); an explicit scope or count is kept."""
     lm = dict(model="smollm2-135m", data="bbc_news", task="causal_lm", label_column="none", batch_size=batch_size)
     got = resolve(RunConfig(**lm), 1780, False)
     assert (got.perturbations, got.tangent_scope) == (want, "sample")
@@ -79,3 +80,13 @@ def test_tangent_precision_auto_is_bf16_only_where_the_hardware_multiplies_bf16(
         cfg = RunConfig(model="smollm2-135m", data="bbc_news", task="causal_lm", label_column="none",
                         tangent_precision=explicit)
         assert resolve(cfg, 1780, False).tangent_precision == explicit
+
+
+def test_forward_passes_count_per_sample_tangents_as_their_share_of_the_batch():
+    from fwdkern.fl.methods import method
+
+    fk, mezo, bp = method("fwdkern"), method("mezo"), method("backprop")
+    assert fk.forward_passes(64, 1) == 65 and fk.forward_passes(64, 1, per_sample_of=4) == 17
+    assert fk.forward_passes(64, 2, per_sample_of=4) == 34 and fk.forward_passes(7, 1, per_sample_of=3) == 4
+    assert fk.forward_passes(2, 1, per_sample_of=8) == 2  # more samples than tangents: one a group
+    assert mezo.forward_passes(8, 1, per_sample_of=4) == 4 and bp.forward_passes(0, 1, per_sample_of=4) == 3

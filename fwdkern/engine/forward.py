@@ -42,21 +42,26 @@ class capture_input:
 
 
 class PerSampleUnsupported(ValueError):
-    """``jvp(per_sample=True)`` cannot run this model / batch / ks in one pass (raised before any compute)."""
+    """``jvp(per_sample=True)`` cannot run this model / batch / ks in one pass: raised before any result
+    exists (from the arguments, or from the first LoRA layer whose input is not [samples, tokens, ...]),
+    with the model left as it was, so a caller can run one pass per sample instead."""
 
 
 @contextlib.contextmanager
-def _dual_mode(model, seed, ks, dist, selected, samples: int = 0):
+def _dual_mode(model, seed, ks, dist, selected, sample_shape: tuple = ()):
     """LoRALinear -> fused dual op; full trainable tensors -> Dual parameters with stacked perturbations.
 
     A full tensor held by several modules (tied weights) becomes one Dual in every slot, so each
     use contributes its tangent; where the slot is a LoRALinear's base weight or bias (frozen for
-    the fused op), the layer adds that tangent's term itself. `samples` > 0 (per-sample tangents):
-    tangent slot j of sample b is perturbation ``ks[j * samples + b]``; only LoRA layers may be
-    perturbed then (a Dual parameter carries one perturbation per slot for the whole batch)."""
+    the fused op), the layer adds that tangent's term itself. `sample_shape` = (B samples, T tokens)
+    for per-sample tangents: tangent slot j of sample b is perturbation ``ks[j * B + b]``; only LoRA
+    layers may be perturbed then (a Dual parameter carries one perturbation per slot for the whole
+    batch), and every layer a tangent reaches has K = len(ks) / B slots."""
     ks_list = [int(k) for k in ks]
-    K = len(ks_list) // samples if samples else len(ks_list)
+    samples = sample_shape[0] if sample_shape else 0
     by_sample = [ks_list[b::samples] for b in range(samples)] if samples else None
+    slot_ks = by_sample[0] if samples else ks_list  # one k per tangent slot (unperturbed layers count them)
+    K = len(slot_ks)
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     base_of = {id(m.base_layer): m for m in lora}
     base_tangents: dict = {}  # LoRALinear -> {"weight"|"bias": [K, ...] tangent of a trainable base tensor}
@@ -91,10 +96,10 @@ def _dual_mode(model, seed, ks, dist, selected, samples: int = 0):
             raise PerSampleUnsupported("per_sample: a bottleneck adapter is perturbed (per-sample tangents cover "
                                        "LoRA layers only)")
         for mod in lora:
-            mod.forward = _make_dual_forward(mod, seed, ks_list, dist, mod.perturbed(selected),
-                                             base_tangents.get(mod, {}), by_sample)
+            mod.forward = _make_dual_forward(mod, seed, slot_ks, dist, mod.perturbed(selected),
+                                             base_tangents.get(mod, {}), by_sample, sample_shape)
         for mod in adapters:
-            mod.forward = _make_adapter_dual_forward(mod, seed, ks_list, dist, selected)
+            mod.forward = _make_adapter_dual_forward(mod, seed, slot_ks, dist, selected)
         for mod in mlps:
             mod.forward = _make_gated_mlp_dual_forward(mod)
         for mod, form in norms:
@@ -108,16 +113,16 @@ def _dual_mode(model, seed, ks, dist, selected, samples: int = 0):
             owner._parameters[leaf] = orig
 
 
-def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents, by_sample=None):
+def _make_dual_forward(mod: LoRALinear, seed, ks, dist, perturb, base_tangents, by_sample=None, sample_shape=()):
     plain_forward = type(mod).forward
     Wt, bt = base_tangents.get("weight"), base_tangents.get("bias")
 
     def per_sample(xp, xt):
         """Sample b's rows with its own perturbations by_sample[b]; the input tangents' product with the
         frozen weight batched over every sample when the tangent dtype asks for it."""
-        if xp.dim() < 2 or xp.shape[0] != len(by_sample):  # e.g. tokens flattened before the layer
+        if xp.dim() < 3 or tuple(xp.shape[:2]) != tuple(sample_shape):  # e.g. tokens flattened or routed
             raise PerSampleUnsupported(f"per_sample: a LoRA layer's input has shape {tuple(xp.shape)}, not "
-                                       f"[samples ({len(by_sample)}), ...]")
+                                       f"[samples, tokens {tuple(sample_shape)}, ...]")
         split = xt is not None and tangent_matmul_dtype(xt) is not None and not mod.quantized
         parts = [mod.forward_dual(xp[b:b + 1], None if (xt is None or split) else xt[:, b:b + 1], seed, kb,
                                   dist=dist, perturb=perturb) for b, kb in enumerate(by_sample)]
@@ -332,12 +337,13 @@ def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rade
         raise ValueError("ks: expected at least one perturbation index")
     if kind == "classification" and labels is None:
         raise ValueError("batch: classification needs labels")
-    samples = 0
+    sample_shape = ()
     if per_sample:
         first = inputs.get("input_ids", inputs.get("inputs_embeds"))
         if not isinstance(first, torch.Tensor) or first.dim() < 2:
-            raise PerSampleUnsupported("per_sample: the batch needs input_ids or inputs_embeds [samples, ...]")
-        samples = int(first.shape[0])
+            raise PerSampleUnsupported("per_sample: the batch needs input_ids or inputs_embeds [samples, tokens, ...]")
+        sample_shape = (int(first.shape[0]), int(first.shape[1]))
+        samples = sample_shape[0]
         if len(ks) % samples:
             raise PerSampleUnsupported(f"per_sample: {len(ks)} tangents do not divide among {samples} samples")
     perturbed = {id(p) for _, pid, p in trainable(model) if pid in selected}  # before the Dual swap
@@ -345,7 +351,7 @@ def jvp(model: nn.Module, batch, seed: int, ks: Iterable[int], dist: str = "rade
     model.eval()
     try:
         with torch.no_grad(), track_modules(model), tangent_matmuls(tangent_dtype), \
-                _dual_mode(model, seed, ks, dist, selected, samples):
+                _dual_mode(model, seed, ks, dist, selected, sample_shape):
             if kind == "classification":
                 L, jv = cls_loss(logits_of(model(**inputs)), labels, label_smoothing, per_sample=per_sample)
             else:

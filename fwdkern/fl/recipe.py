@@ -33,7 +33,8 @@ tuned settings there, not independent checks):
   round's clients measure as raising their loss is not taken.
 * tangent_precision bf16 wherever tangents run on a device with bf16 matrix units: the tangents'
   GEMMs with the frozen weights in bf16, the loss and weights in fp32 (fwdkern.dual.tangent_matmuls;
-  bench/results/fl_causal_lm/: the same held-out loss as fp32 tangents at less client CPU; the client
+  bench/results/fl_causal_lm/: default_batch and default_fp32, the same held-out loss as fp32 tangents
+  at less client CPU; the client
   step alone: bench/results/fl_client_lm_cpu_2026-12-06.json).
 * head_lr 8: scale-free (divided by the features' mean squared norm), the best or tied-best of the
   head-lr sweeps on BBC News, Rotten Tomatoes and SmolLM2 prompt classification
@@ -82,8 +83,10 @@ def resolve(cfg: RunConfig, n_train: int, has_exact_head: bool, device: str = "c
         d["tangent_scope"] = m.get("tangent_scope_no_head", "batch") if no_head else "batch"
     if d["perturbations"] is None:
         d["perturbations"] = m["perturbations_no_head"] if no_head else m["perturbations"]
-        if no_head and d["tangent_scope"] == "sample":  # that many per sample, the upload under 1 KB
-            d["perturbations"] = min(MAX_SAMPLE_TANGENTS, d["perturbations"] * cfg.batch_size)
+        if no_head and d["tangent_scope"] == "sample":  # that many per sample, the upload under 1 KB, and a
+            # multiple of the batch so one pass carries them (one a sample for batches over the cap)
+            per = max(1, min(d["perturbations"], MAX_SAMPLE_TANGENTS // cfg.batch_size))
+            d["perturbations"] = per * cfg.batch_size
     if d["local_lr"] is None and m["local_lr"]:  # only methods with local steps use it
         d["local_lr"] = m["local_lr"]
     if d["guard"] == "auto":  # the guard wherever the body trains by forward gradients (and pacing is off)
