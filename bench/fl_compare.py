@@ -287,6 +287,7 @@ class Suite:
     def memory(self, methods) -> dict:
         """Peak RSS growth of one client's round per final method (and of one inference of its batch)."""
         from bench.common import peak_memory_subprocess
+        from fwdkern.fl.metrics import provenance
 
         res = {}
         rows = [(m, m, s) for m, _, s, seed, _, _ in self.final_runs(methods) if seed == 0]
@@ -301,8 +302,6 @@ class Suite:
                     f"sim = build(RunConfig(**json.loads({json.dumps(json.dumps(kw))})), log=lambda *a: None)\n"
                     "def setup():\n    return sim.server.plan_round(['client3'])\n"
                     "def run(plans):\n" + run)
-            from fwdkern.fl.metrics import provenance
-
             res[name] = {"peak_rss_growth_bytes": peak_memory_subprocess(code), "setting": setting,
                          "config": kw, "provenance": provenance()}
             print(f"[memory] {name}: {res[name]}", flush=True)

@@ -71,13 +71,15 @@ class Sim:
     def sequence_grads(self, client: int, rnd: int) -> list:
         """Per sequence b, the gradient of B x (its tokens' summed loss / the batch's tokens): their mean is
         the batch loss's gradient."""
+        from fwdkern.engine import loss_terms
+
         b = self.task.client_batches(client, rnd)[0]
-        n = int((b["labels"][:, 1:] != -100).sum())
-        B = b["input_ids"].shape[0]
+        terms = loss_terms(self.model, b)
+        n, B = int(terms.sum()), len(terms)
         out = []
         for i in range(B):
             one = {k: b[k][i:i + 1] for k in ("input_ids", "attention_mask", "labels")}
-            m = int((one["labels"][:, 1:] != -100).sum())
+            m = int(terms[i])
             if m == 0:
                 out.append([torch.zeros_like(p) for p in self.P])
                 continue

@@ -58,22 +58,19 @@ def cls_loss(logits, labels, label_smoothing, per_sample: bool = False):
     C = z.shape[-1]
     check_class_labels(labels, C)
     keep = labels != IGNORE
-    if per_sample:
-        zk, yk = z[keep], labels[keep]
-        loss = F.cross_entropy(zk, yk, label_smoothing=label_smoothing)
-        g = torch.softmax(zk, -1) - (1 - label_smoothing) * F.one_hot(yk.long(), C).to(zk.dtype) - label_smoothing / C
+    every = bool(keep.all())
+    zk, yk = (z, labels) if every else (z[keep], labels[keep])
+    loss = F.cross_entropy(zk, yk, label_smoothing=label_smoothing)
+    g = torch.softmax(zk, -1)
+    g = g - (1 - label_smoothing) * F.one_hot(yk.long(), C).to(g.dtype) - label_smoothing / C
+    g = g / zk.shape[0]
+    if zt is None:
+        return loss, None
+    if per_sample:  # an ignored sample's row of ∂L/∂z is 0
         G = z.new_zeros(z.shape)
-        G[keep] = g / zk.shape[0]
-        return loss, (torch.einsum("kbc,bc->kb", zt.float(), G) if zt is not None else None)
-    if not bool(keep.all()):
-        z, labels = z[keep], labels[keep]
-        zt = zt[:, keep] if zt is not None else None
-    loss = F.cross_entropy(z, labels, label_smoothing=label_smoothing)
-    g = torch.softmax(z, -1)
-    g = g - (1 - label_smoothing) * F.one_hot(labels.long(), C).to(g.dtype) - label_smoothing / C
-    g = g / z.shape[0]
-    jv = torch.einsum("kbc,bc->k", zt.float(), g) if zt is not None else None
-    return loss, jv
+        G[keep] = g
+        return loss, torch.einsum("kbc,bc->kb", zt.float(), G)
+    return loss, torch.einsum("kbc,bc->k", (zt if every else zt[:, keep]).float(), g)
 
 
 def causal_targets(inputs, labels):

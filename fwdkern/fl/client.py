@@ -135,11 +135,7 @@ def _per_sample(model, batch, ks, directional, capture):
     the tangents of value x v is then unbiased for the batch loss's gradient. One sample per group and
     the tangents dividing evenly: one dual pass with each sample's own tangents (fwdkern.jvp's
     per_sample); otherwise, or where that pass does not apply, one pass per group."""
-    terms = loss_terms(model, batch)
-    bs = int(terms.shape[0])
-    N = int(terms.sum())
-    if N == 0:
-        raise ValueError("labels: every target is -100 (nothing to predict)")
+    bs = int(batch["input_ids"].shape[0])
     if len(ks) % bs == 0:
         try:
             with capture or contextlib.nullcontext():
@@ -147,6 +143,10 @@ def _per_sample(model, batch, ks, directional, capture):
             return l, j * bs, (capture.x if capture is not None else None)
         except PerSampleUnsupported:
             pass
+    terms = loss_terms(model, batch)
+    N = int(terms.sum())
+    if N == 0:
+        raise ValueError("labels: every target is -100 (nothing to predict)")
     j = np.zeros(len(ks))
     loss, xs = 0.0, []
     for i0, i1, pos in sample_groups(bs, len(ks)):
