@@ -85,9 +85,10 @@ def test_client_round(benchmark, sim, provider):
 LM_BATCH, LM_T = 4, 64
 LM_LAYERS = None  # all blocks
 # fwdkern_kK[_bf16][_sample]: K tangents, their products in bf16, shared out among the batch's samples
-# (tangent scope "sample": the recipe's causal-LM client, 16 per sample of the batch of 4)
+# (tangent scope "sample": the recipe's causal-LM client, 16 per sample of the batch of 4; fp32 tangent
+# products where the hardware has no bf16 matrix units, fwdkern.fl.recipe.fast_bf16)
 LM_PROVIDERS = ["inference", "backprop", "backprop_bf16", "fwdkern_k4", "fwdkern_k16", "fwdkern_k16_bf16",
-                "fwdkern_k64_bf16_sample"]
+                "fwdkern_k64_sample", "fwdkern_k64_bf16_sample"]
 
 
 def _lm_client(device, layers=None):

@@ -13,9 +13,11 @@ script's own generators (seed 0), not the simulation's.
 Tangent placements (what is perturbed and trained): all -- every LoRA tensor (the default); B -- the
 B matrices (LoRA-FA: A stays at its random init); vB -- the value projections' B only. `energy` first
 records each tensor's share of the round-1 mean gradient's squared norm (5 clients), which is where the
-placements come from. Output: bench/results/fl_causal_lm_explore/tangent_subsets.json, one row per
-(placement, optimizer, K, lr) with the held-out and validation loss every 4 rounds; the best row of each
-(placement, optimizer, K) by the validation drop is in best_by_validation.
+placements come from. Guides (`...:seq:guide_last`, `...:seq:guide_total`, --guide-lrs): one more
+tangent a client along a direction the weights define, and a FedAdam step along it (GUIDE_LRS). Output:
+bench/results/fl_causal_lm_explore/tangent_subsets.json, one row per (placement, optimizer, K, lr[, guide,
+guide_lr]) with the held-out and validation loss every 4 rounds and its machine; the best row of each
+variant by the validation drop is in best_by_validation.
 """
 from __future__ import annotations
 
@@ -41,6 +43,15 @@ PLACEMENTS = {"all": lambda n: True, "B": lambda n: "lora_B" in n,
 # B (LoRA-FA) runs at the lr that is best for all and for vB. K 64 and 256: more directions per round.
 # Scope "seq": each tangent's directional derivative is taken on one sequence of the client's batch (K per
 # sequence), which an exact jvp computes at the cost of K tangents over the whole batch, for B x K directions.
+# Guide ":guide_G": one more tangent a client, along a direction every client can compute from the weights
+# it holds -- "last": the last round's step, "total": the adapter's displacement from its initial values --
+# whose exact derivative a (mean over the round's clients) moves the weights along it, by FedAdam's rule
+# on that one scalar (the step's length is GUIDE_LRS' value times the direction's). "last" is the
+# hypergradient of the server's lr; "total" is a line search along the whole trajectory.
+# Both at the per-sample default's setting (16 per sample, FedAdam 0.01); the grids as extended past their
+# validation-best points ("last" is best at its smallest, and at 0 it is the plain row).
+GUIDE_LRS = {"last": [0.1, 0.3, 1.0], "total": [0.03, 0.1, 0.3, 1.0]}
+GUIDED = {("all", "fedadam", 16, "seq", g): 0.01 for g in GUIDE_LRS}
 GRIDS = {("all", "fedadam", 16, "batch"): [0.003, 0.01, 0.03], ("vB", "fedadam", 16, "batch"): [0.003, 0.01, 0.03],
          ("B", "fedadam", 16, "batch"): [0.01], ("all", "sgd", 16, "batch"): [0.01, 0.03, 0.1, 0.3],
          ("vB", "sgd", 16, "batch"): [0.1, 0.3, 1.0],
@@ -111,7 +122,7 @@ class Sim:
                 "top_coordinates": {str(q): float(cum[int(q * len(flat))]) for q in (0.001, 0.01, 0.05, 0.1)}}
 
     def run(self, placement: str, opt_name: str, lr: float, K: int = 16, rounds: int = 12, seed: int = 0,
-            scope: str = "batch") -> dict:
+            scope: str = "batch", guide: str = None, guide_lr: float = 0.0) -> dict:
         from fwdkern.fl.optim import SGD, FedAdam
 
         task, P, names = self.task, self.P, self.names
@@ -123,18 +134,34 @@ class Sim:
         curve = [(0, self.heldout(False), self.heldout(True))]
         cpu = time.process_time()
         sel = [i for i, m in enumerate(mask) if m]
+        flat = lambda: torch.cat([P[i].detach().flatten() for i in sel])  # noqa: E731
+        theta0, last = flat(), None
+        g_opt = FedAdam(guide_lr) if guide else None
+        guided = []
         for rnd in range(1, rounds + 1):
             est = torch.zeros(sum(P[i].numel() for i in sel))
+            before = flat()
+            u = (last if guide == "last" else before - theta0) if guide else None
+            a = 0.0
             for c in rng.choice(task.cfg.clients, size=cpr, replace=False):
                 gs = [self.grad(int(c), rnd)] if scope == "batch" else self.sequence_grads(int(c), rnd)
                 for g in gs:
                     g = torch.cat([g[i].flatten() for i in sel])
+                    if u is not None:  # the guide's exact derivative (the mean over sequences is the batch's)
+                        a += float(g @ u) / (cpr * len(gs))
                     for j in range(0, K, 16):  # 16 tangents at a time: V holds them as rows
                         V = torch.randint(0, 2, (min(16, K - j), g.numel()), generator=gen).float().mul_(2).sub_(1)
                         est.add_(V.T @ (V @ g), alpha=1.0 / (K * cpr * len(gs)))
             parts = est.split([P[i].numel() for i in sel])
             with torch.no_grad():
                 opt.step({names[i]: P[i] for i in sel}, {names[i]: x.view_as(P[i]) for i, x in zip(sel, parts)})
+                if u is not None and float(u.norm()) > 0:  # theta += alpha u, alpha stepped by FedAdam on a
+                    alpha = torch.zeros(1)
+                    g_opt.step({"alpha": alpha}, {"alpha": torch.tensor([a])})
+                    for i, x in zip(sel, u.split([P[i].numel() for i in sel])):
+                        P[i].add_(x.view_as(P[i]), alpha=float(alpha))
+                    guided.append({"round": rnd, "derivative": a, "alpha": float(alpha)})
+            last = flat() - before
             if rnd % 4 == 0:
                 curve.append((rnd, self.heldout(False), self.heldout(True)))
         cpu = time.process_time() - cpu
@@ -142,14 +169,15 @@ class Sim:
             for p, s in zip(P, self.start):
                 p.copy_(s)
         return {"placement": placement, "optimizer": opt_name, "lr": lr, "K": K, "scope": scope,
+                "guide": guide, "guide_lr": guide_lr, "guided": guided,
                 "values": sum(p.numel() for p, m in zip(P, mask) if m),
                 "curve": [{"round": r, "eval_loss": t, "val_eval_loss": v} for r, t, v in curve],
                 "drop_at_12": curve[0][1] - curve[-1][1], "val_drop_at_12": curve[0][2] - curve[-1][2],
                 "cpu_s": cpu, "load": os.getloadavg()[0]}
 
 
-def name(placement: str, optimizer: str, K: int, scope: str) -> str:
-    return f"{placement}:{optimizer}:{K}" + ("" if scope == "batch" else f":{scope}")
+def name(placement: str, optimizer: str, K: int, scope: str, guide: str = None) -> str:
+    return f"{placement}:{optimizer}:{K}" + ("" if scope == "batch" else f":{scope}") + (f":guide_{guide}" if guide else "")
 
 
 def main(argv=None):
@@ -157,12 +185,13 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=None,
                     help="placement:optimizer:K[:seq] grids to run (default: every grid), e.g. vB:sgd:16")
     ap.add_argument("--lrs", type=float, nargs="+", help="learning rates to run instead of each grid")
+    ap.add_argument("--guide-lrs", type=float, nargs="+", help="guide learning rates to run instead of GUIDE_LRS")
     ap.add_argument("--no-energy", action="store_true", help="keep the energy table --out already holds")
     ap.add_argument("--merge", action="store_true", help="add the rows to --out's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
-    known = {name(*k): k for k in GRIDS}
+    known = {name(*k): k for k in list(GRIDS) + list(GUIDED)}
     for v in args.variants or []:
         if v not in known:
             ap.error(f"--variants: unknown {v} (known: {', '.join(known)})")
@@ -175,19 +204,24 @@ def main(argv=None):
             old = json.load(f)
     rows = old.get("rows", []) if args.merge else []
     energy = old.get("energy") if args.no_energy else sim.energy()
-    for k in keys:
-        for lr in args.lrs or GRIDS[k]:
-            row = sim.run(k[0], k[1], lr, K=k[2], scope=k[3])
-            row.update(commit=commit, date=environment()["date"])
-            print(json.dumps({x: row[x] for x in ("placement", "optimizer", "K", "scope", "lr", "drop_at_12",
-                                                  "val_drop_at_12")}),
-                  flush=True)
-            rows.append(row)
-    best = best_by_validation(rows, lambda r: name(r["placement"], r["optimizer"], r["K"], r.get("scope", "batch")))
+    runs = [(k, dict(lr=lr)) for k in keys if k in GRIDS for lr in args.lrs or GRIDS[k]]
+    runs += [(k, dict(lr=GUIDED[k], guide=k[4], guide_lr=glr)) for k in keys if k in GUIDED
+             for glr in args.guide_lrs or GUIDE_LRS[k[4]]]
+    for k, kw in runs:
+        row = sim.run(k[0], k[1], K=k[2], scope=k[3], **kw)
+        env = environment()  # per row: a merged file holds rows from several machines
+        row.update(commit=commit, date=env["date"], cpu=env.get("cpu"), torch=env.get("torch"),
+                   threads=env.get("torch_threads"))
+        print(json.dumps({x: row[x] for x in ("placement", "optimizer", "K", "scope", "lr", "guide", "guide_lr",
+                                              "drop_at_12", "val_drop_at_12")}), flush=True)
+        rows.append(row)
+    best = best_by_validation(rows, lambda r: name(r["placement"], r["optimizer"], r["K"], r.get("scope", "batch"),
+                                                   r.get("guide")))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"environment": environment(), "script": "bench/lm_tangent_subsets.py", "energy": energy,
-                   "best_by_validation": {k: {x: r[x] for x in ("lr", "values", "drop_at_12", "val_drop_at_12")}
+                   "best_by_validation": {k: {x: r.get(x) for x in ("lr", "guide_lr", "values", "drop_at_12",
+                                                                     "val_drop_at_12")}
                                           for k, r in best.items()},
                    "rows": rows}, f, indent=1)
     print(json.dumps({k: (r["lr"], round(r["drop_at_12"], 4)) for k, r in best.items()}, indent=1))

@@ -80,6 +80,10 @@ def main(argv=None) -> int:
         _add_field(prof, name)
     prof.add_argument("--perturbations", type=int, default=16, help="K of the planned client step (default: 16)")
     prof.add_argument("--batches", type=int, default=2, help="training batches measured per candidate (default: 2)")
+    prof.add_argument("--tangent-scope", choices=("batch", "sample"), default="batch",
+                      help="each tangent's derivative is of the whole batch's loss (batch, default) or of one "
+                      "sample's share of it (sample: the --perturbations tangents shared out among the batch's "
+                      "samples, as a client with --tangent-scope sample computes them)")
     prof.add_argument("--out", default=None, help="write the report as JSON here (default: print only)")
     tr = sub.add_parser("train", help="federated forward-gradient fine-tuning (embedded simulation)",
                         description="Federated fine-tuning in one process (every client simulated here). Every "
@@ -193,7 +197,8 @@ def profile(args) -> int:
     if isinstance(kw["label_column"], str) and kw["label_column"].lower() == "none":
         kw["label_column"] = None
     cfg = RunConfig(**kw, clients=max(args.batches, 2), clients_per_round=1).validate()
-    report = run_profile(cfg, perturbations=args.perturbations, batches=args.batches)
+    report = run_profile(cfg, perturbations=args.perturbations, batches=args.batches,
+                         tangent_scope=args.tangent_scope)
     print(f"recommended: {report['recommended']} ({report['rule']})")
     if args.out:
         write(report, args.out)

@@ -90,3 +90,17 @@ def test_forward_passes_count_per_sample_tangents_as_their_share_of_the_batch():
     assert fk.forward_passes(64, 2, per_sample_of=4) == 34 and fk.forward_passes(7, 1, per_sample_of=3) == 4
     assert fk.forward_passes(2, 1, per_sample_of=8) == 2  # more samples than tangents: one a group
     assert mezo.forward_passes(8, 1, per_sample_of=4) == 4 and bp.forward_passes(0, 1, per_sample_of=4) == 3
+
+
+def test_only_seed_and_scalar_clients_with_body_tangents_read_the_tangent_scope():
+    """The one predicate the run-config check (unread_fields) and the simulation's forward-pass
+    accounting share: weight-upload methods and runs without perturbations never read tangent_scope,
+    so its default may change without blocking their resumes or inflating their accounting."""
+    base = dict(model="smollm2-135m", data="bbc_news", task="causal_lm", label_column="none")
+    assert RunConfig(**base, perturbations=16).reads_tangent_scope()
+    assert RunConfig(**base, method="mezo", perturbations=4).reads_tangent_scope()
+    assert not RunConfig(**base, perturbations=0).reads_tangent_scope()
+    assert not RunConfig(**base, method="backprop").reads_tangent_scope()
+    assert not RunConfig(**base, method="spry").reads_tangent_scope()
+    assert "tangent_scope" in RunConfig(**base, method="backprop").unread_fields()
+    assert "tangent_scope" not in RunConfig(**base, perturbations=16).unread_fields()

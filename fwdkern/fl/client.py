@@ -100,7 +100,7 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
             if capture is not None:
                 feats.append((capture.x, batch["labels"]))
         else:
-            l, j, x = _per_sample(model, batch, list(plan.ks), directional, capture)
+            l, j, x = per_sample_values(model, batch, list(plan.ks), directional, capture)
             if capture is not None:
                 feats.append((x, batch["labels"]))
         jv += j * bs
@@ -128,7 +128,7 @@ def sample_groups(batch_size: int, num_tangents: int) -> list:
     return [(int(edges[g]), int(edges[g + 1]), list(range(g, num_tangents, G))) for g in range(G)]
 
 
-def _per_sample(model, batch, ks, directional, capture):
+def per_sample_values(model, batch, ks, directional, capture=None):
     """(batch loss, scaled directional derivatives [len(ks)], captured features or None) for tangent
     scope "sample". Group g's derivatives are of its samples' share of the batch loss,
     (n_g / N) L_g, times len(ks) / K_g (its K_g tangents stand for all of them): the server's mean over

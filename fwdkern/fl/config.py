@@ -255,7 +255,13 @@ class RunConfig:
             return set()
         return (set() if row.exact_head else set(EXACT_HEAD_FIELDS)) | (
             set() if row.tangents and self.perturbations != 0 else {"tangent_precision"}) | (
-            set() if row.server_step == "seeded" and self.perturbations != 0 else {"tangent_scope"})
+            set() if self.reads_tangent_scope() else {"tangent_scope"})
+
+    def reads_tangent_scope(self) -> bool:
+        """Whether the clients read ``tangent_scope``: seed-and-scalar clients that answer body tangents
+        (a weight-upload method, or no perturbations, never shares tangents out among samples)."""
+        row = METHODS.get(self.method)
+        return row is not None and row.server_step == "seeded" and self.perturbations != 0
 
 
 EXACT_HEAD_FIELDS = ("head_directions", "head_epochs", "head_lr", "head_server_lr", "head_calibration", "head_centering")

@@ -70,15 +70,26 @@ def _cos(tr, grads, est, sel) -> float:
     return num / (gn * en) if gn > 0 and en > 0 else 0.0
 
 
-def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log=print, repeats: int = 4) -> dict:
-    """Profile `candidates` (default :data:`CANDIDATES`) on `cfg`'s model and data; returns the report."""
+def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log=print, repeats: int = 4,
+            tangent_scope: str = "batch") -> dict:
+    """Profile `candidates` (default :data:`CANDIDATES`) on `cfg`'s model and data; returns the report.
+
+    tangent_scope: what each of the `perturbations` tangents' derivative is of, as a client computes it
+    (fwdkern.fl.client.seeded_answer): "batch" -- the whole batch's loss; "sample" -- one sample's share
+    of it (the tangents shared out among the batch's samples, scaled so the estimate stays unbiased)."""
+    import numpy as np
+
     import fwdkern
+    from .client import TANGENT_SCOPES, per_sample_values
     from .data import load_dataset
     from .head import find_head
     from .methods import method
+    from .metrics import provenance
     from .models import load_model, resolve_task
     from .task import ClientTask
 
+    if tangent_scope not in TANGENT_SCOPES:
+        raise ValueError(f"tangent_scope: unknown {tangent_scope!r} ({', '.join(TANGENT_SCOPES)})")
     data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     task = resolve_task(cfg.task, data)
     rows, skipped = [], []
@@ -126,7 +137,16 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
             c0 = time.process_time()
             for bi, b in enumerate(bs):
                 seed = 1000 + 97 * rep + bi
-                _, jv = fwdkern.jvp(model, b, seed, range(perturbations), params=perturbed)
+
+                def directional(batch, ks, per_sample=False, seed=seed):
+                    _, j = fwdkern.jvp(model, batch, seed, ks, params=perturbed, per_sample=per_sample)
+                    return 0.0, np.asarray(torch.as_tensor(j, dtype=torch.float64))
+
+                ks = list(range(perturbations))
+                if tangent_scope == "sample" and int(b["input_ids"].shape[0]) > 1:
+                    jv = torch.as_tensor(per_sample_values(model, b, ks, directional)[1])
+                else:
+                    jv = torch.as_tensor(directional(b, ks)[1])
                 for (n, pid, p), e in zip(tr, est):
                     if perturbed is None or n not in head:
                         fwdkern.seeded_axpy_(e, seed, pid, list(range(perturbations)),
@@ -158,10 +178,12 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
                          "; ".join(f"{r['name']}: {r['reason']}" for r in skipped) + ")")
     best = max(rows, key=lambda r: r["score"])
     return {"model": cfg.model, "data": cfg.data, "task": task, "perturbations": perturbations, "batches": batches,
-            "repeats": repeats, "head_trained_exactly": bool(rows and rows[0]["d"] != rows[0]["d_body"]),
+            "repeats": repeats, "tangent_scope": tangent_scope,
+            "head_trained_exactly": bool(rows and rows[0]["d"] != rows[0]["d_body"]),
             "batch_size": cfg.batch_size, "max_length": cfg.max_length, "candidates": rows, "skipped": skipped,
             "recommended": best["name"],
-            "rule": "max cosine_body^2 / step CPU s (expected progress of a forward-gradient step per second)"}
+            "rule": "max cosine_body^2 / step CPU s (expected progress of a forward-gradient step per second)",
+            "provenance": provenance()}
 
 
 def _cfg_for(cfg, cand):

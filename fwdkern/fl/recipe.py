@@ -28,7 +28,8 @@ tuned settings there, not independent checks):
   gain (bench/results/fl_causal_lm/: default against default_batch, at the same client CPU;
   fl_causal_lm_clients/ at 20 clients a round; the central simulation's
   all:fedadam:16:seq in fl_causal_lm_explore/tangent_subsets.json). Classifiers and the
-  zeroth-order baselines keep the whole batch's derivative.
+  zeroth-order baselines keep the whole batch's derivative (beside the exact head, per-sample
+  tangents learned no more than the head alone on word order: bench/results/fl_word_order_sample/).
 * guard on wherever the body trains by forward gradients (fwdkern.fl.guard): a step the next
   round's clients measure as raising their loss is not taken.
 * tangent_precision bf16 wherever tangents run on a device with bf16 matrix units: the tangents'

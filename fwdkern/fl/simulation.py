@@ -244,8 +244,8 @@ class Simulation:
         """Client compute per round in forward-pass equivalents (see Method.passes_per_batch)."""
         probe = self.cfg.local_batches if self.server.pending is not None else 0  # the guard's probe forward
         # the seed-and-scalar clients share their tangents out (fwdkern.fl.client.seeded_answer)
-        per_sample = self.cfg.batch_size if (self.cfg.tangent_scope == "sample"
-                                             and self.method.server_step == "seeded") else 0
+        sample = self.cfg.tangent_scope == "sample" and self.cfg.reads_tangent_scope()
+        per_sample = self.cfg.batch_size if sample else 0
         return self.method.forward_passes(self.server.K, self.cfg.local_batches, per_sample) + probe
 
     def download_stats(self) -> dict:
