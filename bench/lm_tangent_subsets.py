@@ -135,12 +135,12 @@ class Sim:
         cpu = time.process_time()
         sel = [i for i, m in enumerate(mask) if m]
         flat = lambda: torch.cat([P[i].detach().flatten() for i in sel])  # noqa: E731
-        theta0, last = flat(), None
+        theta0, last = (flat() if guide else None), None
         g_opt = FedAdam(guide_lr) if guide else None
         guided = []
         for rnd in range(1, rounds + 1):
             est = torch.zeros(sum(P[i].numel() for i in sel))
-            before = flat()
+            before = flat() if guide else None
             u = (last if guide == "last" else before - theta0) if guide else None
             a = 0.0
             for c in rng.choice(task.cfg.clients, size=cpr, replace=False):
@@ -161,7 +161,8 @@ class Sim:
                     for i, x in zip(sel, u.split([P[i].numel() for i in sel])):
                         P[i].add_(x.view_as(P[i]), alpha=float(alpha))
                     guided.append({"round": rnd, "derivative": a, "alpha": float(alpha)})
-            last = flat() - before
+            if guide:
+                last = flat() - before
             if rnd % 4 == 0:
                 curve.append((rnd, self.heldout(False), self.heldout(True)))
         cpu = time.process_time() - cpu

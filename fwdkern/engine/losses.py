@@ -61,11 +61,11 @@ def cls_loss(logits, labels, label_smoothing, per_sample: bool = False):
     every = bool(keep.all())
     zk, yk = (z, labels) if every else (z[keep], labels[keep])
     loss = F.cross_entropy(zk, yk, label_smoothing=label_smoothing)
+    if zt is None:  # no tangent reaches the logits: no dL/dz to take
+        return loss, None
     g = torch.softmax(zk, -1)
     g = g - (1 - label_smoothing) * F.one_hot(yk.long(), C).to(g.dtype) - label_smoothing / C
     g = g / zk.shape[0]
-    if zt is None:
-        return loss, None
     if per_sample:  # an ignored sample's row of ∂L/∂z is 0
         G = z.new_zeros(z.shape)
         G[keep] = g

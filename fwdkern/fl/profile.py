@@ -132,6 +132,7 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
         base = _rss()
         _rss_hwm_reset()
         step_s, cosines = 0.0, {"all": [], "body": []}
+        ks = list(range(perturbations))
         for rep in range(repeats):
             est = [torch.zeros_like(p) for p in params]
             c0 = time.process_time()
@@ -142,15 +143,14 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
                     _, j = fwdkern.jvp(model, batch, seed, ks, params=perturbed, per_sample=per_sample)
                     return 0.0, np.asarray(torch.as_tensor(j, dtype=torch.float64))
 
-                ks = list(range(perturbations))
                 if tangent_scope == "sample" and int(b["input_ids"].shape[0]) > 1:
                     jv = torch.as_tensor(per_sample_values(model, b, ks, directional)[1])
                 else:
                     jv = torch.as_tensor(directional(b, ks)[1])
+                coeffs = (jv.double() / perturbations / len(bs)).tolist()
                 for (n, pid, p), e in zip(tr, est):
                     if perturbed is None or n not in head:
-                        fwdkern.seeded_axpy_(e, seed, pid, list(range(perturbations)),
-                                             (jv.double() / perturbations / len(bs)).tolist())
+                        fwdkern.seeded_axpy_(e, seed, pid, ks, coeffs)
             if rep == 0:
                 step_s = (time.process_time() - c0) / len(bs)
                 peak = max(0, _hwm() - base)
