@@ -22,7 +22,7 @@ from ..engine import PerSampleUnsupported, batch_loss, capture_input, jvp, loss_
 from ..ops import seeded_axpy_
 from .protocol import RoundPlan, Update
 
-__all__ = ["seeded_answer", "sample_groups", "answer_jvp", "answer_finite_difference", "train_backprop", "train_spry",
+__all__ = ["seeded_answer", "jvp_values", "sample_groups", "answer_jvp", "answer_finite_difference", "train_backprop", "train_spry",
            "WeightUpload"]
 
 
@@ -78,9 +78,8 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
 
     def directional(b, ks, per_sample=False):
         if estimator == "jvp":
-            l, j = jvp(model, b, plan.seed, ks, dist=plan.dist, params=list(plan.param_ids),
-                       tangent_dtype=TANGENT_DTYPES[tangent_precision], per_sample=per_sample)
-            return float(l), np.asarray(torch.as_tensor(j, dtype=torch.float64))
+            return jvp_values(model, b, plan.seed, ks, dist=plan.dist, params=list(plan.param_ids),
+                              tangent_precision=tangent_precision, per_sample=per_sample)
         if per_sample:
             raise PerSampleUnsupported("per_sample: finite differences run one sample group at a time")
         lp, lm = perturbed_loss(model, b, plan.seed, ks, eps, dist=plan.dist, params=list(plan.param_ids))
@@ -116,6 +115,16 @@ def seeded_answer(model, batches, plan: RoundPlan, *, estimator: str = "jvp", ep
             extra["probe_loss"] = sum(float(batch_loss(model, b)) * int(b["input_ids"].shape[0]) for b in batches) / n
     return Update(plan.client_id, plan.round, plan.model_version, plan.ks, tuple(float(x) for x in jv / n), n,
                   loss / n, extra=extra, head=head_vals).to_bytes(wire)
+
+
+def jvp_values(model, batch, seed: int, ks, *, dist: str = "rademacher", params=None,
+               tangent_precision: str = "fp32", per_sample: bool = False) -> tuple:
+    """(primal loss, directional derivatives as float64 numpy) of one exact dual forward
+    (:func:`fwdkern.jvp`): the `directional` callable :func:`per_sample_values` takes, shared by the
+    client and the profiler so both measure the same estimate."""
+    l, j = jvp(model, batch, seed, ks, dist=dist, params=params, tangent_dtype=TANGENT_DTYPES[tangent_precision],
+               per_sample=per_sample)
+    return float(l), np.asarray(torch.as_tensor(j, dtype=torch.float64))
 
 
 def sample_groups(batch_size: int, num_tangents: int) -> list:

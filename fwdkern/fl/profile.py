@@ -77,10 +77,8 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
     tangent_scope: what each of the `perturbations` tangents' derivative is of, as a client computes it
     (fwdkern.fl.client.seeded_answer): "batch" -- the whole batch's loss; "sample" -- one sample's share
     of it (the tangents shared out among the batch's samples, scaled so the estimate stays unbiased)."""
-    import numpy as np
-
     import fwdkern
-    from .client import TANGENT_SCOPES, per_sample_values
+    from .client import TANGENT_SCOPES, jvp_values, per_sample_values
     from .data import load_dataset
     from .head import find_head
     from .methods import method
@@ -140,8 +138,7 @@ def profile(cfg, perturbations: int = 16, batches: int = 2, candidates=None, log
                 seed = 1000 + 97 * rep + bi
 
                 def directional(batch, ks, per_sample=False, seed=seed):
-                    _, j = fwdkern.jvp(model, batch, seed, ks, params=perturbed, per_sample=per_sample)
-                    return 0.0, np.asarray(torch.as_tensor(j, dtype=torch.float64))
+                    return jvp_values(model, batch, seed, ks, params=perturbed, per_sample=per_sample)
 
                 if tangent_scope == "sample" and int(b["input_ids"].shape[0]) > 1:
                     jv = torch.as_tensor(per_sample_values(model, b, ks, directional)[1])
