@@ -11,7 +11,8 @@ script's own generators (seed 0), not the simulation's.
     HF_HUB_OFFLINE=1 python bench/lm_tangent_subsets.py [--variants all vB ...] [--merge]
 
 Tangent placements (what is perturbed and trained): all -- every LoRA tensor (the default); B -- the
-B matrices (LoRA-FA: A stays at its random init); vB -- the value projections' B only. `energy` first
+B matrices (LoRA-FA: A stays at its random init); vB -- the value projections' B only. `all:fedadam:exact`
+(K 0): the server steps on the round's exact mean gradient, the estimate's limit as K grows. `energy` first
 records each tensor's share of the round-1 mean gradient's squared norm (5 clients), which is where the
 placements come from. Guides (`...:seq:guide_last`, `...:seq:guide_total`, --guide-lrs): one more
 tangent a client along a direction the weights define, and a FedAdam step along it (GUIDE_LRS). Output:
@@ -40,7 +41,10 @@ from bench.lm_head_side import load  # noqa: E402
 PLACEMENTS = {"all": lambda n: True, "B": lambda n: "lora_B" in n,
               "vB": lambda n: "lora_B" in n and "v_proj" in n}
 # (placement, optimizer, K) -> lrs. The K 16 grids reach past their validation-best points on both sides;
-# B (LoRA-FA) runs at the lr that is best for all and for vB. K 64 and 256: more directions per round.
+# B (LoRA-FA) runs at the lr that is best for all and for vB. K 64, 256 and 1024: more directions per round
+# (K 1024: 5,120 a round; 256 per sample: as many, at K 256's compute). K 0 ("exact"): the round's exact
+# mean gradient under the same FedAdam, the limit of the estimate as K grows; its grid sits lower, because
+# with an exact gradient FedAdam's per-coordinate normalised step moves every coordinate by about lr.
 # Scope "seq": each tangent's directional derivative is taken on one sequence of the client's batch (K per
 # sequence), which an exact jvp computes at the cost of K tangents over the whole batch, for B x K directions.
 # Guide ":guide_G": one more tangent a client, along a direction every client can compute from the weights
@@ -57,7 +61,9 @@ GRIDS = {("all", "fedadam", 16, "batch"): [0.003, 0.01, 0.03], ("vB", "fedadam",
          ("vB", "sgd", 16, "batch"): [0.1, 0.3, 1.0],
          ("all", "fedadam", 64, "batch"): [0.003, 0.01, 0.03],
          ("all", "fedadam", 256, "batch"): [0.003, 0.01, 0.03],
-         ("all", "fedadam", 16, "seq"): [0.003, 0.01, 0.03]}
+         ("all", "fedadam", 1024, "batch"): [0.003, 0.01, 0.03],
+         ("all", "fedadam", 0, "batch"): [0.001, 0.003, 0.005, 0.01],
+         ("all", "fedadam", 16, "seq"): [0.003, 0.01, 0.03], ("all", "fedadam", 256, "seq"): [0.003, 0.01, 0.03]}
 OUT = os.path.join(HERE, "results", "fl_causal_lm_explore", "tangent_subsets.json")
 
 
@@ -149,6 +155,8 @@ class Sim:
                     g = torch.cat([g[i].flatten() for i in sel])
                     if u is not None:  # the guide's exact derivative (the mean over sequences is the batch's)
                         a += float(g @ u) / (cpr * len(gs))
+                    if K == 0:  # the exact gradient: the limit of the estimate as the tangents grow
+                        est.add_(g, alpha=1.0 / (cpr * len(gs)))
                     for j in range(0, K, 16):  # 16 tangents at a time: V holds them as rows
                         V = torch.randint(0, 2, (min(16, K - j), g.numel()), generator=gen).float().mul_(2).sub_(1)
                         est.add_(V.T @ (V @ g), alpha=1.0 / (K * cpr * len(gs)))
@@ -178,13 +186,13 @@ class Sim:
 
 
 def name(placement: str, optimizer: str, K: int, scope: str, guide: str = None) -> str:
-    return f"{placement}:{optimizer}:{K}" + ("" if scope == "batch" else f":{scope}") + (f":guide_{guide}" if guide else "")
+    return f"{placement}:{optimizer}:{K or 'exact'}" + ("" if scope == "batch" else f":{scope}") + (f":guide_{guide}" if guide else "")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=None,
-                    help="placement:optimizer:K[:seq] grids to run (default: every grid), e.g. vB:sgd:16")
+                    help="placement:optimizer:K[:seq] grids to run (default: every grid), e.g. vB:sgd:16 or all:fedadam:exact")
     ap.add_argument("--lrs", type=float, nargs="+", help="learning rates to run instead of each grid")
     ap.add_argument("--guide-lrs", type=float, nargs="+", help="guide learning rates to run instead of GUIDE_LRS")
     ap.add_argument("--no-energy", action="store_true", help="keep the energy table --out already holds")

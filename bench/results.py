@@ -16,6 +16,7 @@ their results are two CSV files in bench/results/<suite>/:
     python bench/results.py show seeded_cpu_2026-11-22.json "name=test_seeded[axpy-1048576-16-cpu]"
     python bench/results.py show trainer_cpu/results.json "path=runs.*"
     python bench/results.py collect fl_causal_lm_explore --phase explore --commit 09cd0e5+ RUN_DIR ...
+    python bench/results.py collect fl_word_order_sample --merge RUN_DIR   # add runs to a committed suite
 
 `show` prints the summary rows (or with --runs the per-run rows) matching every key=value filter;
 for a pytest-benchmark JSON file it prints one row per benchmark (name, parameters, median,
@@ -177,16 +178,22 @@ def _label(run_dir: str) -> str:
     return os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", name) else name
 
 
-def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = None) -> list:
-    """runs.csv / summary.csv of bench/results/<suite>/ from run folders (see the module's docstring)."""
+def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = None, merge: bool = False) -> list:
+    """runs.csv / summary.csv of bench/results/<suite>/ from run folders (see the module's docstring).
+    merge: keep the suite's committed rows but those of the (method, seed) pairs collected again (their
+    run folders are not committed, so a suite grows one run at a time)."""
     configs = {}
     for d in run_dirs:
         with open(os.path.join(d, "summary.json")) as f:
             configs[d] = json.load(f)["config"]
     keys = sorted({k for c in configs.values() for k in c})
-    # a field a run's code did not have yet is None there: only values that differ count
-    varying = [k for k in keys if k not in ("out", "seed", "rounds", "max_client_rounds") and
-               len({json.dumps(c.get(k), sort_keys=True) for c in configs.values() if c.get(k) is not None}) > 1]
+    path = os.path.join(RESULTS, suite, "runs.csv")
+    committed = read(path) if merge and os.path.exists(path) else []
+    # a field a run's code did not have yet is None there: only values that differ count, and a merged
+    # run's setting also names the fields the committed rows' settings name
+    named = {k for k in keys for r in committed if re.search(rf"(^|_){re.escape(k)}=", r["setting"])}
+    varying = [k for k in keys if k not in ("out", "seed", "rounds", "max_client_rounds") and (k in named or
+               len({json.dumps(c.get(k), sort_keys=True) for c in configs.values() if c.get(k) is not None}) > 1)]
     rows = []
     for d, c in configs.items():
         setting = "_".join(f"{k}={c[k]}".replace(" ", "") for k in varying if c.get(k) is not None) or "default"
@@ -194,6 +201,10 @@ def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = No
         for r in got:
             r["commit"] = r["commit"] or commit
         rows += got
+    if committed:  # one type per field (the committed rows read back as text)
+        rows = [{k: str(_fmt(r.get(k))) for k in RUN_FIELDS} for r in rows]
+        again = {(r["method"], r["seed"]) for r in rows}
+        rows = [r for r in committed if (r["method"], r["seed"]) not in again] + rows
     write(rows, os.path.join(RESULTS, suite))
     return rows
 
@@ -202,6 +213,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 3 and argv[0] == "collect":
         opts = {"--phase": "explore", "--commit": None}
+        merge = "--merge" in argv
+        argv = [a for a in argv if a != "--merge"]
         rest, i = [], 2
         while i < len(argv):
             if argv[i] in opts and i + 1 < len(argv):
@@ -210,7 +223,7 @@ def main(argv=None):
             else:
                 rest.append(argv[i])
                 i += 1
-        rows = collect(argv[1], rest, opts["--phase"], opts["--commit"])
+        rows = collect(argv[1], rest, opts["--phase"], opts["--commit"], merge)
         print(f"{len(rows)} rows from {len(rest)} runs -> {os.path.join(RESULTS, argv[1])}")
         return 0
     if len(argv) < 2 or argv[0] != "show":

@@ -140,3 +140,29 @@ def test_collect_summarizes_seed_folders_under_their_parent(tmp_path, monkeypatc
     assert {r["method"] for r in rows} == {"k48"} and {r["seed"] for r in rows} == {0, 1}
     hits = _results.show("explore", {"method": "k48", "metric": "accuracy", "client_round": "4"})
     assert len(hits) == 1 and hits[0]["n"] == "2" and abs(float(hits[0]["mean"]) - 0.55) < 1e-9
+
+
+def test_collect_merge_adds_a_run_beside_the_committed_rows_and_replaces_one_collected_again(tmp_path, monkeypatch):
+    # A suite's run folders are not committed: --merge keeps the committed rows, names the new run's setting
+    # by the fields the committed settings name (one run alone varies in nothing), and replaces the rows of
+    # a (method, seed) collected again instead of doubling them in the summary.
+    monkeypatch.setattr(_results, "RESULTS", str(tmp_path / "results"))
+
+    def run(name, lr, acc):
+        d = str(tmp_path / name)
+        _write_run(d, {4: {"accuracy": acc}}, {"accuracy": acc})
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        s["config"] = {"lr": lr, "guard": "off", "seed": 0, "clients_per_round": 5, "out": d}
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(s, f)
+        return d
+
+    _results.collect("explore", [run("a", 0.01, 0.6), run("b", 0.03, 0.7)])
+    _results.collect("explore", [run("c", 0.1, 0.4)], merge=True)
+    hits = {r["method"]: r for r in _results.show("explore", {"metric": "accuracy", "client_round": "4"})}
+    assert set(hits) == {"a", "b", "c"} and hits["c"]["setting"] == "lr=0.1" and float(hits["a"]["mean"]) == 0.6
+    _results.collect("explore", [run("a", 0.01, 0.65)], merge=True)
+    hits = {r["method"]: r for r in _results.show("explore", {"metric": "accuracy", "client_round": "4"})}
+    assert float(hits["a"]["mean"]) == 0.65 and float(hits["b"]["mean"]) == 0.7
+    assert len(_results.show("explore", {"method": "a", "metric": "accuracy", "client_round": "4"}, True)) == 1
