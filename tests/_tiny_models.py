@@ -81,15 +81,18 @@ def save_learnable(d):
 LM_WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "rug", "."] + [f"w{i}" for i in range(20)]
 
 
-def save_tiny_llama(d, words=LM_WORDS, *, layers=2, max_positions=64, chat_template=None):
+def save_tiny_llama(d, words=LM_WORDS, *, layers=2, max_positions=64, chat_template=None, bos=False):
     """A LlamaForCausalLM (hidden 32) + word-level tokenizer over `words`, saved to folder `d`; `chat_template`:
-    a Jinja chat template for the tokenizer (None: the tokenizer has none)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    a Jinja chat template for the tokenizer (None: the tokenizer has none); `bos`: the tokenizer starts every
+    encoding with <s> through its post-processor, as Gemma's does (``add_bos_token`` stays unset)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + list(words))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                   eos_token="</s>")
     if chat_template is not None:

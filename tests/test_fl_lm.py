@@ -84,6 +84,34 @@ def test_windows_never_cross_clients_and_held_out_documents_reach_none(tiny_lm, 
     assert targets == expect  # every next-token target in exactly one window: nothing truncated away
 
 
+def test_a_model_whose_tokenizer_starts_with_bos_sees_bos_first_in_every_window(tmp_path):
+    # Gemma's tokenizer adds BOS through its post-processor (add_bos_token unset) and its loss on a window
+    # without BOS is that of another distribution, so every training and held-out window (and the prompt
+    # task's prefix) must start with BOS, while each document token stays a target in exactly one window.
+    from fwdkern.fl.lm import LMData, bos_prefix
+    from fwdkern.fl.models import load_tokenizer
+    from fwdkern.fl.prompt import PromptTask
+
+    d = save_tiny_llama(tmp_path / "bos", bos=True)
+    tok = load_tokenizer(str(d))
+    assert not getattr(tok, "add_bos_token", False) and tok("the cat")["input_ids"][0] == tok.bos_token_id
+    assert bos_prefix(tok) == [tok.bos_token_id]
+    assert bos_prefix(load_tokenizer(str(save_tiny_llama(tmp_path / "plain")))) == []
+
+    class Docs:
+        prompts, texts = None, [" ".join(story_lines(6, seed=i)) for i in range(5)] + [""]
+
+    for L in (3, 8, 16):
+        lm = LMData(tok, Docs, L)
+        for text, wins in zip(Docs.texts, lm.windows):
+            body = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert (len(wins) > 1 if text and L < 16 else True) and (wins == [] if not text else True)
+            assert all(w.ids[0] == tok.bos_token_id and len(w.ids) <= L for w in wins)
+            targets = [lab for w in wins for lab in w.labels[1:] if lab != IGNORE]
+            assert targets == (body if text else [])
+    assert PromptTask(tok, ["a", "b"]).prefix[0] == tok.bos_token_id
+
+
 def test_the_loss_is_on_the_response_only_in_the_chat_template(tmp_path):
     d = save_tiny_llama(tmp_path / "chat", chat_template=CHAT)
     rows = [("the cat sat", "on the mat ."), ("a dog ran", "on the rug .")] * 20

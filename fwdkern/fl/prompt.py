@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .lm import bos_prefix
+
 
 class PromptTask:
     def __init__(self, tokenizer, label_names: Sequence[str], template: str = "{text}\nTopic:",
@@ -22,8 +24,7 @@ class PromptTask:
         self.max_length = int(max_length)
         pre, post = template.split("{text}", 1)
         enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
-        self.prefix, self.suffix = bos + enc(pre), enc(post)
+        self.prefix, self.suffix = bos_prefix(tokenizer) + enc(pre), enc(post)
         self.verbalizer = verbalizer_ids(tokenizer, label_names)
         self.budget = self.max_length - len(self.prefix) - len(self.suffix)
         if self.budget < 1:
