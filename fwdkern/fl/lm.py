@@ -101,8 +101,8 @@ class LMData:
                         (ids[i:i + L] for i in range(0, max(1, len(ids) - 1), max(1, L - 1))) if len(w) >= 2]
             else:
                 # A model that starts every sequence with BOS reads a window without it as a different
-                # distribution (Gemma's loss on mid-document windows: 7.4 without, 3.9 with), so every
-                # window starts with BOS; after the first, BOS and the shared context token carry no loss.
+                # distribution (Gemma: bench/results/README.md, its learning section), so every window
+                # starts with BOS; after the first, BOS and the shared context token carry no loss.
                 wins = [Window(d, tuple(ids[:L]), tuple(ids[:L]))] if len(ids) > len(self.bos + self.eos) else []
                 for c in range(L - 1, len(ids) - 1 if wins else 0, L - 2):  # c: the shared context token
                     w = ids[c:c + L - 1]
