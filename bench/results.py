@@ -191,7 +191,9 @@ def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = No
     committed = read(path) if merge and os.path.exists(path) else []
     # a field a run's code did not have yet is None there: only values that differ count, and a merged
     # run's setting also names the fields the committed rows' settings name
-    named = {k for k in keys for r in committed if re.search(rf"(^|_){re.escape(k)}=", r["setting"])}
+    # each committed setting read as k=v pairs, the longest key first ("head_lr=" names head_lr, not lr)
+    pair = re.compile(r"(?:^|_)(" + "|".join(sorted(map(re.escape, keys), key=len, reverse=True)) + r")=")
+    named = {m.group(1) for r in committed for m in pair.finditer(r["setting"])} if keys else set()
     varying = [k for k in keys if k not in ("out", "seed", "rounds", "max_client_rounds") and (k in named or
                len({json.dumps(c.get(k), sort_keys=True) for c in configs.values() if c.get(k) is not None}) > 1)]
     rows = []

@@ -269,7 +269,7 @@ def generate(args) -> int:
     from .fl.checkpoint import load_checkpoint
     from .fl.config import RunConfig
     from .engine import trainable
-    from .fl.lm import wrap_prompt
+    from .fl.lm import encode_prompt
     from .fl.models import load_model, load_tokenizer, resolve_model_path
     from .fl.runstate import migrate
     from .fl.simulation import CHECKPOINT
@@ -292,10 +292,10 @@ def generate(args) -> int:
         for n, _, p in trainable(model):
             p.copy_(weights[n])
     model.eval()
-    text = args.prompt
-    if cfg.prompt_column is not None:  # trained on prompt/response pairs: the prompt as it trained on them
-        text = wrap_prompt(tok, args.prompt, cfg.chat_template)
-    ids = tok(text, return_tensors="pt", add_special_tokens=cfg.prompt_column is None)["input_ids"]
+    if cfg.prompt_column is None:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    else:  # trained on prompt/response pairs: the prompt as it trained on them
+        ids = torch.tensor([encode_prompt(tok, args.prompt, cfg.chat_template)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id)

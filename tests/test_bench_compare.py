@@ -166,3 +166,21 @@ def test_collect_merge_adds_a_run_beside_the_committed_rows_and_replaces_one_col
     hits = {r["method"]: r for r in _results.show("explore", {"metric": "accuracy", "client_round": "4"})}
     assert float(hits["a"]["mean"]) == 0.65 and float(hits["b"]["mean"]) == 0.7
     assert len(_results.show("explore", {"method": "a", "metric": "accuracy", "client_round": "4"}, True)) == 1
+
+
+def test_collect_merge_reads_committed_settings_by_whole_keys(tmp_path, monkeypatch):
+    # "head_lr=0.1" names head_lr, not lr: a merged run's setting names only the committed settings' keys.
+    monkeypatch.setattr(_results, "RESULTS", str(tmp_path / "results"))
+    dirs = []
+    for name, head_lr in (("a", 0.1), ("b", 0.3), ("c", 0.5)):
+        d = str(tmp_path / name)
+        _write_run(d, {4: {"accuracy": 0.5}}, {"accuracy": 0.5})
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        s["config"] = {"head_lr": head_lr, "lr": 1.0, "seed": 0, "clients_per_round": 5, "out": d}
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(s, f)
+        dirs.append(d)
+    _results.collect("explore", dirs[:2])
+    rows = _results.collect("explore", dirs[2:], merge=True)
+    assert {r["setting"] for r in rows if r["method"] == "c"} == {"head_lr=0.5"}

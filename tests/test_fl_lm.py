@@ -111,6 +111,13 @@ def test_a_model_whose_tokenizer_starts_with_bos_sees_bos_first_in_every_window(
             assert targets == (body if text else [])
     assert PromptTask(tok, ["a", "b"]).prefix[0] == tok.bos_token_id
 
+    class Pairs:  # a pair's prompt trains, and `fwdkern generate` starts, from encode_prompt's ids: BOS first
+        prompts, texts = ["the cat sat"], ["on the mat ."]
+
+    from fwdkern.fl.lm import encode_prompt
+    p = encode_prompt(tok, "the cat sat", "off")
+    assert p[0] == tok.bos_token_id and list(LMData(tok, Pairs, 16, "off").windows[0][0].ids[:len(p)]) == p
+
 
 def test_the_loss_is_on_the_response_only_in_the_chat_template(tmp_path):
     d = save_tiny_llama(tmp_path / "chat", chat_template=CHAT)

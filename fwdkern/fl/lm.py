@@ -16,7 +16,7 @@ import torch
 
 IGNORE = -100
 
-__all__ = ["Window", "LMData", "bos_prefix", "check_model_takes", "uses_chat_template", "wrap_prompt"]
+__all__ = ["Window", "LMData", "bos_prefix", "check_model_takes", "encode_prompt", "uses_chat_template", "wrap_prompt"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,14 @@ def bos_prefix(tokenizer) -> list:
     with_special = tokenizer("a")["input_ids"]
     return [bos] if (with_special and with_special[0] == bos
                      and len(with_special) > len(tokenizer("a", add_special_tokens=False)["input_ids"])) else []
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: str = "auto") -> list:
+    """The token ids a prompt/response pair's prompt trains on, and a generation from it starts from:
+    wrapped in the chat template when the tokenizer has one (which supplies its own special tokens), else
+    the tokenizer's BOS first (:func:`bos_prefix`)."""
+    bos = [] if uses_chat_template(tokenizer, chat_template) else bos_prefix(tokenizer)
+    return bos + tokenizer(wrap_prompt(tokenizer, prompt, chat_template), add_special_tokens=False)["input_ids"]
 
 
 def uses_chat_template(tokenizer, chat_template: str = "auto") -> bool:
@@ -112,7 +120,7 @@ class LMData:
         return out
 
     def _pair(self, d, prompt, response, where) -> list:
-        p = ([] if self.chat else self.bos) + self._encode([wrap_prompt(self.tok, prompt, self.chat_template)])[0]
+        p = encode_prompt(self.tok, prompt, self.chat_template)
         r = self._encode([response])[0] + self.eos
         if len(p) >= self.max_length:
             raise ValueError(f"{where}: the prompt of row {d + 1} is {len(p)} tokens, which leaves no room for its "
