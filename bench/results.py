@@ -190,8 +190,8 @@ def collect(suite: str, run_dirs: list, phase: str = "explore", commit: str = No
     path = os.path.join(RESULTS, suite, "runs.csv")
     committed = read(path) if merge and os.path.exists(path) else []
     # a field a run's code did not have yet is None there: only values that differ count, and a merged
-    # run's setting also names the fields the committed rows' settings name
-    # each committed setting read as k=v pairs, the longest key first ("head_lr=" names head_lr, not lr)
+    # run's setting also names the fields the committed settings name (each read as k=v pairs, the
+    # longest key first: "head_lr=" names head_lr, not lr)
     pair = re.compile(r"(?:^|_)(" + "|".join(sorted(map(re.escape, keys), key=len, reverse=True)) + r")=")
     named = {m.group(1) for r in committed for m in pair.finditer(r["setting"])} if keys else set()
     varying = [k for k in keys if k not in ("out", "seed", "rounds", "max_client_rounds") and (k in named or

@@ -105,8 +105,8 @@ class LMData:
             # Consecutive windows share one token (the next one's first is its context only), so every
             # next-token target of the document is in exactly one window.
             if not self.bos:
-                wins = [Window(d, tuple(w), tuple(w)) for w in
-                        (ids[i:i + L] for i in range(0, max(1, len(ids) - 1), max(1, L - 1))) if len(w) >= 2]
+                wins = [ids[i:i + L] for i in range(0, max(1, len(ids) - 1), max(1, L - 1))]
+                wins = [Window(d, tuple(w), tuple(w)) for w in wins if len(w) >= 2]
             else:
                 # A model that starts every sequence with BOS reads a window without it as a different
                 # distribution (Gemma: bench/results/README.md, its learning section), so every window
